@@ -1,0 +1,56 @@
+"""Torch reference implementations: the oracle every faster kernel is tested against.
+
+The arithmetic follows Hugging Face's Llama/Mistral/Qwen2 code step for step (fp32 norm
+statistics, fp32 rotary angles) so that planc's outputs match transformers to fp32 rounding.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x32 = x.to(torch.float32)
+    variance = x32.pow(2).mean(-1, keepdim=True)
+    return weight * (x32 * torch.rsqrt(variance + eps)).to(dtype)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float, dtype: torch.dtype):
+    """cos/sin of shape (..., seq, head_dim) for integer positions (..., seq)."""
+    freqs = positions[..., None].float() * inv_freq.to(device=positions.device, dtype=torch.float32)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    # q: (batch, heads, seq, head_dim); cos/sin: (seq, head_dim) or (batch, seq, head_dim)
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Optional[int], scale: float) -> torch.Tensor:
+    # q: (batch, heads, seq, head_dim); k, v: (batch, kv_heads, seq, head_dim)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    if window is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    seq = q.shape[2]
+    i = torch.arange(seq, device=q.device)[:, None]
+    j = torch.arange(seq, device=q.device)[None, :]
+    mask = (j <= i) & (i - j < window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

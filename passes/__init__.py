@@ -1,0 +1,12 @@
+"""planc's built-in passes, one module each, in pipeline order."""
+from planc.passes.dedupe import DedupePass
+from planc.passes.fingerprint import FingerprintPass
+from planc.passes.partition import HFBlockPolicy, PartitionPass
+from planc.passes.trace import TracePass
+
+__all__ = ["TracePass", "PartitionPass", "HFBlockPolicy", "FingerprintPass", "DedupePass", "default_pipeline"]
+
+
+def default_pipeline() -> list:
+    """The passes `planc compile` runs, in order: trace -> partition -> fingerprint -> dedupe."""
+    return [TracePass(), PartitionPass(), FingerprintPass(), DedupePass()]

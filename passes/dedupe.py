@@ -1,0 +1,49 @@
+"""dedupe: the block zoo (each unique block once) and one chain per variant.
+
+A block is unique by key = sha256(structure hash, weight hash). Full-weight variants' chains
+are their own block keys (shared wherever equal to another model's); a LoRA variant's chain is
+the base's blocks with its adapter delta attached to the blocks the adapter touches.
+"""
+from __future__ import annotations
+
+from planc.ir import AdapterDelta, Chain, ChainLink, ZooBlock
+from planc.pass_manager import Pass, PassContext
+from planc.program import Program
+
+
+class DedupePass(Pass):
+    name = "dedupe"
+    requires = ("fingerprints", "adapter_deltas")
+    provides = ("zoo", "adapter_zoo", "chains")
+
+    def run(self, program: Program, ctx: PassContext) -> bool:
+        zoo: dict[str, ZooBlock] = {}
+        adapter_zoo: dict[str, AdapterDelta] = {}
+        chains: dict[str, Chain] = {}
+        base_name = program.spec.base.name
+        for name, entry in program.models.items():
+            specs = program.blocks[name]
+            links = []
+            deltas = program.adapter_deltas.get(name, {})
+            for spec, fp in zip(specs, program.fingerprints[name]):
+                block = zoo.get(fp.key)
+                if block is None:
+                    block = zoo[fp.key] = ZooBlock(fp.key, spec.name, spec.kind, spec.index, fp.structure_hash,
+                                                   fp.weight_hash, fp.nbytes, fp.num_params, source=name)
+                block.users.append(name)
+                delta = deltas.get(spec.name)
+                if delta is not None:
+                    adapter_zoo.setdefault(delta.key, delta)
+                links.append(ChainLink(fp.key, delta.key if delta else None))
+            chains[name] = Chain(name, _kind(entry.kind, name == base_name, links, chains.get(base_name)), links)
+        program.zoo, program.adapter_zoo, program.chains = zoo, adapter_zoo, chains
+        return True
+
+
+def _kind(entry_kind: str, is_base: bool, links: list[ChainLink], base: Chain | None) -> str:
+    if is_base:
+        return "base"
+    if entry_kind == "adapter":
+        return "lora"
+    shared = sum(a.block == b.block for a, b in zip(links, base.links)) if base else 0
+    return "partial" if shared else "full"

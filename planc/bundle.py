@@ -1,0 +1,104 @@
+"""Open a bundle, verify every file against its hash, and load variants' chains.
+
+>>> bundle = Bundle.open("bundle/")                  # doctest: +SKIP
+>>> model = bundle.load_chain("legal")               # doctest: +SKIP
+>>> logits = model(torch.tensor([[1, 2, 3]]))        # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from planc.bundle_write import FORMAT_VERSION, MANIFEST
+from planc.chain import ChainModel, build_block, lora_view
+from planc.errors import BundleError
+from planc.models.config import ArchConfig
+from planc.store import verify_file
+
+
+class Bundle:
+    def __init__(self, root: Path, manifest: dict[str, Any]):
+        self.root = root
+        self.manifest = manifest
+        self.arch = ArchConfig.from_json(manifest["architecture"])
+        self.blocks = {b["key"]: b for b in manifest["blocks"]}
+        self.adapters = {a["key"]: a for a in manifest["adapters"]}
+        self.variants = {v["name"]: v for v in manifest["variants"]}
+        self._modules: dict[str, nn.Module] = {}
+
+    @classmethod
+    def open(cls, root: str | Path, verify: bool = True) -> "Bundle":
+        """Read the manifest and (by default) check every stored file's sha256."""
+        root = Path(root)
+        path = root / MANIFEST
+        if not path.is_file():
+            raise BundleError(f"{root}: not a planc bundle (no {MANIFEST})")
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise BundleError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(f"{path}: format_version {version!r}; this planc reads version {FORMAT_VERSION}")
+        bundle = cls(root, manifest)
+        if verify:
+            bundle.verify()
+        return bundle
+
+    def verify(self) -> None:
+        for entry in list(self.blocks.values()) + list(self.adapters.values()):
+            verify_file(self.root / entry["file"], entry["sha256"])
+        for tok in self.manifest["tokenizers"].values():
+            for name, digest in tok["files"].items():
+                verify_file(self.root / tok["dir"] / name, digest)
+
+    def variant(self, name: str) -> dict[str, Any]:
+        if name not in self.variants:
+            raise BundleError(f"unknown variant {name!r}; this bundle serves {', '.join(self.variants)}")
+        return self.variants[name]
+
+    def tokenizer_dir(self, name: str) -> Path:
+        return self.root / self.variant(name)["tokenizer"]
+
+    def block_module(self, key: str, chain_modules: Optional[dict[str, nn.Module]] = None) -> nn.Module:
+        """The loaded block for `key`, loaded once and shared. Tied tensors come from `chain_modules`
+        (block name -> module already loaded for the same chain)."""
+        if key not in self._modules:
+            entry = self.blocks[key]
+            tensors = load_file(str(self.root / entry["file"]))
+            tied = {}
+            for rel, (other, other_rel) in entry["ties"].items():
+                if not chain_modules or other not in chain_modules:
+                    raise BundleError(f"{self.root}: block {entry['name']} ties {rel} to block {other}, "
+                                      "which precedes it in no chain")
+                tied[rel] = chain_modules[other].get_parameter(other_rel)
+            self._modules[key] = build_block(entry["kind"], entry["index"], self.arch, tensors, tied)
+        return self._modules[key]
+
+    def load_chain(self, name: str) -> ChainModel:
+        variant = self.variant(name)
+        loaded: dict[str, nn.Module] = {}
+        modules = []
+        for link in variant["chain"]:
+            entry = self.blocks[link["block"]]
+            block = self.block_module(link["block"], loaded)
+            loaded[entry["name"]] = block
+            if link["adapter"]:
+                adapter = self.adapters[link["adapter"]]
+                block = lora_view(block, load_file(str(self.root / adapter["file"])), adapter["modules"])
+            modules.append(block)
+        return ChainModel(modules)
+
+    @property
+    def num_loaded_blocks(self) -> int:
+        return len(self._modules)
+
+    def eos_token_ids(self, name: str) -> list[int]:
+        return list(self.variant(name)["generation"]["eos_token_ids"])
+
+

@@ -1,0 +1,294 @@
+"""Architecture read from an HF config.json: every field that changes the math, nothing else.
+
+planc supports the Llama family (llama, mistral, qwen2). Fields that change the output and that
+planc does not implement are refused with a message naming the file and field, never ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from planc.errors import CheckpointError
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding settings, normalised from the old (`rope_theta` + `rope_scaling`) and the
+    new (`rope_parameters`) spellings of config.json."""
+
+    rope_type: str = "default"
+    theta: float = 10000.0
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 0
+    attention_factor: Optional[float] = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
+    truncate: bool = True
+
+    def inv_freq(self, head_dim: int) -> tuple[torch.Tensor, float]:
+        """Inverse frequencies (head_dim/2,) in fp32 and the scale applied to cos/sin."""
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+        base_freq = 1.0 / (self.theta ** exponents)
+        if self.rope_type == "default":
+            return base_freq, 1.0
+        if self.rope_type == "linear":
+            return base_freq / self.factor, 1.0
+        if self.rope_type == "llama3":
+            return self._llama3(base_freq), 1.0
+        if self.rope_type == "yarn":
+            return self._yarn(head_dim)
+        raise AssertionError(self.rope_type)
+
+    def _llama3(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        old_len = self.original_max_position_embeddings
+        low_wavelen = old_len / self.low_freq_factor
+        high_wavelen = old_len / self.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / self.factor, inv_freq)
+        smooth = (old_len / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+
+    def _yarn(self, dim: int) -> tuple[torch.Tensor, float]:
+        def mscale_of(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attention_factor = self.attention_factor
+        if attention_factor is None:
+            if self.mscale and self.mscale_all_dim:
+                attention_factor = mscale_of(self.factor, self.mscale) / mscale_of(self.factor, self.mscale_all_dim)
+            else:
+                attention_factor = mscale_of(self.factor)
+
+        def correction_dim(rotations: float) -> float:
+            return (dim * math.log(self.original_max_position_embeddings / (rotations * 2 * math.pi))) / (
+                2 * math.log(self.theta))
+
+        low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        pos_freqs = self.theta ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
+        extrapolation = 1.0 / pos_freqs
+        interpolation = 1.0 / (self.factor * pos_freqs)
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+        keep = 1 - ramp
+        return interpolation * (1 - keep) + extrapolation * keep, float(attention_factor)
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """The architecture of one Llama-family checkpoint. Equal ArchConfigs trace to equal graphs."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    sliding_windows: tuple[Optional[int], ...]
+    """Per layer: the attention window, or None for full causal attention."""
+    max_position_embeddings: int
+    dtype: str = "float32"
+    """Dtype the checkpoint was saved in (informational; blocks keep the stored dtype)."""
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ArchConfig":
+        data = dict(data)
+        data["rope"] = RopeConfig(**data["rope"])
+        data["sliding_windows"] = tuple(data["sliding_windows"])
+        return cls(**data)
+
+    def differences(self, other: "ArchConfig") -> list[str]:
+        """Fields (other than dtype) in which two architectures differ, as `name: a vs b`."""
+        out = []
+        for f in dataclasses.fields(self):
+            if f.name == "dtype":
+                continue
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if a != b:
+                out.append(f"{f.name} {a} vs {b}")
+        return out
+
+
+@dataclass(frozen=True)
+class GenerationIds:
+    """Special token ids that change how generation stops (from config.json / generation_config.json)."""
+
+    bos_token_id: Optional[int] = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    pad_token_id: Optional[int] = None
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file (an HF checkpoint directory needs config.json)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def parse_arch(data: dict[str, Any], where: str) -> ArchConfig:
+    """Normalise an HF config.json dict; `where` (the file) prefixes every error."""
+
+    def need(key: str, kind: type = int) -> Any:
+        if key not in data or data[key] is None:
+            raise CheckpointError(f"{where}: missing field `{key}`")
+        value = data[key]
+        if kind is int and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise CheckpointError(f"{where}: field `{key}` must be a positive integer, got {value!r}")
+        return value
+
+    family = data.get("model_type")
+    if family not in SUPPORTED_FAMILIES:
+        raise CheckpointError(
+            f"{where}: model_type {family!r} is not supported (supported: {', '.join(SUPPORTED_FAMILIES)})")
+    hidden, heads = need("hidden_size"), need("num_attention_heads")
+    kv_heads = data.get("num_key_value_heads") or heads
+    if heads % kv_heads:
+        raise CheckpointError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    head_dim = data.get("head_dim") or hidden // heads
+    if not data.get("head_dim") and hidden % heads:
+        raise CheckpointError(f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+    act = data.get("hidden_act", data.get("hidden_activation", "silu"))
+    if act != "silu":
+        raise CheckpointError(f"{where}: hidden_act {act!r} is not supported (only 'silu')")
+    _refuse(data, where)
+    num_layers = need("num_hidden_layers")
+    max_pos = int(data.get("max_position_embeddings") or 2048)
+    dtype = str(data.get("dtype") or data.get("torch_dtype") or "float32").removeprefix("torch.")
+    if dtype not in _DTYPES:
+        raise CheckpointError(f"{where}: dtype {dtype!r} is not supported (float32, float16, bfloat16)")
+    return ArchConfig(
+        family=family,
+        vocab_size=need("vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=need("intermediate_size"),
+        num_layers=num_layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
+        rope=_parse_rope(data, where, max_pos),
+        tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),  # False in all three families
+        qkv_bias=True if family == "qwen2" else bool(data.get("attention_bias", False)),
+        o_bias=False if family == "qwen2" else bool(data.get("attention_bias", False)),
+        mlp_bias=bool(data.get("mlp_bias", False)) if family == "llama" else False,
+        sliding_windows=_parse_windows(data, where, family, num_layers),
+        max_position_embeddings=max_pos,
+        dtype=dtype,
+    )
+
+
+def _refuse(data: dict[str, Any], where: str) -> None:
+    """Fields that change the math in ways planc does not implement."""
+    prf = data.get("partial_rotary_factor")
+    if prf not in (None, 1, 1.0):
+        raise CheckpointError(f"{where}: partial_rotary_factor {prf} is not supported (only 1.0)")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping", "qk_layernorm", "use_qk_norm"):
+        if data.get(key):
+            raise CheckpointError(f"{where}: `{key}` is not supported by the {data['model_type']} family loader")
+    if data.get("quantization_config"):
+        raise CheckpointError(f"{where}: quantized checkpoints (quantization_config) are not supported")
+
+
+def _parse_rope(data: dict[str, Any], where: str, max_pos: int) -> RopeConfig:
+    # New spelling (transformers >= 5): rope_parameters = {rope_type, rope_theta, ...}.
+    # Old spelling: top-level rope_theta plus an optional rope_scaling = {type|rope_type, factor, ...}.
+    params = dict(data.get("rope_parameters") or data.get("rope_scaling") or {})
+    if any(isinstance(v, dict) for v in params.values()):
+        raise CheckpointError(f"{where}: per-layer-type rope_parameters are not supported")
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    theta = params.get("rope_theta", data.get("rope_theta", 10000.0))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise CheckpointError(
+            f"{where}: rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    original = params.get("original_max_position_embeddings") or data.get("original_max_position_embeddings") or max_pos
+    try:
+        return RopeConfig(
+            rope_type=rope_type,
+            theta=float(theta),
+            factor=float(params.get("factor") if params.get("factor") is not None else
+                         (max_pos / original if rope_type == "yarn" else 1.0)),
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(original),
+            attention_factor=params.get("attention_factor"),
+            beta_fast=float(params.get("beta_fast") or 32),
+            beta_slow=float(params.get("beta_slow") or 1),
+            mscale=params.get("mscale"),
+            mscale_all_dim=params.get("mscale_all_dim"),
+            truncate=bool(params.get("truncate", True)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: invalid rope settings {params}: {exc}") from None
+
+
+def _parse_windows(data: dict[str, Any], where: str, family: str, num_layers: int) -> tuple[Optional[int], ...]:
+    window = data.get("sliding_window")
+    layer_types = data.get("layer_types")
+    if layer_types is not None:
+        if len(layer_types) != num_layers:
+            raise CheckpointError(f"{where}: layer_types has {len(layer_types)} entries for {num_layers} layers")
+        unknown = set(layer_types) - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise CheckpointError(f"{where}: layer_types {sorted(unknown)} are not supported")
+        if "sliding_attention" in layer_types and not window:
+            raise CheckpointError(f"{where}: layer_types has sliding_attention but sliding_window is not set")
+        return tuple(window if t == "sliding_attention" else None for t in layer_types)
+    if family == "mistral":
+        return tuple([window or None] * num_layers)
+    if family == "qwen2" and data.get("use_sliding_window") and window:
+        first = int(data.get("max_window_layers", num_layers))
+        return tuple(window if i >= first else None for i in range(num_layers))
+    return tuple([None] * num_layers)
+
+
+def generation_ids(checkpoint_dir: Path, config: dict[str, Any]) -> GenerationIds:
+    """bos/eos/pad ids; generation_config.json (when present) overrides config.json, as in transformers."""
+    merged = dict(config)
+    gen = checkpoint_dir / "generation_config.json"
+    if gen.is_file():
+        try:
+            merged.update({k: v for k, v in json.loads(gen.read_text()).items() if v is not None})
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{gen}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    eos = merged.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    return GenerationIds(merged.get("bos_token_id"), tuple(int(e) for e in eos_ids), merged.get("pad_token_id"))

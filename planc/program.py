@@ -1,0 +1,119 @@
+"""The Program: one object every pass reads from and writes to.
+
+>>> import planc
+>>> program = planc.load("examples/tiny/model.yaml")    # doctest: +SKIP
+>>> program.model_names()                               # doctest: +SKIP
+['base', 'legal', 'support', 'chat']
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch.fx
+
+from planc.errors import CheckpointError
+from planc.ir import AdapterDelta, BlockFingerprint, BlockSpec, Chain, ZooBlock
+from planc.models.checkpoint import Checkpoint
+from planc.models.lora import Adapter
+from planc.models.tokenizer import tokenizer_files
+from planc.spec import Spec, field_of
+
+
+@dataclass
+class ModelEntry:
+    """One model of the spec: the base, a full-weight variant, or a LoRA variant."""
+
+    name: str
+    kind: str
+    """`base`, `weights` or `adapter`."""
+    field: str
+    """The model.yaml field that names its files, for error messages."""
+    checkpoint: Checkpoint
+    """Its own checkpoint; for an adapter variant, the base's."""
+    adapter: Optional[Adapter] = None
+    tokenizer: list[Path] = field(default_factory=list)
+    """Tokenizer files it is served with (its own when it has tokenizer.json, else the base's)."""
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    changed: bool
+
+
+@dataclass
+class Program:
+    spec: Spec
+    models: dict[str, ModelEntry]
+    graphs: Optional[dict[str, torch.fx.GraphModule]] = None
+    """trace: model name -> flat GraphModule (models with equal architectures share one)."""
+    blocks: Optional[dict[str, list[BlockSpec]]] = None
+    """partition: model name -> its blocks in chain order."""
+    fingerprints: Optional[dict[str, list[BlockFingerprint]]] = None
+    """fingerprint: model name -> identity of each of its blocks (weights from its own checkpoint)."""
+    adapter_deltas: Optional[dict[str, dict[str, AdapterDelta]]] = None
+    """fingerprint: LoRA variant -> block name -> its delta on that block."""
+    input_digests: Optional[dict[str, str]] = None
+    """fingerprint: model name -> sha256 over its config and every tensor it contributes."""
+    zoo: Optional[dict[str, ZooBlock]] = None
+    """dedupe: unique blocks by key, in first-use order."""
+    adapter_zoo: Optional[dict[str, AdapterDelta]] = None
+    """dedupe: unique adapter deltas by key."""
+    chains: Optional[dict[str, Chain]] = None
+    """dedupe: variant name -> chain."""
+    extras: dict[str, Any] = field(default_factory=dict)
+    """Artifacts of user passes, by the names in their `provides`."""
+    log: list[PassRecord] = field(default_factory=list)
+
+    def model_names(self) -> list[str]:
+        return list(self.models)
+
+    @property
+    def base(self) -> ModelEntry:
+        return self.models[self.spec.base.name]
+
+    def has(self, artifact: str) -> bool:
+        if artifact in self.extras:
+            return True
+        return getattr(self, artifact, None) is not None if artifact in _FIELDS else False
+
+    def get(self, artifact: str) -> Any:
+        return self.extras[artifact] if artifact in self.extras else getattr(self, artifact)
+
+
+_FIELDS = {"graphs", "blocks", "fingerprints", "adapter_deltas", "input_digests", "zoo", "adapter_zoo", "chains"}
+
+
+def open_models(spec: Spec, weights: bool = True) -> dict[str, ModelEntry]:
+    """Open every model of the spec: headers and configs only, no tensor bytes.
+
+    With ``weights=False`` only config.json is read (plan-only, meta device).
+    """
+    opener = Checkpoint.open if weights else Checkpoint.from_config
+    base_field = field_of(spec, spec.base.name)
+    base = opener(spec.base.path, base_field)
+    base_tok = tokenizer_files(spec.base.path, base_field) if weights else []
+    models = {spec.base.name: ModelEntry(spec.base.name, "base", base_field, base, tokenizer=base_tok)}
+    linear_shapes = {name.removesuffix(".weight"): tuple(ref.shape) for name, ref in base.tensors.items()
+                     if name.endswith("proj.weight")}
+    for variant in spec.variants:
+        fld = field_of(spec, variant.name)
+        if variant.adapter is not None:
+            adapter = Adapter.open(variant.adapter, fld, linear_shapes) if weights else None
+            tok = _own_tokenizer(variant.adapter, fld) or base_tok
+            models[variant.name] = ModelEntry(variant.name, "adapter", fld, base, adapter, tok)
+            continue
+        ckpt = opener(variant.path, fld)
+        diff = base.arch.differences(ckpt.arch)
+        if diff:
+            raise CheckpointError(f"{fld}: architecture differs from the base ({spec.base.name}): {'; '.join(diff[:3])}")
+        tok = _own_tokenizer(variant.path, fld) if weights else []
+        models[variant.name] = ModelEntry(variant.name, "weights", fld, ckpt, tokenizer=tok or base_tok)
+    return models
+
+
+def _own_tokenizer(directory: Path, fld: str) -> list[Path]:
+    return tokenizer_files(directory, fld) if (directory / "tokenizer.json").is_file() else []

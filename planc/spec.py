@@ -1,0 +1,168 @@
+"""The user-facing model.yaml: what to compile.
+
+```yaml
+base: {name: base, path: ./models/base}          # HF-format checkpoint directory
+variants:
+  - {name: legal, path: ./models/legal}          # full or partial fine-tune, same architecture
+  - {name: chat, adapter: ./models/chat-lora}    # PEFT LoRA adapter directory
+backend: local
+passes: ["./my_pass.py:CountParams"]             # optional extra passes, module:Class or file.py:Class
+```
+
+Relative paths resolve against the directory of the yaml file. Errors name the file and field.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from planc.errors import SpecError
+
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseModelRef(_Strict):
+    """The base model every variant is compared against."""
+
+    name: str = Field("base", pattern=_NAME_PATTERN)
+    """Name clients use in the `model` field of a request."""
+    path: Path
+    """HF-format checkpoint directory: config.json, *.safetensors (single or sharded), tokenizer."""
+
+
+class VariantRef(_Strict):
+    """A fine-tune of the base: either full weights (`path`) or a PEFT LoRA adapter (`adapter`)."""
+
+    name: str = Field(pattern=_NAME_PATTERN)
+    path: Optional[Path] = None
+    """HF-format checkpoint directory with the same architecture as the base."""
+    adapter: Optional[Path] = None
+    """PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "VariantRef":
+        if (self.path is None) == (self.adapter is None):
+            raise ValueError("give exactly one of `path` (full weights) or `adapter` (PEFT LoRA)")
+        return self
+
+    @property
+    def source(self) -> Path:
+        return self.path if self.path is not None else self.adapter  # type: ignore[return-value]
+
+
+class Spec(_Strict):
+    """A validated model.yaml. Build it with :func:`load_spec`."""
+
+    base: BaseModelRef
+    variants: list[VariantRef] = Field(default_factory=list)
+    backend: str = "local"
+    """Which backend `planc compile` emits for (`local`; more come with their issues)."""
+    passes: list[str] = Field(default_factory=list)
+    """Extra passes appended to the default pipeline: `package.module:Class` or `file.py:Class`."""
+    source: Path = Field(default=Path("model.yaml"), exclude=True)
+    """The yaml file itself (set by load_spec; not a key of the file)."""
+
+    @field_validator("variants")
+    @classmethod
+    def _unique_variant_names(cls, variants: list[VariantRef]) -> list[VariantRef]:
+        seen: set[str] = set()
+        for v in variants:
+            if v.name in seen:
+                raise ValueError(f"duplicate variant name {v.name!r}")
+            seen.add(v.name)
+        return variants
+
+    @model_validator(mode="after")
+    def _base_name_unique(self) -> "Spec":
+        if any(v.name == self.base.name for v in self.variants):
+            raise ValueError(f"variant name {self.base.name!r} is already the base's name")
+        return self
+
+    @property
+    def root(self) -> Path:
+        return self.source.parent
+
+    def model_names(self) -> list[str]:
+        return [self.base.name] + [v.name for v in self.variants]
+
+
+def _format_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _format_validation_error(path: Path, err: ValidationError) -> str:
+    problems = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        problems.append(f"{_format_loc(loc)}: {msg}")
+    return f"{path}: " + "; ".join(problems)
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate model.yaml; relative paths are resolved against its directory.
+
+    >>> spec = load_spec("examples/tiny/model.yaml")  # doctest: +SKIP
+    >>> spec.base.name
+    'base'
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"{path}{where}: YAML syntax error: {problem}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a mapping with `base` and `variants`, got {type(raw).__name__}")
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(_format_validation_error(path, exc)) from None
+    root = path.resolve().parent
+    return spec.model_copy(update={
+        "source": path.resolve(),
+        "base": spec.base.model_copy(update={"path": _resolve(root, spec.base.path)}),
+        "variants": [_resolve_variant(root, v) for v in spec.variants],
+    })
+
+
+def _resolve(root: Path, p: Optional[Path]) -> Optional[Path]:
+    if p is None:
+        return None
+    p = p.expanduser()
+    return p if p.is_absolute() else (root / p)
+
+
+def _resolve_variant(root: Path, v: VariantRef) -> VariantRef:
+    return v.model_copy(update={"path": _resolve(root, v.path), "adapter": _resolve(root, v.adapter)})
+
+
+def field_of(spec: Spec, model_name: str) -> str:
+    """The yaml field that names a model's files, for error messages (e.g. `variants[2].adapter`)."""
+    if model_name == spec.base.name:
+        return "base.path"
+    for i, v in enumerate(spec.variants):
+        if v.name == model_name:
+            return f"variants[{i}].{'path' if v.path is not None else 'adapter'}"
+    raise KeyError(model_name)
+
+
