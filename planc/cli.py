@@ -1,0 +1,116 @@
+"""The `planc` command line. Errors in the user's input print one line and exit 1 (no traceback)."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from rich.console import Console
+
+from planc.errors import PlancError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="planc: compile a base model and its fine-tunes into a deduplicated block-chain bundle.")
+example_app = typer.Typer(no_args_is_help=True, help="Write small, real example checkpoints.")
+app.add_typer(example_app, name="example")
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+
+@app.command("compile")
+def compile_cmd(
+    spec: Path = typer.Argument(..., help="model.yaml"),
+    out_dir: Path = typer.Option(Path("bundle"), "--out", "-o", help="Bundle directory to write (replaced atomically)."),
+    backend: Optional[str] = typer.Option(None, help="Backend to emit for (default: model.yaml's `backend`)."),
+) -> None:
+    """Trace, partition, fingerprint and dedupe the models of SPEC; write a verified bundle."""
+    import planc
+    from planc.report import CompileProgress, compile_summary
+
+    start = time.perf_counter()
+    with CompileProgress(err) as progress:
+        program = planc.load(spec)
+        progress.start(program)
+        program = planc.compile(program, ctx=progress.context())
+        progress.writing(len(program.zoo) + len(program.adapter_zoo))
+        bundle = planc.emit(program, backend=backend, out=out_dir, ctx=progress.context(), progress=progress.wrote)
+    compile_summary(out, program, bundle, time.perf_counter() - start)
+
+
+@app.command()
+def inspect(bundle: Path = typer.Argument(..., help="Bundle directory"),
+            verify: bool = typer.Option(True, help="Check every file's sha256 first.")) -> None:
+    """Show what each variant's chain is made of and what is shared."""
+    from planc.bundle import Bundle
+    from planc.report import inspect_tables
+
+    inspect_tables(out, Bundle.open(bundle, verify=verify))
+
+
+@app.command()
+def run(
+    bundle: Path = typer.Argument(..., help="Bundle directory"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Variant to run (default: the base)."),
+    prompt: str = typer.Option("Once upon a time", "--prompt", "-p"),
+    max_tokens: int = typer.Option(24, min=1, max=4096),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
+    seed: Optional[int] = typer.Option(None),
+) -> None:
+    """Run one completion request through a variant's chain (verifies the bundle first)."""
+    from planc.bundle import Bundle
+    from planc.generate import complete
+
+    b = Bundle.open(bundle)
+    name = model or next(iter(b.variants))
+    result = complete(b, name, prompt, max_tokens, temperature, seed)
+    out.print(f"[bold]{name}[/bold] ({len(result.prompt_ids)} prompt tokens, {len(result.output_ids)} generated, "
+              f"finish: {result.finish_reason})")
+    out.print(prompt + result.text, markup=False)
+
+
+@example_app.command("tiny")
+def example_tiny(out_dir: Path = typer.Argument(Path("examples/tiny"), help="Directory to write into.")) -> None:
+    """A few-MB Llama-style base, a partial and a full fine-tune, and a LoRA adapter, trained here."""
+    from planc.example import write_tiny_example
+
+    start = time.perf_counter()
+    with err.status("writing the tiny example") as status:
+        cfg = write_tiny_example(out_dir, progress=lambda msg: status.update(msg))
+    losses = ", ".join(f"{k} {v[0]:.2f}->{v[-1]:.2f}" for k, v in cfg.losses.items())
+    out.print(f"wrote {out_dir}/model.yaml and its checkpoints in {time.perf_counter() - start:.1f} s "
+              f"(training loss {losses})", markup=False)
+
+
+@app.command()
+def version() -> None:
+    """Print planc's version."""
+    import planc
+
+    out.print(planc.__version__)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        app(args=argv, prog_name="planc", standalone_mode=False)
+    except PlancError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        if os.environ.get("PLANC_DEBUG"):
+            raise
+        return 1
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        sys.stderr.write("interrupted\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
