@@ -114,7 +114,8 @@ def write_adapter(directory: Path, config: dict, targets: tuple[str, ...] = ("q_
                   extra_config: Optional[dict] = None) -> Path:
     """A PEFT LoRA adapter with non-zero A and B (as after training) on `targets` of `layers`."""
     arch = parse_arch(config, "config")
-    shapes = {n.removesuffix(".weight"): s for n, (s, _) in expected_tensors(arch).items()}
+    shapes = {n.removesuffix(".weight"): s for n, (s, _) in expected_tensors(arch).items()
+              if n.endswith("proj.weight")}
     gen = torch.Generator().manual_seed(seed)
     extra = dict(extra_config or {})
     tensors = {}

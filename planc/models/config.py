@@ -40,7 +40,11 @@ class RopeConfig:
     truncate: bool = True
 
     def inv_freq(self, head_dim: int) -> tuple[torch.Tensor, float]:
-        """Inverse frequencies (head_dim/2,) in fp32 and the scale applied to cos/sin."""
+        """Inverse frequencies (head_dim/2,) in fp32 on the CPU, and the scale applied to cos/sin."""
+        with torch.device("cpu"):  # real values even while a model is built on the meta device
+            return self._inv_freq(head_dim)
+
+    def _inv_freq(self, head_dim: int) -> tuple[torch.Tensor, float]:
         exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
         base_freq = 1.0 / (self.theta ** exponents)
         if self.rope_type == "default":
