@@ -46,4 +46,6 @@ def _kind(entry_kind: str, is_base: bool, links: list[ChainLink], base: Chain | 
     if entry_kind == "adapter":
         return "lora"
     shared = sum(a.block == b.block for a, b in zip(links, base.links)) if base else 0
+    if base and shared == len(links):
+        return "identical"
     return "partial" if shared else "full"

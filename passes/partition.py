@@ -119,7 +119,8 @@ def extract_block(gm: torch.fx.GraphModule, block: tuple[str, int]) -> tuple[tor
         raise PlancError(f"partition: block {block_name(*block)} has {len(inputs)} inputs and {len(outputs)} outputs; "
                          "a block must take one tensor and return one")
     graph.output(env[outputs[0]])
-    inputs[0].meta[META_BOUNDARY] = "in"
+    entry = inputs[0] if inputs[0] in member_set else next(n for n in members if inputs[0] in n.all_input_nodes)
+    entry.meta[META_BOUNDARY] = "in"  # the first node of the block that reads the block's input
     outputs[0].meta[META_BOUNDARY] = "out"
     block_gm = torch.fx.GraphModule(gm, graph, class_name=f"Block_{block_name(*block).replace('.', '_')}")
     return block_gm, [n.name for n in members]

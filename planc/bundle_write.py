@@ -115,6 +115,7 @@ def build_manifest(program: Program, backend: str, blocks: dict, adapters: dict,
         "adapters": [_adapter_entry(d, adapters[k]) for k, d in adapter_zoo.items()],
         "tokenizers": tokenizers,
         "variants": variants,
+        "annotations": _annotations(program),
         "totals": {
             "logical_bytes": logical,
             "unique_param_bytes": unique_param_bytes,
@@ -122,6 +123,18 @@ def build_manifest(program: Program, backend: str, blocks: dict, adapters: dict,
             "dedupe_ratio": round(logical / stored, 4) if stored else 0.0,
         },
     }
+
+
+def _annotations(program: Program) -> dict[str, Any]:
+    """Results of user passes (Program.extras) that are plain JSON values, kept in the manifest."""
+    out = {}
+    for name, value in sorted(program.extras.items()):
+        try:
+            json.dumps(value, sort_keys=True)
+        except (TypeError, ValueError):
+            continue
+        out[name] = value
+    return out
 
 
 def write_manifest(root: Path, manifest: dict) -> None:

@@ -16,7 +16,7 @@ from planc.models.safetensors_index import TensorRef
 META_BLOCK = "planc.block"
 """partition: the name of the block a node belongs to ("embedding", "layer.3", "head")."""
 META_BOUNDARY = "planc.boundary"
-"""partition: "in" on the node that enters a block, "out" on the node that leaves it."""
+"""partition: "in" on the first node of a block that reads its input, "out" on the node whose value leaves it."""
 GRAPH_META_ARCH = "planc.arch"
 """trace: GraphModule.meta key holding the ArchConfig the graph was traced from."""
 
@@ -105,7 +105,7 @@ class Chain:
 
     variant: str
     kind: str
-    """`base`, `partial` (shares some blocks with the base), `full` (shares none), or `lora`."""
+    """`base`; `identical` (every block equal to the base's), `partial` (some), `full` (none); or `lora`."""
     links: list[ChainLink]
 
     @property
