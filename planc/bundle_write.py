@@ -36,7 +36,7 @@ def write_blocks(program: Program, root: Path, progress: Progress = None) -> dic
         ckpt = program.models[block.source].checkpoint
         tensors = {rel: ckpt.tensors[name].read() for rel, name in sorted(spec.params.items())}
         tmp = root / "blocks" / f".{key}.partial"
-        save_file(tensors, str(tmp), metadata={"planc.block": block.name, "planc.key": key})
+        save_file(tensors, str(tmp), metadata=_file_metadata(block.name, key))
         del tensors
         digest, final = store_file(tmp, root / "blocks", "safetensors")
         out[key] = {"file": f"blocks/{final.name}", "sha256": digest, "file_bytes": final.stat().st_size,
@@ -55,7 +55,7 @@ def write_adapters(program: Program, root: Path, progress: Progress = None) -> d
             tensors[f"{d.module}.lora_A"] = d.a.read()
             tensors[f"{d.module}.lora_B"] = d.b.read()
         tmp = root / "adapters" / f".{key}.partial"
-        save_file(tensors, str(tmp), metadata={"planc.block": delta.block, "planc.key": key})
+        save_file(tensors, str(tmp), metadata=_file_metadata(delta.block, key))
         digest, final = store_file(tmp, root / "adapters", "safetensors")
         out[key] = {"file": f"adapters/{final.name}", "sha256": digest, "file_bytes": final.stat().st_size}
         if progress:
@@ -142,6 +142,12 @@ def write_manifest(root: Path, manifest: dict) -> None:
     tmp = root / f".{MANIFEST}.partial"
     tmp.write_text(text)
     os.replace(tmp, root / MANIFEST)
+
+
+def _file_metadata(block: str, key: str) -> dict[str, str]:
+    # One key only: safetensors writes a multi-key metadata map in no fixed order, and the
+    # file's sha256 (its name) must not depend on that.
+    return {"planc": json.dumps({"block": block, "key": key}, sort_keys=True)}
 
 
 def _spec_of(program: Program, block: ZooBlock):
