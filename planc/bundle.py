@@ -29,6 +29,12 @@ class Bundle:
         self.blocks = {b["key"]: b for b in manifest["blocks"]}
         self.adapters = {a["key"]: a for a in manifest["adapters"]}
         self.variants = {v["name"]: v for v in manifest["variants"]}
+        for v in self.variants.values():
+            for link in v["chain"]:
+                if link["block"] not in self.blocks or (link["adapter"] and link["adapter"] not in self.adapters):
+                    raise ValueError(f"variant {v['name']} names a block or adapter the manifest does not list")
+        for tok in manifest["tokenizers"].values():
+            tok["dir"], tok["files"].items()
         self._modules: dict[str, nn.Module] = {}
 
     @classmethod
@@ -45,7 +51,10 @@ class Bundle:
         version = manifest.get("format_version")
         if version != FORMAT_VERSION:
             raise BundleError(f"{path}: format_version {version!r}; this planc reads version {FORMAT_VERSION}")
-        bundle = cls(root, manifest)
+        try:
+            bundle = cls(root, manifest)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise BundleError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from None
         if verify:
             bundle.verify()
         return bundle

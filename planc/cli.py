@@ -31,6 +31,9 @@ def compile_cmd(
     import planc
     from planc.report import CompileProgress, compile_summary
 
+    from planc.store import check_output_dir
+
+    check_output_dir(out_dir)  # before any work: never discover at the end that --out is not ours
     start = time.perf_counter()
     with CompileProgress(err) as progress:
         program = planc.load(spec)

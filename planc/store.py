@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from planc.errors import BundleError
+from planc.errors import BundleError, PlancError
 
 _CHUNK = 8 * 1024 * 1024
 
@@ -44,6 +44,22 @@ def verify_file(path: Path, expected: str) -> None:
                           "the bundle was modified or corrupted")
 
 
+def check_output_dir(out: Path) -> Path:
+    """Refuse an output path that is not ours to replace: only a planc bundle or an empty directory."""
+    out = Path(out).absolute()
+    if out.exists() or out.is_symlink():
+        if not out.is_dir() or out.is_symlink():
+            raise PlancError(f"--out {out} exists and is not a directory; refusing to replace it")
+        if any(out.iterdir()) and not (out / "manifest.json").is_file():
+            raise PlancError(f"--out {out} exists and is not a planc bundle (no manifest.json); refusing to replace it")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise PlancError(f"--out {out}: {parent} is a file, not a directory")
+            break
+    return out
+
+
 @contextmanager
 def staging_dir(out: Path) -> Iterator[Path]:
     """A temporary directory beside `out` that becomes `out` only if the body succeeds.
@@ -51,9 +67,12 @@ def staging_dir(out: Path) -> Iterator[Path]:
     A failure (or Ctrl-C) removes it; an existing `out` is replaced only after the new one is
     complete, so readers never see a half-written bundle.
     """
-    out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    out = check_output_dir(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise PlancError(f"--out {out}: cannot create the bundle there: {exc.strerror}") from None
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
     try:
         yield tmp

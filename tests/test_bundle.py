@@ -106,9 +106,10 @@ def test_failed_compile_leaves_nothing(tiny_example, tmp_path):
 
 def test_existing_bundle_is_replaced_whole(tiny_example, tmp_path):
     out = tmp_path / "bundle"
-    out.mkdir()
+    program = planc.compile(planc.load(tiny_example))
+    planc.emit(program, out=out)
     (out / "stale.txt").write_text("old")
-    planc.emit(planc.compile(planc.load(tiny_example)), out=out)
+    planc.emit(program, out=out)
     assert not (out / "stale.txt").exists() and (out / "manifest.json").is_file()
     assert sorted(os.listdir(tmp_path)) == ["bundle"]
 
@@ -146,3 +147,14 @@ def test_greedy_generation_matches_full_model(tiny_bundle, tiny_example):
         want, _ = generate_ids(model.eval(), prompt, 8, [])
     got, _ = generate_ids(bundle.load_chain("legal"), prompt, 8, [])
     assert got == want
+
+
+def test_output_that_is_not_a_bundle_is_never_replaced(tiny_example, tmp_path):
+    precious = tmp_path / "checkpoint"
+    precious.mkdir()
+    (precious / "model.safetensors").write_text("weights")
+    program = planc.compile(planc.load(tiny_example))
+    with pytest.raises(planc.PlancError, match="exists and is not a planc bundle"):
+        planc.emit(program, out=precious)
+    assert (precious / "model.safetensors").read_text() == "weights"
+    planc.emit(program, out=tmp_path / "empty")  # an empty directory is fine

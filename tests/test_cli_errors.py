@@ -215,9 +215,8 @@ def test_yaml_bad_indentation_names_line(ws, capsys):
                    "    path: ./ft\n"
                    "   adapter: ./lora\n")
     rc, out, err = run_inprocess(compile_args(ws), capsys)
-    line = assert_one_line_error(rc, out, err, "model.yaml:7:", "YAML")
+    assert_one_line_error(rc, out, err, "model.yaml:7:", "YAML")
     assert_no_bundle(ws / "bundle")
-    assert line
 
 
 # --------------------------------------------------------------------------------- 3. unknown keys
@@ -412,3 +411,80 @@ def test_failed_compile_keeps_existing_bundle(ws, cli_errors_bundle, capsys, bre
     assert tree_digest(bundle) == tree_before
     leftovers = sorted(p.name for p in ws.glob(".bundle.*"))
     assert not leftovers, f"staging leftovers beside the bundle: {leftovers}"
+
+
+# ------------------------------------------- more malformed input: must also be one line, no traceback
+
+def _edit_json(path: Path, **fields) -> None:
+    data = json.loads(path.read_text())
+    data.update(fields)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("rms_norm_eps", "abc"),
+    ("max_position_embeddings", "abc"),
+    ("num_key_value_heads", "2"),
+    ("head_dim", "16"),
+    ("eos_token_id", "x"),
+    ("num_hidden_layers", "3"),
+    ("vocab_size", -1),
+])
+def test_wrong_typed_config_field(ws, capsys, field, value):
+    _edit_json(ws / "ft" / "config.json", **{field: value})
+    rc, out, err = run_inprocess(compile_args(ws), capsys)
+    assert_one_line_error(rc, out, err, "variants[0].path", "ft/config.json", field)
+    assert_no_bundle(ws / "bundle")
+
+
+def _header_is_a_list(ws: Path) -> None:
+    header = b"[1, 2]"
+    (ws / "ft" / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+
+
+@pytest.mark.parametrize("setup,needles", [
+    pytest.param(lambda ws: (ws / "model.yaml").write_bytes(b"base: {name: base, path: ./b\xff\xfe}\n"),
+                 ("model.yaml",), id="model.yaml-not-utf8"),
+    pytest.param(_header_is_a_list, ("variants[0].path", "ft/model.safetensors"), id="safetensors-header-not-object"),
+    pytest.param(lambda ws: (ws / "lora" / "adapter_config.json").write_text("[]"),
+                 ("variants[1].adapter", "adapter_config.json"), id="adapter_config-not-object"),
+    pytest.param(lambda ws: _edit_json(ws / "lora" / "adapter_config.json", rank_pattern={"q_proj": "x"}),
+                 ("variants[1].adapter", "rank_pattern"), id="adapter-rank_pattern-not-a-number"),
+    pytest.param(lambda ws: (ws / "ft" / "config.json").write_text("[1]"), ("variants[0].path", "ft/config.json"),
+                 id="config-not-object"),
+])
+def test_malformed_files(ws, capsys, setup, needles):
+    setup(ws)
+    rc, out, err = run_inprocess(compile_args(ws), capsys)
+    assert_one_line_error(rc, out, err, *needles)
+    assert_no_bundle(ws / "bundle")
+
+
+def test_out_below_a_regular_file(ws, capsys):
+    out_dir = ws / "base" / "config.json" / "bundle"
+    rc, out, err = run_inprocess(["compile", str(ws / "model.yaml"), "--out", str(out_dir)], capsys)
+    assert_one_line_error(rc, out, err, "config.json")
+
+
+def test_out_over_a_non_bundle_directory_is_refused(ws, capsys):
+    before = tree_digest(ws / "ft")
+    rc, out, err = run_inprocess(["compile", str(ws / "model.yaml"), "--out", str(ws / "ft")], capsys)
+    try:
+        assert_one_line_error(rc, out, err, "ft")
+        assert tree_digest(ws / "ft") == before
+    finally:
+        assert not list(ws.glob(".ft.*")), "staging leftovers beside --out"
+
+
+@pytest.mark.parametrize("edit", [
+    pytest.param(lambda m: m.pop("architecture"), id="no-architecture"),
+    pytest.param(lambda m: m.pop("variants"), id="no-variants"),
+])
+def test_edited_manifest_refused(cli_errors_bundle, tmp_path, capsys, edit):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(cli_errors_bundle, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    edit(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    rc, out, err = run_inprocess(["inspect", str(bundle)], capsys)
+    assert_one_line_error(rc, out, err, "manifest.json")

@@ -97,6 +97,12 @@ class RopeConfig:
         return interpolation * (1 - keep) + extrapolation * keep, float(attention_factor)
 
 
+# ArchConfig field -> the config.json key a user would look for.
+_CONFIG_KEYS = {"family": "model_type", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                "num_kv_heads": "num_key_value_heads", "rope": "rope settings", "qkv_bias": "attention_bias (q/k/v)",
+                "o_bias": "attention_bias (o_proj)", "sliding_windows": "sliding_window"}
+
+
 @dataclass(frozen=True)
 class ArchConfig:
     """The architecture of one Llama-family checkpoint. Equal ArchConfigs trace to equal graphs."""
@@ -136,14 +142,14 @@ class ArchConfig:
         return cls(**data)
 
     def differences(self, other: "ArchConfig") -> list[str]:
-        """Fields (other than dtype) in which two architectures differ, as `name: a vs b`."""
+        """Fields (other than dtype) in which two architectures differ, as `config.json key: a vs b`."""
         out = []
         for f in dataclasses.fields(self):
             if f.name == "dtype":
                 continue
             a, b = getattr(self, f.name), getattr(other, f.name)
-            if a != b:
-                out.append(f"{f.name} {a} vs {b}")
+            if a != b and not (f.name == "sliding_windows" and self.num_layers != other.num_layers):
+                out.append(f"{_CONFIG_KEYS.get(f.name, f.name)} {a} vs {b}")
         return out
 
 
@@ -168,47 +174,57 @@ def read_config_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _positive_int(data: dict[str, Any], key: str, where: str, default: Optional[int] = None) -> int:
+    value = data.get(key)
+    if value is None:
+        if default is None:
+            raise CheckpointError(f"{where}: missing field `{key}`")
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise CheckpointError(f"{where}: field `{key}` must be a positive integer, got {value!r}")
+    return value
+
+
+def _positive_float(data: dict[str, Any], key: str, where: str, default: float) -> float:
+    value = data.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise CheckpointError(f"{where}: field `{key}` must be a positive number, got {value!r}")
+    return float(value)
+
+
 def parse_arch(data: dict[str, Any], where: str) -> ArchConfig:
     """Normalise an HF config.json dict; `where` (the file) prefixes every error."""
-
-    def need(key: str, kind: type = int) -> Any:
-        if key not in data or data[key] is None:
-            raise CheckpointError(f"{where}: missing field `{key}`")
-        value = data[key]
-        if kind is int and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-            raise CheckpointError(f"{where}: field `{key}` must be a positive integer, got {value!r}")
-        return value
-
     family = data.get("model_type")
     if family not in SUPPORTED_FAMILIES:
         raise CheckpointError(
             f"{where}: model_type {family!r} is not supported (supported: {', '.join(SUPPORTED_FAMILIES)})")
-    hidden, heads = need("hidden_size"), need("num_attention_heads")
-    kv_heads = data.get("num_key_value_heads") or heads
+    hidden = _positive_int(data, "hidden_size", where)
+    heads = _positive_int(data, "num_attention_heads", where)
+    kv_heads = _positive_int(data, "num_key_value_heads", where, default=heads)
     if heads % kv_heads:
         raise CheckpointError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-    head_dim = data.get("head_dim") or hidden // heads
-    if not data.get("head_dim") and hidden % heads:
+    if data.get("head_dim") is None and hidden % heads:
         raise CheckpointError(f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+    head_dim = _positive_int(data, "head_dim", where, default=hidden // heads)
     act = data.get("hidden_act", data.get("hidden_activation", "silu"))
     if act != "silu":
         raise CheckpointError(f"{where}: hidden_act {act!r} is not supported (only 'silu')")
     _refuse(data, where)
-    num_layers = need("num_hidden_layers")
-    max_pos = int(data.get("max_position_embeddings") or 2048)
+    num_layers = _positive_int(data, "num_hidden_layers", where)
+    max_pos = _positive_int(data, "max_position_embeddings", where, default=2048)
     dtype = str(data.get("dtype") or data.get("torch_dtype") or "float32").removeprefix("torch.")
     if dtype not in _DTYPES:
         raise CheckpointError(f"{where}: dtype {dtype!r} is not supported (float32, float16, bfloat16)")
     return ArchConfig(
         family=family,
-        vocab_size=need("vocab_size"),
+        vocab_size=_positive_int(data, "vocab_size", where),
         hidden_size=hidden,
-        intermediate_size=need("intermediate_size"),
+        intermediate_size=_positive_int(data, "intermediate_size", where),
         num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=_positive_float(data, "rms_norm_eps", where, 1e-6),
         rope=_parse_rope(data, where, max_pos),
         tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),  # False in all three families
         qkv_bias=True if family == "qwen2" else bool(data.get("attention_bias", False)),
@@ -293,6 +309,14 @@ def generation_ids(checkpoint_dir: Path, config: dict[str, Any]) -> GenerationId
             merged.update({k: v for k, v in json.loads(gen.read_text()).items() if v is not None})
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{gen}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    where = gen if gen.is_file() else checkpoint_dir / "config.json"
+
+    def token_id(key: str, value: Any) -> Optional[int]:
+        if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return value
+        raise CheckpointError(f"{where}: `{key}` must be a token id (a non-negative integer), got {value!r}")
+
     eos = merged.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-    return GenerationIds(merged.get("bos_token_id"), tuple(int(e) for e in eos_ids), merged.get("pad_token_id"))
+    eos_ids = tuple(token_id("eos_token_id", e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
+    return GenerationIds(token_id("bos_token_id", merged.get("bos_token_id")), eos_ids,
+                         token_id("pad_token_id", merged.get("pad_token_id")))

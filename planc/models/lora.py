@@ -61,6 +61,8 @@ class Adapter:
             cfg = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{cfg_path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{cfg_path}: expected a JSON object")
         _refuse_unsupported(cfg, cfg_path)
         weights = directory / "adapter_model.safetensors"
         if not weights.is_file():
@@ -94,8 +96,18 @@ def _refuse_unsupported(cfg: dict[str, Any], where: Path) -> None:
     if cfg.get("fan_in_fan_out"):
         raise CheckpointError(f"{where}: fan_in_fan_out is not supported for Llama-family Linear layers")
     for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
-            raise CheckpointError(f"{where}: `{key}` must be a positive number, got {cfg.get(key)!r}")
+        _check_positive(cfg.get(key), f"`{key}`", where)
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = cfg.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise CheckpointError(f"{where}: `{key}` must be a mapping of module pattern to number")
+        for pattern, value in patterns.items():
+            _check_positive(value, f"`{key}.{pattern}`", where)
+
+
+def _check_positive(value: Any, what: str, where: Path) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise CheckpointError(f"{where}: {what} must be a positive number, got {value!r}")
 
 
 def _pattern_value(patterns: Optional[dict[str, Any]], module: str, default: Any) -> Any:

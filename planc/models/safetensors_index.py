@@ -83,6 +83,8 @@ def read_header(path: Path) -> dict[str, TensorRef]:
         raise CheckpointError(f"{path}: corrupt safetensors header") from None
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read: {exc.strerror}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     base = 8 + header_len
     out: dict[str, TensorRef] = {}
     for name, info in header.items():
@@ -90,6 +92,7 @@ def read_header(path: Path) -> dict[str, TensorRef]:
             continue
         try:
             dtype, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+            begin, end = int(begin), int(end)
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}") from None
         if dtype not in DTYPES:

@@ -1,0 +1,74 @@
+"""Torch reference ops against independent formulas, and the dispatch registry."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import planc.kernels as K
+from planc.kernels.dispatch import KernelRegistry
+
+
+def test_rms_norm_computes_in_fp32_and_casts_back():
+    x = torch.randn(3, 5, 24, dtype=torch.bfloat16)
+    w = torch.randn(24, dtype=torch.bfloat16)
+    x32 = x.float()
+    want = w * (x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+    got = K.rms_norm(x, w, 1e-6)
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), want.float(), atol=1e-2)
+
+
+def _naive_attention(q, k, v, window, scale):
+    # q: (batch, heads, seq, dim); k, v: (batch, kv_heads, seq, dim)
+    b, h, s, d = q.shape
+    groups = h // k.shape[1]
+    out = torch.zeros_like(q)
+    for bi in range(b):
+        for hi in range(h):
+            kv = hi // groups
+            for i in range(s):
+                lo = 0 if window is None else max(0, i - window + 1)
+                scores = torch.tensor([float(q[bi, hi, i] @ k[bi, kv, j]) * scale for j in range(lo, i + 1)])
+                p = torch.softmax(scores, 0)
+                out[bi, hi, i] = sum(p[j - lo] * v[bi, kv, j] for j in range(lo, i + 1))
+    return out
+
+
+@pytest.mark.parametrize("heads, kv_heads, window", [(4, 4, None), (4, 1, None), (8, 2, 3), (8, 8, 1)])
+def test_attention_is_causal_grouped_and_windowed(heads, kv_heads, window):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, heads, 7, 6, generator=g)
+    k = torch.randn(2, kv_heads, 7, 6, generator=g)
+    v = torch.randn(2, kv_heads, 7, 6, generator=g)
+    got = K.attention(q, k, v, window, 1 / math.sqrt(6))
+    assert torch.allclose(got, _naive_attention(q, k, v, window, 1 / math.sqrt(6)), atol=1e-5)
+
+
+def test_rotary_rotates_pairs_by_position_angle():
+    inv_freq = torch.tensor([1.0, 0.1])
+    cos, sin = K.rope_cos_sin(torch.arange(3), inv_freq, 1.0, torch.float32)
+    q = torch.tensor([1.0, 0.0, 0.0, 0.0]).expand(1, 1, 3, 4)
+    rq, _ = K.apply_rotary(q, q[:, :1], cos, sin)
+    # The first half pairs with the second half: (x0, x2) rotates by angle position * inv_freq[0].
+    for pos in range(3):
+        assert rq[0, 0, pos, 0].item() == pytest.approx(math.cos(pos))
+        assert rq[0, 0, pos, 2].item() == pytest.approx(math.sin(pos))
+
+
+def test_silu_mul():
+    g, u = torch.randn(10), torch.randn(10)
+    assert torch.allclose(K.silu_mul(g, u), g / (1 + torch.exp(-g)) * u, atol=1e-6)
+
+
+def test_registry_selects_and_rejects():
+    reg = KernelRegistry()
+    reg.register("silu_mul", "double", lambda g, u: 2 * g)
+    reg.select("silu_mul", "double")
+    assert reg.impl("silu_mul")(torch.ones(1), None).item() == 2.0
+    with pytest.raises(KeyError, match="no implementation 'triton'"):
+        reg.select("rms_norm", "triton")
+    with pytest.raises(KeyError, match="unknown op"):
+        reg.register("conv", "x", print)
+    assert K.default_registry.selected("silu_mul") == "torch"
