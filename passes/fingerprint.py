@@ -13,14 +13,14 @@ LoRA variants get an AdapterDelta per block their adapter touches, hashed the sa
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any, Iterable
 
 import torch
 import torch.fx
 
-from planc.ir import META_BLOCK, AdapterDelta, BlockFingerprint, BlockSpec, LoraDelta
+from planc.ir import AdapterDelta, BlockFingerprint, BlockSpec, LoraDelta
 from planc.models.checkpoint import Checkpoint
-from planc.models.config import ArchConfig
 from planc.models.lora import Adapter
 from planc.models.safetensors_index import TensorRef
 from planc.pass_manager import Pass, PassContext
@@ -145,8 +145,7 @@ def adapter_deltas(adapter: Adapter, specs: list[BlockSpec], policy: HFBlockPoli
     return out
 
 
-def _config_digest(arch: ArchConfig, raw: dict) -> "hashlib._Hash":
-    import json
+def _config_digest(raw: dict) -> "hashlib._Hash":
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode())
 
 
@@ -169,7 +168,7 @@ class FingerprintPass(Pass):
         for name, entry in program.models.items():
             ckpt = entry.checkpoint
             if id(ckpt) not in cache:  # adapter variants reuse the base's fingerprints
-                d = _config_digest(ckpt.arch, ckpt.raw_config)
+                d = _config_digest(ckpt.raw_config)
                 fps = fingerprint_model(ckpt, program.blocks[name], structures, d)
                 cache[id(ckpt)] = (fps, d.hexdigest())
             fingerprints[name], digests[name] = cache[id(ckpt)]

@@ -6,17 +6,16 @@
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from safetensors.torch import load_file
 from torch import nn
 
 from planc.bundle_write import FORMAT_VERSION, MANIFEST
 from planc.chain import ChainModel, build_block, lora_view
 from planc.errors import BundleError
+from planc.jsonfile import read_json_object
 from planc.models.config import ArchConfig
 from planc.store import verify_file
 
@@ -42,12 +41,7 @@ class Bundle:
         """Read the manifest and (by default) check every stored file's sha256."""
         root = Path(root)
         path = root / MANIFEST
-        if not path.is_file():
-            raise BundleError(f"{root}: not a planc bundle (no {MANIFEST})")
-        try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise BundleError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        manifest = read_json_object(path, BundleError, missing=f"{root}: not a planc bundle (no {MANIFEST})")
         version = manifest.get("format_version")
         if version != FORMAT_VERSION:
             raise BundleError(f"{path}: format_version {version!r}; this planc reads version {FORMAT_VERSION}")

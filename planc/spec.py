@@ -14,7 +14,7 @@ Relative paths resolve against the directory of the yaml file. Errors name the f
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator

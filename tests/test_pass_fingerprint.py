@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import hashlib
 
-import torch.fx
 
-from planc.example.checkpoints import hf_config, perturb, random_state, top_layers, write_adapter, write_checkpoint
+from planc.example.checkpoints import hf_config, perturb, random_state, write_adapter, write_checkpoint
 from planc.passes.fingerprint import structure_hash
 from planc.passes.partition import HFBlockPolicy, partition_graph
 from planc.passes.trace import trace_architecture

@@ -6,7 +6,6 @@ planc does not implement are refused with a message naming the file and field, n
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, Optional
 import torch
 
 from planc.errors import CheckpointError
+from planc.jsonfile import read_json_object
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -163,15 +163,7 @@ class GenerationIds:
 
 
 def read_config_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file (an HF checkpoint directory needs config.json)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path, missing=f"{path}: no such file (an HF checkpoint directory needs config.json)")
 
 
 def _positive_int(data: dict[str, Any], key: str, where: str, default: Optional[int] = None) -> int:
@@ -305,10 +297,7 @@ def generation_ids(checkpoint_dir: Path, config: dict[str, Any]) -> GenerationId
     merged = dict(config)
     gen = checkpoint_dir / "generation_config.json"
     if gen.is_file():
-        try:
-            merged.update({k: v for k, v in json.loads(gen.read_text()).items() if v is not None})
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{gen}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        merged.update({k: v for k, v in read_json_object(gen).items() if v is not None})
     where = gen if gen.is_file() else checkpoint_dir / "config.json"
 
     def token_id(key: str, value: Any) -> Optional[int]:

@@ -7,7 +7,6 @@ A LoRA delta on a Linear ``W`` is ``scaling * B @ A`` with A: (rank, in), B: (ou
 from __future__ import annotations
 
 import copy
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from planc.errors import CheckpointError
+from planc.jsonfile import read_json_object
 from planc.models.safetensors_index import TensorRef, read_header
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -55,14 +55,8 @@ class Adapter:
         if not directory.is_dir():
             raise CheckpointError(f"{directory} is not a directory")
         cfg_path = directory / "adapter_config.json"
-        if not cfg_path.is_file():
-            raise CheckpointError(f"{directory}: no adapter_config.json (is this a PEFT adapter directory?)")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{cfg_path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-        if not isinstance(cfg, dict):
-            raise CheckpointError(f"{cfg_path}: expected a JSON object")
+        cfg = read_json_object(cfg_path, missing=f"{directory}: no adapter_config.json "
+                                                 "(is this a PEFT adapter directory?)")
         _refuse_unsupported(cfg, cfg_path)
         weights = directory / "adapter_model.safetensors"
         if not weights.is_file():

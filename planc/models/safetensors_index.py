@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 
 from planc.errors import CheckpointError
+from planc.jsonfile import read_json_object
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -110,10 +111,9 @@ def read_checkpoint_tensors(directory: Path) -> tuple[dict[str, TensorRef], list
     index = directory / "model.safetensors.index.json"
     single = directory / "model.safetensors"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index}: not a valid safetensors index (needs a `weight_map`)") from None
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a `weight_map` object)")
         files = sorted({directory / f for f in weight_map.values()})
         tensors: dict[str, TensorRef] = {}
         for f in files:

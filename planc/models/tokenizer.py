@@ -1,11 +1,11 @@
 """Tokenizer files of a checkpoint, loaded with the `tokenizers` library (never transformers)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
 from planc.errors import CheckpointError
+from planc.jsonfile import read_json_object
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
@@ -34,12 +34,7 @@ def load_tokenizer(directory: Path):
 
 def tokenizer_config(directory: Path) -> dict[str, Any]:
     path = directory / "tokenizer_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    return read_json_object(path) if path.is_file() else {}
 
 
 def chat_template(directory: Path) -> Optional[str]:
