@@ -14,6 +14,7 @@ torch.Size([1, 3, 32])
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -29,6 +30,12 @@ silu_mul = torch.fx.wrap(kernels.silu_mul)
 apply_rotary = torch.fx.wrap(kernels.apply_rotary)
 attention = torch.fx.wrap(kernels.attention)
 rope_cos_sin = torch.fx.wrap(kernels.rope_cos_sin)
+
+
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    # Passing the weight skips nn.Embedding's random init, which on the meta device costs a 2 s
+    # torch._dynamo import; checkpoints overwrite the values anyway.
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
 
 
 class RMSNorm(nn.Module):
@@ -100,7 +107,7 @@ class EmbeddingBlock(nn.Module):
 
     def __init__(self, cfg: ArchConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = _embedding(cfg.vocab_size, cfg.hidden_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -122,7 +129,7 @@ class HeadBlock(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, cfg: ArchConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = _embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -146,7 +153,7 @@ class CausalLM(nn.Module):
 
 
 def build_model(cfg: ArchConfig, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None) -> CausalLM:
-    """A CausalLM with uninitialised weights; ``device="meta"`` allocates nothing."""
+    """A CausalLM with placeholder weights (load a checkpoint into it); ``device="meta"`` allocates nothing."""
     with torch.device(device):
         model = CausalLM(cfg)
     return model.to(dtype=dtype or cfg.torch_dtype) if str(device) != "meta" else model
@@ -154,8 +161,13 @@ def build_model(cfg: ArchConfig, device: str | torch.device = "cpu", dtype: Opti
 
 def expected_tensors(cfg: ArchConfig) -> dict[str, tuple[torch.Size, bool]]:
     """Checkpoint tensor names -> (shape, required). lm_head.weight is optional when tied."""
+    return dict(_expected_tensors(cfg))
+
+
+@functools.lru_cache(maxsize=16)
+def _expected_tensors(cfg: ArchConfig) -> tuple[tuple[str, tuple[torch.Size, bool]], ...]:
     model = build_model(cfg, device="meta")
     out = {name: (p.shape, True) for name, p in model.named_parameters(remove_duplicate=False)}
     if cfg.tie_word_embeddings:
         out["lm_head.weight"] = (out["lm_head.weight"][0], False)
-    return out
+    return tuple(out.items())

@@ -46,10 +46,11 @@ class TensorRef:
         return DTYPES[self.dtype]
 
     def read(self) -> torch.Tensor:
+        data = bytearray(self.nbytes)
         with open(self.file, "rb") as f:
             f.seek(self.start)
-            data = bytearray(f.read(self.nbytes))
-        if len(data) != self.nbytes:
+            got = f.readinto(data)  # one copy: straight into the tensor's buffer
+        if got != self.nbytes:
             raise CheckpointError(f"{self.file}: truncated while reading a tensor")
         if not data:
             return torch.empty(self.shape, dtype=self.torch_dtype)
