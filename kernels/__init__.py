@@ -14,7 +14,7 @@ from planc.kernels.dispatch import KernelRegistry, default_registry
 from planc.kernels.reference import rope_cos_sin
 
 __all__ = ["KernelRegistry", "default_registry", "rms_norm", "silu_mul", "apply_rotary", "attention",
-           "rope_cos_sin"]
+           "paged_attention", "rope_cos_sin"]
 
 
 def rms_norm(x, weight, eps: float):
@@ -35,3 +35,8 @@ def apply_rotary(q, k, cos, sin):
 def attention(q, k, v, window, scale: float):
     """Causal (optionally sliding-window) grouped-query attention over a full sequence."""
     return default_registry.impl("attention")(q, k, v, window, scale)
+
+
+def paged_attention(q, k, v, q_positions, window, scale: float):
+    """One sequence's new queries (tokens, heads, head_dim) over its cached keys/values."""
+    return default_registry.impl("paged_attention")(q, k, v, q_positions, window, scale)

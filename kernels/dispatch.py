@@ -20,6 +20,7 @@ class KernelRegistry:
             "silu_mul": {"torch": reference.silu_mul},
             "apply_rotary": {"torch": reference.apply_rotary},
             "attention": {"torch": reference.attention},
+            "paged_attention": {"torch": reference.paged_attention},
         }
         self._selected: dict[str, str] = {op: "torch" for op in self._impls}
 

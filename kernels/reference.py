@@ -54,3 +54,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Optiona
     j = torch.arange(seq, device=q.device)[None, :]
     mask = (j <= i) & (i - j < window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor,
+                    window: Optional[int], scale: float) -> torch.Tensor:
+    """Attention of one sequence's new queries over its cached keys/values.
+
+    q: (new_tokens, heads, head_dim) at absolute positions `q_positions` (new_tokens,);
+    k, v: (context, kv_heads, head_dim) for positions 0..context-1 (the new tokens included).
+    Returns (new_tokens, heads, head_dim).
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    j = torch.arange(k.shape[0], device=q.device)[None, :]
+    i = q_positions[:, None]
+    mask = j <= i
+    if window is not None:
+        mask = mask & (i - j < window)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                         attn_mask=mask, scale=scale)
+    return out[0].transpose(0, 1)

@@ -1,0 +1,1 @@
+"""The block-chain serving runtime: paged KV cache, per-block batching engine, HTTP server."""

@@ -1,0 +1,294 @@
+"""The engine: iteration-level (continuous) batching with per-block batching across variants.
+
+Each step every running sequence advances by one forward pass: a prefill of its uncomputed
+tokens, or one decode token. The step walks the chain positions in order; at each position the
+sequences whose block there is the same block instance run as one batch (capped per block), so
+variants that share a block share its matmuls. KV lives in a paged cache; when it is full the most
+recently admitted sequence is preempted (its KV freed, recomputed later) and nothing is dropped.
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from safetensors.torch import load_file
+
+from planc.bundle import Bundle
+from planc.runtime import executor as ex
+from planc.runtime.kv_cache import KVCache
+from planc.runtime.sampling import Sampler, SamplingParams
+
+
+@dataclass
+class EngineConfig:
+    kv_cache_bytes: int = 64 * 2**20
+    page_size: int = 16
+    max_running: int = 64
+    """Sequences decoding at once."""
+    max_batch_tokens: int = 2048
+    """Tokens per step (prefill tokens + one per decode); a longer single prompt still runs alone."""
+    block_batch_cap: int = 256
+    """Most sequences one block runs in one batched call; larger groups are split."""
+    max_queue: int = 256
+    """Waiting requests before new ones are refused (HTTP 429)."""
+    max_model_len: int = 2048
+
+
+@dataclass
+class Event:
+    """What a request's sink receives: a new token, and/or the end of the sequence."""
+
+    token_id: Optional[int]
+    finished: bool = False
+    finish_reason: Optional[str] = None
+    """`stop` (eos), `length` (max_tokens or context), `abort`."""
+    error: Optional[str] = None
+
+
+@dataclass
+class Sequence:
+    id: int
+    variant: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Callable[[Event], None]
+    sampler: Sampler
+    eos_ids: frozenset[int]
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    """Tokens whose K/V are in the cache."""
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: Optional[float] = None
+    admitted_at: float = 0.0
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def pending_ids(self) -> list[int]:
+        return self.all_ids[self.num_computed:]
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its limit; the caller should retry later."""
+
+
+class Engine:
+    def __init__(self, bundle: Bundle, config: Optional[EngineConfig] = None, stats: Optional["StepStats"] = None):
+        self.bundle, self.config = bundle, config or EngineConfig()
+        self.stats = stats or StepStats()
+        arch = bundle.arch
+        self.num_layers = arch.num_layers
+        self.modules: dict[str, torch.nn.Module] = {}
+        self.adapters: dict[str, ex.AdapterTensors] = {}
+        self.chains: dict[str, list[tuple[str, Optional[str]]]] = {}
+        for name in bundle.variants:
+            self._load_chain(name)
+        dtype = next(next(iter(self.modules.values())).parameters()).dtype
+        self.cache = KVCache.for_budget(self.config.kv_cache_bytes, self.config.page_size, arch.num_kv_heads,
+                                        arch.head_dim, dtype)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._inbox: "queue.Queue[Sequence]" = queue.Queue()
+        self._aborts: "queue.Queue[int]" = queue.Queue()
+        self._ids = itertools.count()
+        self._wake = threading.Event()
+
+    # ------------------------------------------------------------------ loading
+    def _load_chain(self, name: str) -> None:
+        chain = []
+        by_name: dict[str, torch.nn.Module] = {}
+        for link in self.bundle.variant(name)["chain"]:
+            module = self.bundle.block_module(link["block"], by_name)
+            by_name[self.bundle.blocks[link["block"]]["name"]] = module
+            self.modules[link["block"]] = module
+            if link["adapter"] and link["adapter"] not in self.adapters:
+                entry = self.bundle.adapters[link["adapter"]]
+                tensors = load_file(str(self.bundle.root / entry["file"]))
+                self.adapters[link["adapter"]] = {
+                    m["module"]: (tensors[f"{m['module']}.lora_A"], tensors[f"{m['module']}.lora_B"], float(m["scaling"]))
+                    for m in entry["modules"]}
+            chain.append((link["block"], link["adapter"]))
+        self.chains[name] = chain
+
+    # ------------------------------------------------------------------ requests (any thread)
+    def max_tokens_capacity(self) -> int:
+        """Longest sequence the KV cache can hold on its own."""
+        return (self.cache.num_pages // self.num_layers) * self.cache.page_size
+
+    def submit(self, variant: str, prompt_ids: list[int], params: SamplingParams,
+               sink: Callable[[Event], None]) -> int:
+        """Queue a request; raises QueueFull when the waiting queue is at its limit."""
+        if self._inbox.qsize() + len(self.waiting) >= self.config.max_queue:
+            raise QueueFull()
+        eos = frozenset() if params.ignore_eos else frozenset(self.bundle.eos_token_ids(variant))
+        seq = Sequence(next(self._ids), variant, list(prompt_ids), params, sink, Sampler(params), eos)
+        self._inbox.put(seq)
+        self._wake.set()
+        return seq.id
+
+    def abort(self, seq_id: int) -> None:
+        """Stop a sequence and free its KV at the next step (e.g. the client went away)."""
+        self._aborts.put(seq_id)
+        self._wake.set()
+
+    @property
+    def num_waiting(self) -> int:
+        return self._inbox.qsize() + len(self.waiting)
+
+    # ------------------------------------------------------------------ the loop (engine thread)
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            if not self.step():
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or not self._inbox.empty())
+
+    def step(self) -> bool:
+        """One iteration; returns False when there was nothing to do."""
+        self._drain()
+        self._admit()
+        if not self.running:
+            return False
+        work = self._reserve()
+        if work:
+            logits = self._forward(work)
+            self._sample(work, logits)
+        self.stats.kv_usage = self.cache.usage()
+        return True
+
+    def _drain(self) -> None:
+        while not self._inbox.empty():
+            self.waiting.append(self._inbox.get_nowait())
+        aborted = set()
+        while not self._aborts.empty():
+            aborted.add(self._aborts.get_nowait())
+        if aborted:
+            for seq in [s for s in list(self.running) + list(self.waiting) if s.id in aborted]:
+                self._finish(seq, "abort")
+
+    def _admit(self) -> None:
+        budget = self.config.max_batch_tokens - len(self.running)
+        while self.waiting and len(self.running) < self.config.max_running:
+            seq = self.waiting[0]
+            need = len(seq.pending_ids())
+            if need > budget and self.running:
+                break
+            if not self.cache.reserve(seq.id, self.num_layers, len(seq.all_ids)):
+                break
+            self.waiting.popleft()
+            seq.admitted_at = time.monotonic()
+            self.running.append(seq)
+            budget -= need
+
+    def _reserve(self) -> list[Sequence]:
+        """Make room for every running sequence's next tokens, preempting the newest when full."""
+        work = []
+        for seq in sorted(self.running, key=lambda s: s.admitted_at):
+            if seq not in self.running:
+                continue  # preempted below, while making room for an older sequence
+            while not self.cache.reserve(seq.id, self.num_layers, len(seq.all_ids)):
+                victim = max((s for s in self.running if s is not seq), key=lambda s: s.admitted_at, default=None)
+                if victim is None:
+                    self._finish(seq, "length", error="the KV cache cannot hold this sequence")
+                    break
+                self._preempt(victim)
+            else:
+                work.append(seq)
+        return [s for s in work if s in self.running]
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.cache.free(seq.id)
+        seq.num_computed = 0
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.stats.preemptions += 1
+
+    def _forward(self, work: list[Sequence]) -> dict[int, torch.Tensor]:
+        """Run every sequence's pending tokens through its chain; logits of each one's last token."""
+        pending = {s.id: s.pending_ids() for s in work}
+        hidden: dict[int, torch.Tensor] = {s.id: torch.tensor(pending[s.id]) for s in work}
+        logits: dict[int, torch.Tensor] = {}
+        chain_len = len(self.chains[work[0].variant])
+        for position in range(chain_len):
+            groups: dict[str, list[Sequence]] = {}
+            for s in work:
+                groups.setdefault(self.chains[s.variant][position][0], []).append(s)
+            for key, members in groups.items():
+                cap = self.config.block_batch_cap
+                for i in range(0, len(members), cap):
+                    self._run_group(position, key, members[i:i + cap], hidden, pending, logits)
+        return logits
+
+    def _run_group(self, position: int, key: str, members: list[Sequence], hidden: dict[int, torch.Tensor],
+                   pending: dict[int, list[int]], logits: dict[int, torch.Tensor]) -> None:
+        segments, start = [], 0
+        for s in members:
+            n = len(pending[s.id])
+            segments.append(ex.Segment(s.id, start, n, s.num_computed, self.chains[s.variant][position][1]))
+            start += n
+        batch = ex.RaggedBatch(segments)
+        x = torch.cat([hidden[s.id] for s in members])
+        kind = self.bundle.blocks[key]["kind"]
+        module = self.modules[key]
+        with torch.no_grad():
+            if kind == "embedding":
+                y = ex.run_embedding(module, x)
+            elif kind == "layer":
+                y = ex.run_layer(module, position - 1, x, batch, self.cache, self.adapters)
+            else:
+                out = ex.run_head(module, x, batch)
+                for s, row in zip(members, out):
+                    logits[s.id] = row
+                self.stats.record(key, members)
+                return
+        for seg, s in zip(segments, members):
+            hidden[s.id] = y[seg.start:seg.start + seg.length]
+        self.stats.record(key, members)
+
+    def _sample(self, work: list[Sequence], logits: dict[int, torch.Tensor]) -> None:
+        now = time.monotonic()
+        for seq in work:
+            seq.num_computed = len(seq.all_ids)
+            token = seq.sampler(logits[seq.id])
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            if token in seq.eos_ids:
+                self._finish(seq, "stop")
+                continue
+            seq.output_ids.append(token)
+            seq.sink(Event(token))
+            if len(seq.output_ids) >= seq.params.max_tokens:
+                self._finish(seq, "length")
+            elif len(seq.all_ids) >= self.config.max_model_len:
+                self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, error: Optional[str] = None) -> None:
+        self.cache.free(seq.id)
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.sink(Event(None, finished=True, finish_reason=reason, error=error))
+
+
+@dataclass
+class StepStats:
+    """Counters the server exports as metrics; `on_batch` sees every batched block call."""
+
+    preemptions: int = 0
+    kv_usage: float = 0.0
+    on_batch: Optional[Callable[[str, int, int], None]] = None
+    """(block name, batch size, number of distinct variants in the batch)."""
+
+    def record(self, key: str, members: list[Sequence]) -> None:
+        if self.on_batch is not None:
+            self.on_batch(key, len(members), len({s.variant for s in members}))

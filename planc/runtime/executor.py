@@ -1,0 +1,107 @@
+"""Run one block on a ragged batch of sequences from many variants (per-block batching).
+
+A batch is the tokens of several sequences laid end to end: hidden (tokens, hidden). Each
+sequence contributes a segment (its new tokens: the whole prompt at prefill, one token at decode)
+with absolute positions. Matmuls run once over all tokens of the group; attention runs per
+sequence over its paged KV; LoRA deltas are added per adapter on the rows of the sequences that
+use it (SGMV-style grouping: one pair of small matmuls per adapter, not per sequence).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from planc import kernels
+from planc.models.llama import DecoderLayer, EmbeddingBlock, HeadBlock
+from planc.runtime.kv_cache import KVCache
+
+
+@dataclass
+class Segment:
+    """One sequence's slice of a ragged batch."""
+
+    seq: int
+    start: int
+    """Offset of its first token in the batch."""
+    length: int
+    """Number of new tokens."""
+    position: int
+    """Absolute position of its first new token (= tokens already in the KV cache)."""
+    adapter: Optional[str] = None
+
+
+@dataclass
+class RaggedBatch:
+    segments: list[Segment]
+    positions: torch.Tensor = field(init=False)
+    """(tokens,) absolute position of every token."""
+
+    def __post_init__(self) -> None:
+        self.positions = torch.cat([torch.arange(s.position, s.position + s.length) for s in self.segments])
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.length for s in self.segments)
+
+    def last_rows(self) -> torch.Tensor:
+        return torch.tensor([s.start + s.length - 1 for s in self.segments])
+
+
+AdapterTensors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+"""module path inside the block (self_attn.q_proj) -> (A (rank, in), B (out, rank), scaling)."""
+
+
+def linear(module: nn.Linear, x: torch.Tensor, path: str, batch: RaggedBatch,
+           adapters: dict[str, AdapterTensors]) -> torch.Tensor:
+    """module(x) for every row, plus each adapter's delta on the rows of its sequences."""
+    y = module(x)
+    rows_by_adapter: dict[str, list[torch.Tensor]] = {}
+    for seg in batch.segments:
+        if seg.adapter is not None and path in adapters.get(seg.adapter, {}):
+            rows_by_adapter.setdefault(seg.adapter, []).append(torch.arange(seg.start, seg.start + seg.length))
+    for adapter, rows in rows_by_adapter.items():
+        a, b, scaling = adapters[adapter][path]
+        idx = torch.cat(rows)
+        y.index_add_(0, idx, (x[idx] @ a.t() @ b.t()) * scaling)
+    return y
+
+
+def run_embedding(block: EmbeddingBlock, token_ids: torch.Tensor) -> torch.Tensor:
+    return block.embed_tokens(token_ids)
+
+
+def run_head(block: HeadBlock, hidden: torch.Tensor, batch: RaggedBatch) -> torch.Tensor:
+    """Logits (sequences, vocab) of each sequence's last token."""
+    last = hidden[batch.last_rows()]
+    return block.lm_head(block.norm(last))
+
+
+def run_layer(layer: DecoderLayer, layer_idx: int, x: torch.Tensor, batch: RaggedBatch, cache: KVCache,
+              adapters: dict[str, AdapterTensors]) -> torch.Tensor:
+    """x: (tokens, hidden) -> (tokens, hidden), writing this layer's K/V for every segment."""
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    tokens = x.shape[0]
+    q = linear(attn.q_proj, h, "self_attn.q_proj", batch, adapters).view(tokens, attn.num_heads, attn.head_dim)
+    k = linear(attn.k_proj, h, "self_attn.k_proj", batch, adapters).view(tokens, attn.num_kv_heads, attn.head_dim)
+    v = linear(attn.v_proj, h, "self_attn.v_proj", batch, adapters).view(tokens, attn.num_kv_heads, attn.head_dim)
+    cos, sin = kernels.rope_cos_sin(batch.positions, attn.inv_freq, attn.rope_scaling, x.dtype)
+    # apply_rotary takes (batch, heads, seq, head_dim); the ragged tokens are the seq axis of one batch.
+    q, k = kernels.apply_rotary(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    q, k = q[0].transpose(0, 1), k[0].transpose(0, 1)
+    out = torch.empty_like(q)
+    for seg in batch.segments:
+        rows = slice(seg.start, seg.start + seg.length)
+        cache.write(seg.seq, layer_idx, seg.position, k[rows], v[rows])
+        keys, values = cache.read(seg.seq, layer_idx, seg.position + seg.length)
+        out[rows] = kernels.paged_attention(q[rows], keys, values, batch.positions[rows], attn.window, attn.scale)
+    o = linear(attn.o_proj, out.reshape(tokens, attn.num_heads * attn.head_dim), "self_attn.o_proj", batch, adapters)
+    x = x + o
+    h = layer.post_attention_layernorm(x)
+    mlp = layer.mlp
+    gate = linear(mlp.gate_proj, h, "mlp.gate_proj", batch, adapters)
+    up = linear(mlp.up_proj, h, "mlp.up_proj", batch, adapters)
+    return x + linear(mlp.down_proj, kernels.silu_mul(gate, up), "mlp.down_proj", batch, adapters)
