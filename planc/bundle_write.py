@@ -116,6 +116,8 @@ def build_manifest(program: Program, backend: str, blocks: dict, adapters: dict,
         "tokenizers": tokenizers,
         "variants": variants,
         "annotations": _annotations(program),
+        "serving": program.spec.serving.model_dump(),
+        "tenants": [t.model_dump() for t in program.spec.tenants],
         "totals": {
             "logical_bytes": logical,
             "unique_param_bytes": unique_param_bytes,

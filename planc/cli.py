@@ -75,6 +75,51 @@ def run(
     out.print(prompt + result.text, markup=False)
 
 
+@app.command()
+def serve(
+    bundle: Path = typer.Argument(..., help="Bundle directory"),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, min=0, max=65535, help="Port (0 picks a free one)."),
+    kv_cache_mb: Optional[float] = typer.Option(None, min=0.01, help="KV cache memory (default: the bundle's)."),
+    max_running: Optional[int] = typer.Option(None, min=1, help="Sequences decoding at once."),
+    max_queue: Optional[int] = typer.Option(None, min=1, help="Waiting requests before HTTP 429."),
+    max_model_len: Optional[int] = typer.Option(None, min=1, help="Longest prompt + completion."),
+    threads: int = typer.Option(1, min=1, help="Engine intra-op threads."),
+    shutdown_timeout: float = typer.Option(30.0, min=0, help="Seconds in-flight requests get after SIGTERM."),
+) -> None:
+    """Serve every variant of BUNDLE over an OpenAI-compatible HTTP API."""
+    import socket
+
+    import uvicorn
+
+    from planc.bundle import Bundle
+    from planc.runtime.server import ServeOptions, build_app, build_state
+
+    state = build_state(Bundle.open(bundle), ServeOptions(kv_cache_mb, max_running, max_queue, max_model_len, threads))
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        raise PlancError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    bound = sock.getsockname()[1]
+    cfg = state.engine.config
+    variants = ", ".join(f"{n} ({v['kind']})" for n, v in state.bundle.variants.items())
+    out.print(f"planc serving {len(state.bundle.variants)} variants: {variants}", markup=False)
+    out.print(f"  {len(state.engine.modules)} unique blocks loaded; KV cache {state.engine.cache.num_pages} pages x "
+              f"{cfg.page_size} tokens ({cfg.kv_cache_bytes / 2**20:.0f} MiB); max_model_len {cfg.max_model_len}",
+              markup=False)
+    if state.keys is None:
+        out.print("  tenants: none configured; the server is open to every client (no API keys)", markup=False)
+    else:
+        out.print(f"  tenants: {len(state.keys)} API keys", markup=False)
+    out.print(f"  listening on http://{host}:{bound}  (OpenAI API at /v1, /health, /metrics)", markup=False)
+    sys.stdout.flush()
+    server = uvicorn.Server(uvicorn.Config(build_app(state), log_level="warning",
+                                           timeout_graceful_shutdown=shutdown_timeout, access_log=False))
+    server.run(sockets=[sock])
+
+
 @example_app.command("tiny")
 def example_tiny(out_dir: Path = typer.Argument(Path("examples/tiny"), help="Directory to write into.")) -> None:
     """A few-MB Llama-style base, a partial and a full fine-tune, and a LoRA adapter, trained here."""

@@ -57,6 +57,35 @@ class VariantRef(_Strict):
         return self.path if self.path is not None else self.adapter  # type: ignore[return-value]
 
 
+class ServingSettings(_Strict):
+    """Runtime limits recorded in the bundle; `planc serve` flags override them."""
+
+    kv_cache_mb: float = Field(64.0, gt=0)
+    """Memory for the paged KV cache, shared by all layer-block instances."""
+    page_size: int = Field(16, ge=1, le=1024)
+    """Tokens per KV page."""
+    max_running: int = Field(64, ge=1)
+    """Sequences decoding at once."""
+    max_batch_tokens: int = Field(2048, ge=1)
+    """Tokens per engine step (prefill tokens + one per decoding sequence)."""
+    block_batch_cap: int = Field(256, ge=1)
+    """Most sequences one block runs in one batched call."""
+    max_queue: int = Field(256, ge=1)
+    """Waiting requests before new ones get HTTP 429."""
+    max_model_len: Optional[int] = Field(None, ge=1)
+    """Longest prompt + completion; default: the model's max_position_embeddings, capped at 4096."""
+
+
+class Tenant(_Strict):
+    """A client identity: an API key (read from an environment variable) and the variants it may call."""
+
+    name: str = Field(pattern=_NAME_PATTERN)
+    api_key_env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """Name of the environment variable that holds the key at `planc serve` time (never the key itself)."""
+    variants: list[str] = Field(default_factory=lambda: ["*"])
+    """Variant names this tenant may use; `*` means all."""
+
+
 class Spec(_Strict):
     """A validated model.yaml. Build it with :func:`load_spec`."""
 
@@ -64,6 +93,9 @@ class Spec(_Strict):
     variants: list[VariantRef] = Field(default_factory=list)
     backend: str = "local"
     """Which backend `planc compile` emits for (`local`; more come with their issues)."""
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+    tenants: list[Tenant] = Field(default_factory=list)
+    """Optional API keys; with none, the server is open to every client."""
     passes: list[str] = Field(default_factory=list)
     """Extra passes appended to the default pipeline: `package.module:Class` or `file.py:Class`."""
     source: Path = Field(default=Path("model.yaml"), exclude=True)
@@ -83,6 +115,17 @@ class Spec(_Strict):
     def _base_name_unique(self) -> "Spec":
         if any(v.name == self.base.name for v in self.variants):
             raise ValueError(f"variant name {self.base.name!r} is already the base's name")
+        return self
+
+    @model_validator(mode="after")
+    def _tenants_name_known_variants(self) -> "Spec":
+        names = set(self.model_names())
+        for i, t in enumerate(self.tenants):
+            unknown = [v for v in t.variants if v != "*" and v not in names]
+            if unknown:
+                raise ValueError(f"tenants[{i}] ({t.name}) names unknown variants {unknown}")
+        if len({t.name for t in self.tenants}) != len(self.tenants):
+            raise ValueError("tenant names must be unique")
         return self
 
     @property
