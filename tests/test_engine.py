@@ -1,0 +1,125 @@
+"""The engine's greedy tokens equal transformers' `generate` for every variant, while requests of all
+variants are batched together per block, and through preemption when the KV cache is small."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import planc
+from planc.example.checkpoints import hf_config, perturb, random_state, top_layers, write_adapter, write_checkpoint
+from planc.runtime.engine import Engine, EngineConfig, StepStats
+from planc.runtime.sampling import SamplingParams
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+FAMILIES = {
+    "llama": hf_config("llama", num_attention_heads=8, num_key_value_heads=2, rope_theta=50000.0),
+    "qwen2": hf_config("qwen2"),
+    "mistral": hf_config("mistral", sliding_window=6, head_dim=24),
+}
+PROMPTS = [[1, 17, 33, 9], [1, 200, 5], [1, 8, 8, 8, 8, 8, 8, 8, 40], [1, 99], [1, 3, 4, 5, 6, 7]]
+NEW_TOKENS = 12
+
+
+def _hf_generate(model_dir: Path, prompt: list[int], adapter: Path | None = None) -> list[int]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        model = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    # eos/pad come from the checkpoint's generation_config.json, as planc reads them.
+    out = model.eval().generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)
+    tokens = out[0, len(prompt):].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos) if isinstance(eos, list) else {eos}
+    return tokens[:-1] if tokens and tokens[-1] in eos else tokens
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_bundle(request, tmp_path_factory, tokenizer_dir):
+    cfg = FAMILIES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    base = random_state(cfg, seed=11)
+    write_checkpoint(root / "base", cfg, base, tokenizer_from=tokenizer_dir)
+    write_checkpoint(root / "ft", cfg, perturb(base, top_layers(3, 1), seed=12, scale=0.3))
+    write_adapter(root / "lora", cfg, targets=("q_proj", "v_proj", "down_proj"), rank=4, alpha=16, seed=13)
+    (root / "model.yaml").write_text("base: {path: ./base}\nvariants:\n  - {name: ft, path: ./ft}\n"
+                                     "  - {name: lora, adapter: ./lora}\n")
+    bundle = planc.emit(planc.compile(planc.load(root / "model.yaml")), out=root / "bundle")
+    sources = {"base": (root / "base", None), "ft": (root / "ft", None), "lora": (root / "base", root / "lora")}
+    return planc.Bundle.open(bundle), sources
+
+
+def _run_all(engine: Engine, requests: list[tuple[str, list[int]]], params: SamplingParams) -> list[list[int]]:
+    outputs: list[list[int]] = [[] for _ in requests]
+    finished = []
+    for i, (variant, prompt) in enumerate(requests):
+        def sink(event, i=i):
+            if event.token_id is not None:
+                outputs[i].append(event.token_id)
+            if event.finished:
+                finished.append((i, event.finish_reason))
+        engine.submit(variant, prompt, params, sink)
+    steps = 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+        assert steps < 10_000
+    assert sorted(i for i, _ in finished) == list(range(len(requests)))
+    return outputs
+
+
+def test_greedy_matches_transformers_with_mixed_batches(family_bundle):
+    bundle, sources = family_bundle
+    batches = []
+    engine = Engine(bundle, EngineConfig(), StepStats(on_batch=lambda key, size, nv: batches.append((key, size, nv))))
+    requests = [(v, p) for p in PROMPTS for v in ("base", "ft", "lora")]
+    got = _run_all(engine, requests, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
+    for (variant, prompt), tokens in zip(requests, got):
+        directory, adapter = sources[variant]
+        assert tokens == _hf_generate(directory, prompt, adapter), (variant, prompt)
+    # The embedding and the lower layers are shared by all three variants: their batches mix variants.
+    shared = bundle.variant("base")["chain"][0]["block"]
+    assert max(nv for key, size, nv in batches if key == shared) == 3
+    top = bundle.variant("ft")["chain"][-1]["block"]
+    assert max(nv for key, size, nv in batches if key == top) == 1
+
+
+def test_preemption_keeps_outputs_exact(family_bundle):
+    bundle, _ = family_bundle
+    requests = [(v, p) for p in PROMPTS for v in ("base", "ft", "lora")]
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
+    roomy = _run_all(Engine(bundle, EngineConfig()), requests, params)
+    arch = bundle.arch
+    page_bytes = 2 * 4 * arch.num_kv_heads * arch.head_dim * 4
+    tight = Engine(bundle, EngineConfig(kv_cache_bytes=page_bytes * arch.num_layers * 12, page_size=4))
+    assert _run_all(tight, requests, params) == roomy
+    assert tight.stats.preemptions > 0
+    assert tight.cache.num_free == tight.cache.num_pages  # every page came back
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(family_bundle):
+    bundle, _ = family_bundle
+    params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, top_k=50, seed=1234)
+    alone = _run_all(Engine(bundle), [("lora", PROMPTS[0])], params)[0]
+    crowd = _run_all(Engine(bundle), [("base", PROMPTS[1]), ("lora", PROMPTS[0]), ("ft", PROMPTS[2])], params)[1]
+    assert alone == crowd
+    other = _run_all(Engine(bundle), [("lora", PROMPTS[0])],
+                     SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, top_k=50, seed=99))[0]
+    assert other != alone
+
+
+def test_abort_frees_kv(family_bundle):
+    bundle, _ = family_bundle
+    engine = Engine(bundle)
+    events = []
+    seq = engine.submit("base", PROMPTS[0], SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True),
+                        events.append)
+    engine.step()
+    engine.step()
+    assert engine.cache.num_free < engine.cache.num_pages
+    engine.abort(seq)
+    engine.step()
+    assert engine.cache.num_free == engine.cache.num_pages and not engine.running
+    assert events[-1].finished and events[-1].finish_reason == "abort"
