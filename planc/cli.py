@@ -90,10 +90,8 @@ def serve(
     """Serve every variant of BUNDLE over an OpenAI-compatible HTTP API."""
     import socket
 
-    import uvicorn
-
     from planc.bundle import Bundle
-    from planc.runtime.server import ServeOptions, build_app, build_state
+    from planc.runtime.server import ServeOptions, build_state, serve_forever
 
     state = build_state(Bundle.open(bundle), ServeOptions(kv_cache_mb, max_running, max_queue, max_model_len, threads))
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -115,9 +113,8 @@ def serve(
         out.print(f"  tenants: {len(state.keys)} API keys", markup=False)
     out.print(f"  listening on http://{host}:{bound}  (OpenAI API at /v1, /health, /metrics)", markup=False)
     sys.stdout.flush()
-    server = uvicorn.Server(uvicorn.Config(build_app(state), log_level="warning",
-                                           timeout_graceful_shutdown=shutdown_timeout, access_log=False))
-    server.run(sockets=[sock])
+    serve_forever(state, sock, shutdown_timeout)
+    out.print("planc: stopped", markup=False)
 
 
 @example_app.command("tiny")

@@ -156,6 +156,7 @@ class Engine:
         """One iteration; returns False when there was nothing to do."""
         self._drain()
         self._admit()
+        self.stats.kv_usage = self.cache.usage()
         if not self.running:
             return False
         work = self._reserve()

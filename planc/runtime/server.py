@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import socket
+import sys
 import threading
 import time
 import uuid
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
 import torch
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
@@ -112,7 +116,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        state.metrics.kv_usage.set(state.engine.stats.kv_usage)
+        state.metrics.kv_usage.set(state.engine.cache.usage())
         state.metrics.preemptions.set(state.engine.stats.preemptions)
         state.metrics.waiting.set(state.engine.num_waiting)
         state.metrics.running.set(len(state.engine.running))
@@ -258,3 +262,25 @@ class _Run:
 
 def _sse(body: dict) -> str:
     return f"data: {json.dumps(body)}\n\n"
+
+
+class GracefulServer(uvicorn.Server):
+    """SIGTERM: stop accepting, let in-flight requests finish (up to the timeout), exit 0.
+
+    uvicorn re-raises the signal after its graceful shutdown, which would end the process with
+    status -15; a server that drained cleanly on SIGTERM has done what was asked of it.
+    """
+
+    def handle_exit(self, sig, frame) -> None:
+        if sig == signal.SIGTERM and not self.should_exit:
+            sys.stdout.write("planc: SIGTERM, finishing in-flight requests\n")
+            sys.stdout.flush()
+        super().handle_exit(sig, frame)
+        if sig == signal.SIGTERM and sig in self._captured_signals:
+            self._captured_signals.remove(sig)
+
+
+def serve_forever(state: ServerState, sock: socket.socket, shutdown_timeout: float) -> None:
+    config = uvicorn.Config(build_app(state), log_level="warning", timeout_graceful_shutdown=shutdown_timeout,
+                            access_log=False)
+    GracefulServer(config).run(sockets=[sock])
