@@ -6,17 +6,27 @@ the base's blocks with its adapter delta attached to the blocks the adapter touc
 """
 from __future__ import annotations
 
+import hashlib
+
 from planc.ir import AdapterDelta, Chain, ChainLink, ZooBlock
 from planc.pass_manager import Pass, PassContext
 from planc.program import Program
 
 
 class DedupePass(Pass):
+    """With ``share_across_models=False`` every model keeps its own copy of every block (the
+    one-model-per-fine-tune baseline that benchmarks compare against); equal blocks are still
+    stored once *within* a model's own chain only if they are the same block."""
+
     name = "dedupe"
     requires = ("fingerprints", "adapter_deltas")
     provides = ("zoo", "adapter_zoo", "chains")
 
+    def __init__(self, share_across_models: bool = True):
+        self.share_across_models = share_across_models
+
     def run(self, program: Program, ctx: PassContext) -> bool:
+        share = ctx.options_for(self.name).get("share_across_models", self.share_across_models)
         zoo: dict[str, ZooBlock] = {}
         adapter_zoo: dict[str, AdapterDelta] = {}
         chains: dict[str, Chain] = {}
@@ -26,15 +36,16 @@ class DedupePass(Pass):
             links = []
             deltas = program.adapter_deltas.get(name, {})
             for spec, fp in zip(specs, program.fingerprints[name]):
-                block = zoo.get(fp.key)
+                key = fp.key if share else hashlib.sha256(f"{name}:{fp.key}".encode()).hexdigest()
+                block = zoo.get(key)
                 if block is None:
-                    block = zoo[fp.key] = ZooBlock(fp.key, spec.name, spec.kind, spec.index, fp.structure_hash,
-                                                   fp.weight_hash, fp.nbytes, fp.num_params, source=name)
+                    block = zoo[key] = ZooBlock(key, spec.name, spec.kind, spec.index, fp.structure_hash,
+                                                fp.weight_hash, fp.nbytes, fp.num_params, source=name)
                 block.users.append(name)
                 delta = deltas.get(spec.name)
                 if delta is not None:
                     adapter_zoo.setdefault(delta.key, delta)
-                links.append(ChainLink(fp.key, delta.key if delta else None))
+                links.append(ChainLink(key, delta.key if delta else None))
             chains[name] = Chain(name, _kind(entry.kind, name == base_name, links, chains.get(base_name)), links)
         program.zoo, program.adapter_zoo, program.chains = zoo, adapter_zoo, chains
         return True

@@ -34,3 +34,17 @@ def test_zoo_and_chains(tmp_path, tokenizer_dir):
     assert emb.users == ["base", "top", "copy", "top2", "lora"] and emb.source == "base"
     head_top = program.zoo[chains["top"].block_keys[-1]]
     assert head_top.users == ["top", "top2"] and head_top.source == "top"
+
+
+def test_no_sharing_baseline_keeps_a_copy_per_model(tmp_path, tokenizer_dir):
+    import planc
+    from planc.passes import DedupePass
+
+    cfg = hf_config("llama")
+    base = random_state(cfg)
+    yaml = write_project(tmp_path, tokenizer_dir, {"base": base, "copy": {k: v.clone() for k, v in base.items()}})
+    passes = [p for p in planc.default_pipeline() if p.name != "dedupe"] + [DedupePass(share_across_models=False)]
+    program = planc.compile(planc.load(yaml), passes=passes)
+    assert len(program.zoo) == 10
+    assert not set(program.chains["base"].block_keys) & set(program.chains["copy"].block_keys)
+    assert all(len(b.users) == 1 for b in program.zoo.values())
