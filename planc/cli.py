@@ -67,6 +67,9 @@ def run(
     from planc.bundle import Bundle
     from planc.generate import complete
 
+    import torch
+
+    torch.set_num_threads(1)  # small CPU matmuls are slower with more threads
     b = Bundle.open(bundle)
     name = model or next(iter(b.variants))
     result = complete(b, name, prompt, max_tokens, temperature, seed)

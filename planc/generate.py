@@ -1,7 +1,7 @@
-"""One request through one chain, without a server: the bundle's entry point and `planc run`.
+"""One request without a server: the bundle's entry point and `planc run`.
 
-This recomputes the whole sequence each step (no KV cache); the serving engine with
-iteration-level batching and a paged KV cache is the job of `planc serve`.
+`complete` runs the request through the serving engine; `generate_ids` is the plain reference
+(the whole sequence recomputed at every step, no KV cache) that tests compare the engine with.
 """
 from __future__ import annotations
 
@@ -43,8 +43,18 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: 
 
 def complete(bundle: Bundle, variant: str, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
              seed: Optional[int] = None) -> Completion:
+    """One request through the serving engine (paged KV cache, the variant's chain), without HTTP."""
+    from planc.runtime.engine import Engine, EngineConfig
+    from planc.runtime.sampling import SamplingParams
+
     tok = load_tokenizer(bundle.tokenizer_dir(variant))
     prompt_ids = tok.encode(prompt).ids
-    model = bundle.load_chain(variant)
-    out, reason = generate_ids(model, prompt_ids, max_new_tokens, bundle.eos_token_ids(variant), temperature, seed)
+    engine = Engine(bundle, EngineConfig(kv_cache_bytes=16 * 2**20, max_model_len=len(prompt_ids) + max_new_tokens))
+    events = []
+    engine.submit(variant, prompt_ids, SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed),
+                  events.append)
+    while engine.has_work():
+        engine.step()
+    out = [e.token_id for e in events if e.token_id is not None]
+    reason = events[-1].finish_reason or "stop"
     return Completion(prompt_ids, out, tok.decode(out), reason)
