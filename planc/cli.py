@@ -107,7 +107,7 @@ def serve(
     cfg = state.engine.config
     variants = ", ".join(f"{n} ({v['kind']})" for n, v in state.bundle.variants.items())
     out.print(f"planc serving {len(state.bundle.variants)} variants: {variants}", markup=False)
-    out.print(f"  {len(state.engine.modules)} unique blocks loaded; KV cache {state.engine.cache.num_pages} pages x "
+    out.print(f"  {state.engine.num_unique_blocks} unique blocks loaded; KV cache {state.engine.kv_pages()} pages x "
               f"{cfg.page_size} tokens ({cfg.kv_cache_bytes / 2**20:.0f} MiB); max_model_len {cfg.max_model_len}",
               markup=False)
     if state.keys is None:

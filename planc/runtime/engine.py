@@ -17,11 +17,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-from safetensors.torch import load_file
-
 from planc.bundle import Bundle
 from planc.runtime import executor as ex
-from planc.runtime.kv_cache import KVCache
+from planc.runtime.stage import Stage, local_stages
 from planc.runtime.sampling import Sampler, SamplingParams
 
 
@@ -80,19 +78,17 @@ class QueueFull(Exception):
 
 
 class Engine:
-    def __init__(self, bundle: Bundle, config: Optional[EngineConfig] = None, stats: Optional["StepStats"] = None):
+    """Schedules sequences over stages. `stages` default to one in-process stage holding every block."""
+
+    def __init__(self, bundle: Bundle, config: Optional[EngineConfig] = None, stats: Optional["StepStats"] = None,
+                 stages: Optional[list[Stage]] = None):
         self.bundle, self.config = bundle, config or EngineConfig()
         self.stats = stats or StepStats()
-        arch = bundle.arch
-        self.num_layers = arch.num_layers
-        self.modules: dict[str, torch.nn.Module] = {}
-        self.adapters: dict[str, ex.AdapterTensors] = {}
-        self.chains: dict[str, list[tuple[str, Optional[str]]]] = {}
-        for name in bundle.variants:
-            self._load_chain(name)
-        dtype = next(next(iter(self.modules.values())).parameters()).dtype
-        self.cache = KVCache.for_budget(self.config.kv_cache_bytes, self.config.page_size, arch.num_kv_heads,
-                                        arch.head_dim, dtype)
+        self.stages = stages or local_stages(bundle, self.config.kv_cache_bytes, self.config.page_size)
+        self.stage_of = {p: stage for stage in self.stages for p in stage.positions}
+        self.chains = {name: [(link["block"], link["adapter"]) for link in v["chain"]]
+                       for name, v in bundle.variants.items()}
+        assert sorted(self.stage_of) == list(range(len(next(iter(self.chains.values()))))), "stages must cover the chain"
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._inbox: "queue.Queue[Sequence]" = queue.Queue()
@@ -100,27 +96,38 @@ class Engine:
         self._ids = itertools.count()
         self._wake = threading.Event()
 
-    # ------------------------------------------------------------------ loading
-    def _load_chain(self, name: str) -> None:
-        chain = []
-        by_name: dict[str, torch.nn.Module] = {}
-        for link in self.bundle.variant(name)["chain"]:
-            module = self.bundle.block_module(link["block"], by_name)
-            by_name[self.bundle.blocks[link["block"]]["name"]] = module
-            self.modules[link["block"]] = module
-            if link["adapter"] and link["adapter"] not in self.adapters:
-                entry = self.bundle.adapters[link["adapter"]]
-                tensors = load_file(str(self.bundle.root / entry["file"]))
-                self.adapters[link["adapter"]] = {
-                    m["module"]: (tensors[f"{m['module']}.lora_A"], tensors[f"{m['module']}.lora_B"], float(m["scaling"]))
-                    for m in entry["modules"]}
-            chain.append((link["block"], link["adapter"]))
-        self.chains[name] = chain
+    @property
+    def num_unique_blocks(self) -> int:
+        return len({key for chain in self.chains.values() for key, _ in chain})
+
+    def kv_usage(self) -> float:
+        return max(stage.usage() for stage in self.stages)
+
+    def kv_pages(self) -> int:
+        return sum(stage.cache.num_pages for stage in self.stages if stage.cache)
+
+    def kv_free_pages(self) -> int:
+        return sum(stage.cache.num_free for stage in self.stages if stage.cache)
+
+    def _fits(self, seq: "Sequence") -> bool:
+        return all(st.extra_pages(seq.id, len(seq.all_ids)) <= st.free_pages() for st in self.stages)
+
+    def _reserve_kv(self, seq: "Sequence") -> bool:
+        """All stages or none (checked first, so no stage is left half-grown)."""
+        if not self._fits(seq):
+            return False
+        for stage in self.stages:
+            assert stage.reserve(seq.id, len(seq.all_ids))
+        return True
+
+    def _free_kv(self, seq_id: int) -> None:
+        for stage in self.stages:
+            stage.free(seq_id)
 
     # ------------------------------------------------------------------ requests (any thread)
     def max_tokens_capacity(self) -> int:
         """Longest sequence the KV cache can hold on its own."""
-        return (self.cache.num_pages // self.num_layers) * self.cache.page_size
+        return min(stage.capacity_tokens() for stage in self.stages)
 
     def submit(self, variant: str, prompt_ids: list[int], params: SamplingParams,
                sink: Callable[[Event], None]) -> int:
@@ -156,14 +163,14 @@ class Engine:
         """One iteration; returns False when there was nothing to do."""
         self._drain()
         self._admit()
-        self.stats.kv_usage = self.cache.usage()
+        self.stats.kv_usage = self.kv_usage()
         if not self.running:
             return False
         work = self._reserve()
         if work:
             logits = self._forward(work)
             self._sample(work, logits)
-        self.stats.kv_usage = self.cache.usage()
+        self.stats.kv_usage = self.kv_usage()
         return True
 
     def _drain(self) -> None:
@@ -183,7 +190,7 @@ class Engine:
             need = len(seq.pending_ids())
             if need > budget and self.running:
                 break
-            if not self.cache.reserve(seq.id, self.num_layers, len(seq.all_ids)):
+            if not self._reserve_kv(seq):
                 break
             self.waiting.popleft()
             seq.admitted_at = time.monotonic()
@@ -196,7 +203,7 @@ class Engine:
         for seq in sorted(self.running, key=lambda s: s.admitted_at):
             if seq not in self.running:
                 continue  # preempted below, while making room for an older sequence
-            while not self.cache.reserve(seq.id, self.num_layers, len(seq.all_ids)):
+            while not self._reserve_kv(seq):
                 victim = max((s for s in self.running if s is not seq), key=lambda s: s.admitted_at, default=None)
                 if victim is None:
                     self._finish(seq, "length", error="the KV cache cannot hold this sequence")
@@ -207,7 +214,7 @@ class Engine:
         return [s for s in work if s in self.running]
 
     def _preempt(self, seq: Sequence) -> None:
-        self.cache.free(seq.id)
+        self._free_kv(seq.id)
         seq.num_computed = 0
         self.running.remove(seq)
         self.waiting.appendleft(seq)
@@ -236,23 +243,14 @@ class Engine:
             n = len(pending[s.id])
             segments.append(ex.Segment(s.id, start, n, s.num_computed, self.chains[s.variant][position][1]))
             start += n
-        batch = ex.RaggedBatch(segments)
         x = torch.cat([hidden[s.id] for s in members])
-        kind = self.bundle.blocks[key]["kind"]
-        module = self.modules[key]
-        with torch.no_grad():
-            if kind == "embedding":
-                y = ex.run_embedding(module, x)
-            elif kind == "layer":
-                y = ex.run_layer(module, position - 1, x, batch, self.cache, self.adapters)
-            else:
-                out = ex.run_head(module, x, batch)
-                for s, row in zip(members, out):
-                    logits[s.id] = row
-                self.stats.record(key, members)
-                return
-        for seg, s in zip(segments, members):
-            hidden[s.id] = y[seg.start:seg.start + seg.length]
+        y = self.stage_of[position].run(position, key, x, segments)
+        if position == len(self.chains[members[0].variant]) - 1:
+            for s, row in zip(members, y):
+                logits[s.id] = row
+        else:
+            for seg, s in zip(segments, members):
+                hidden[s.id] = y[seg.start:seg.start + seg.length]
         self.stats.record(key, members)
 
     def _sample(self, work: list[Sequence], logits: dict[int, torch.Tensor]) -> None:
@@ -273,7 +271,7 @@ class Engine:
                 self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str, error: Optional[str] = None) -> None:
-        self.cache.free(seq.id)
+        self._free_kv(seq.id)
         if seq in self.running:
             self.running.remove(seq)
         if seq in self.waiting:

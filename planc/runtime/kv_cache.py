@@ -7,6 +7,7 @@ chain. Reservation is all-or-nothing per sequence, so a step never half-allocate
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
@@ -41,17 +42,17 @@ class KVCache:
     def pages_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.page_size)
 
-    def extra_pages(self, seq: int, layers: int, num_tokens: int) -> int:
-        """Pages that must be added for `seq` to hold `num_tokens` tokens in each of `layers` layers."""
+    def extra_pages(self, seq: int, layers: Sequence[int], num_tokens: int) -> int:
+        """Pages that must be added for `seq` to hold `num_tokens` tokens in each of `layers`."""
         need = self.pages_for(num_tokens)
-        return sum(max(0, need - len(self._tables.get((seq, layer), ()))) for layer in range(layers))
+        return sum(max(0, need - len(self._tables.get((seq, layer), ()))) for layer in layers)
 
-    def reserve(self, seq: int, layers: int, num_tokens: int) -> bool:
-        """Grow `seq`'s page tables to `num_tokens` tokens in every layer, or change nothing."""
+    def reserve(self, seq: int, layers: Sequence[int], num_tokens: int) -> bool:
+        """Grow `seq`'s page tables to `num_tokens` tokens in every one of `layers`, or change nothing."""
         if self.extra_pages(seq, layers, num_tokens) > self.num_free:
             return False
         need = self.pages_for(num_tokens)
-        for layer in range(layers):
+        for layer in layers:
             table = self._tables.setdefault((seq, layer), [])
             while len(table) < need:
                 table.append(self._free.pop())

@@ -116,7 +116,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        state.metrics.kv_usage.set(state.engine.cache.usage())
+        state.metrics.kv_usage.set(state.engine.kv_usage())
         state.metrics.preemptions.set(state.engine.stats.preemptions)
         state.metrics.waiting.set(state.engine.num_waiting)
         state.metrics.running.set(len(state.engine.running))

@@ -1,0 +1,114 @@
+"""A stage: the blocks at a contiguous range of chain positions, with their KV cache and adapters.
+
+The stage is the unit a backend places (one process here; a Ray actor in the ray backend). The
+engine talks to stages only through this interface — plain tensors and small dataclasses in and
+out — so it never assumes that all stages share its address space.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file
+
+from planc.bundle import Bundle
+from planc.runtime import executor as ex
+from planc.runtime.kv_cache import KVCache
+
+
+class Stage:
+    def __init__(self, bundle: Bundle, positions: range, kv_cache_bytes: int, page_size: int):
+        self.positions = positions
+        self.kinds: dict[int, str] = {}
+        self.modules: dict[str, torch.nn.Module] = {}
+        self.adapters: dict[str, ex.AdapterTensors] = {}
+        for name in bundle.variants:
+            self._load(bundle, name)
+        self.layers = [p - 1 for p in positions if self.kinds.get(p) == "layer"]
+        dtype = next(next(iter(self.modules.values())).parameters()).dtype
+        arch = bundle.arch
+        self.cache = KVCache.for_budget(kv_cache_bytes, page_size, arch.num_kv_heads, arch.head_dim, dtype) \
+            if self.layers else None
+
+    def _load(self, bundle: Bundle, variant: str) -> None:
+        loaded: dict[str, torch.nn.Module] = {}
+        tie_targets = {name for name, _ in self._tie_targets(bundle, variant)}
+        for position, link in enumerate(bundle.variant(variant)["chain"]):
+            entry = bundle.blocks[link["block"]]
+            in_stage = position in self.positions
+            if not in_stage and entry["name"] not in tie_targets:
+                continue  # neither ours nor tied to one of ours
+            module = bundle.block_module(link["block"], loaded)  # loaded once per bundle, shared
+            loaded[entry["name"]] = module
+            if not in_stage:
+                continue
+            self.kinds[position] = entry["kind"]
+            self.modules[link["block"]] = module
+            if link["adapter"] and link["adapter"] not in self.adapters:
+                a = bundle.adapters[link["adapter"]]
+                tensors = load_file(str(bundle.root / a["file"]))
+                self.adapters[link["adapter"]] = {
+                    m["module"]: (tensors[f"{m['module']}.lora_A"], tensors[f"{m['module']}.lora_B"], float(m["scaling"]))
+                    for m in a["modules"]}
+
+    def _tie_targets(self, bundle: Bundle, variant: str) -> list[tuple[str, str]]:
+        """(block name, tensor) that blocks of this stage tie to (e.g. the head to the embedding)."""
+        out = []
+        for position, link in enumerate(bundle.variant(variant)["chain"]):
+            if position in self.positions:
+                out.extend(tuple(t) for t in bundle.blocks[link["block"]]["ties"].values())
+        return out
+
+    # ------------------------------------------------------------------ KV
+    def extra_pages(self, seq: int, num_tokens: int) -> int:
+        return self.cache.extra_pages(seq, self.layers, num_tokens) if self.cache else 0
+
+    def free_pages(self) -> int:
+        return self.cache.num_free if self.cache else 1 << 62
+
+    def reserve(self, seq: int, num_tokens: int) -> bool:
+        return self.cache.reserve(seq, self.layers, num_tokens) if self.cache else True
+
+    def free(self, seq: int) -> None:
+        if self.cache:
+            self.cache.free(seq)
+
+    def capacity_tokens(self) -> int:
+        if not self.cache:
+            return 1 << 62
+        return (self.cache.num_pages // len(self.layers)) * self.cache.page_size
+
+    def usage(self) -> float:
+        return self.cache.usage() if self.cache else 0.0
+
+    # ------------------------------------------------------------------ compute
+    @torch.no_grad()
+    def run(self, position: int, key: str, x: torch.Tensor, segments: list[ex.Segment]) -> torch.Tensor:
+        """Run block `key` at chain `position` on a ragged batch: token ids or hidden -> hidden or logits."""
+        module, kind = self.modules[key], self.kinds[position]
+        batch = ex.RaggedBatch(segments)
+        if kind == "embedding":
+            return ex.run_embedding(module, x)
+        if kind == "layer":
+            return ex.run_layer(module, position - 1, x, batch, self.cache, self.adapters)
+        return ex.run_head(module, x, batch)
+
+
+def split_positions(num_positions: int, num_stages: int) -> list[range]:
+    """Contiguous, near-equal ranges of chain positions."""
+    assert 1 <= num_stages <= num_positions
+    bounds = [round(i * num_positions / num_stages) for i in range(num_stages + 1)]
+    return [range(bounds[i], bounds[i + 1]) for i in range(num_stages)]
+
+
+def local_stages(bundle: Bundle, kv_cache_bytes: int, page_size: int, num_stages: int = 1,
+                 positions: Optional[list[range]] = None) -> list[Stage]:
+    """In-process stages; the KV budget is split in proportion to each stage's layers."""
+    num_positions = len(next(iter(bundle.variants.values()))["chain"])
+    ranges = positions or split_positions(num_positions, num_stages)
+    num_layers = bundle.arch.num_layers
+    stages = []
+    for r in ranges:
+        layers = sum(1 for p in r if 0 < p <= num_layers)
+        stages.append(Stage(bundle, r, max(1, kv_cache_bytes * layers // num_layers), page_size))
+    return stages
