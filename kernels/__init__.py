@@ -14,7 +14,7 @@ from planc.kernels.dispatch import KernelRegistry, default_registry
 from planc.kernels.reference import rope_cos_sin
 
 __all__ = ["KernelRegistry", "default_registry", "rms_norm", "silu_mul", "apply_rotary", "attention",
-           "paged_attention", "rope_cos_sin"]
+           "paged_attention", "lora_delta", "rope_cos_sin"]
 
 
 def rms_norm(x, weight, eps: float):
@@ -40,3 +40,8 @@ def attention(q, k, v, window, scale: float):
 def paged_attention(q, k, v, q_positions, window, scale: float):
     """One sequence's new queries (tokens, heads, head_dim) over its cached keys/values."""
     return default_registry.impl("paged_attention")(q, k, v, q_positions, window, scale)
+
+
+def lora_delta(y, x, groups):
+    """Add grouped multi-adapter LoRA deltas to `y` in place (see reference.lora_delta)."""
+    return default_registry.impl("lora_delta")(y, x, groups)

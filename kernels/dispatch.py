@@ -21,6 +21,7 @@ class KernelRegistry:
             "apply_rotary": {"torch": reference.apply_rotary},
             "attention": {"torch": reference.attention},
             "paged_attention": {"torch": reference.paged_attention},
+            "lora_delta": {"torch": reference.lora_delta},
         }
         self._selected: dict[str, str] = {op: "torch" for op in self._impls}
 

@@ -76,3 +76,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positio
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                          attn_mask=mask, scale=scale)
     return out[0].transpose(0, 1)
+
+
+def lora_delta(y: torch.Tensor, x: torch.Tensor,
+               groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+    """Add each adapter's delta to its rows, in place: y[rows] += scale * x[rows] @ A.T @ B.T.
+
+    `groups` holds one (rows, A (rank, in), B (out, rank), scale) per adapter; adapters of different
+    ranks share one call (SGMV-style: grouped by adapter, no padding to the largest rank).
+    """
+    for rows, a, b, scale in groups:
+        y.index_add_(0, rows, (x[rows] @ a.t() @ b.t()) * scale)
+    return y

@@ -72,3 +72,30 @@ def test_registry_selects_and_rejects():
     with pytest.raises(KeyError, match="unknown op"):
         reg.register("conv", "x", print)
     assert K.default_registry.selected("silu_mul") == "torch"
+
+
+def test_lora_delta_groups_adapters_of_different_ranks():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 12, generator=g)
+    y = torch.randn(7, 20, generator=g)
+    adapters = [(torch.tensor([0, 4]), torch.randn(4, 12, generator=g), torch.randn(20, 4, generator=g), 0.5),
+                (torch.tensor([2, 3, 6]), torch.randn(16, 12, generator=g), torch.randn(20, 16, generator=g), 2.0)]
+    want = y.clone()
+    for rows, a, b, s in adapters:
+        for r in rows.tolist():
+            want[r] += s * (b @ (a @ x[r]))
+    got = K.lora_delta(y.clone(), x, adapters)
+    assert torch.allclose(got, want, atol=1e-5)
+    untouched = [1, 5]
+    assert torch.equal(got[untouched], y[untouched])
+
+
+def test_paged_attention_matches_full_attention_for_the_last_queries():
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 8, 9, 6, generator=g)
+    k = torch.randn(1, 2, 9, 6, generator=g)
+    v = torch.randn(1, 2, 9, 6, generator=g)
+    full = K.attention(q, k, v, 4, 0.4)  # (1, heads, seq, dim)
+    tail = K.paged_attention(q[0, :, 6:].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                             torch.arange(6, 9), 4, 0.4)
+    assert torch.allclose(tail.transpose(0, 1), full[0, :, 6:], atol=1e-6)

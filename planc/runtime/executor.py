@@ -62,11 +62,10 @@ def linear(module: nn.Linear, x: torch.Tensor, path: str, batch: RaggedBatch,
     for seg in batch.segments:
         if seg.adapter is not None and path in adapters.get(seg.adapter, {}):
             rows_by_adapter.setdefault(seg.adapter, []).append(torch.arange(seg.start, seg.start + seg.length))
-    for adapter, rows in rows_by_adapter.items():
-        a, b, scaling = adapters[adapter][path]
-        idx = torch.cat(rows)
-        y.index_add_(0, idx, (x[idx] @ a.t() @ b.t()) * scaling)
-    return y
+    if not rows_by_adapter:
+        return y
+    groups = [(torch.cat(rows), *adapters[adapter][path]) for adapter, rows in rows_by_adapter.items()]
+    return kernels.lora_delta(y, x, groups)
 
 
 def run_embedding(block: EmbeddingBlock, token_ids: torch.Tensor) -> torch.Tensor:
