@@ -1,10 +1,11 @@
 """Compile scaling (issue 2): time, peak RSS and dedupe ratio of `planc compile` vs number of variants.
 
 Each measurement is planc.load + planc.compile + planc.emit of one model.yaml in a fresh child
-process (OMP_NUM_THREADS=1); the child reports its own peak RSS (getrusage ru_maxrss, cross-checked
-with /proc/self/status VmHWM) as JSON. Linux keeps ru_maxrss across fork+exec, so a child's figure is
-at least its parent's peak: this parent therefore never imports torch (inputs are generated, once, in
-another child and cached under benchmarks/out/inputs/; generation is not part of the timing).
+process (OMP_NUM_THREADS=1), timed (wall and CPU) end to end right after `import planc`, whose time and
+RSS are recorded apart. The inputs are read once, untimed, before each run. The child reports its peak
+RSS (getrusage ru_maxrss, checked against /proc/self/status VmHWM) as JSON. Linux keeps ru_maxrss across
+fork+exec, so this parent never imports torch: inputs are generated once in another child and cached
+under benchmarks/out/inputs/.
 
 Cases:
 - tiny: the tiny example's shape (vocab 512, hidden 128, 4 layers, GQA 4/2 heads), N variants where
@@ -40,7 +41,7 @@ SHAPES = {
                  num_attention_heads=12, num_key_value_heads=4),
 }
 LORA_EVERY = {"tiny": 4, "100m": 0}  # variant i is a LoRA adapter when i % k == k - 1 (0: never)
-PHASES = ("warmup", "load", "trace", "partition", "fingerprint", "dedupe", "emit")
+PHASES = ("load", "trace", "partition", "fingerprint", "dedupe", "emit")
 MB = 1e6
 
 
@@ -114,8 +115,17 @@ def write_spec(model: str, n: int) -> Path:
     return spec
 
 
-def input_bytes(model: str, n: int) -> int:
-    return sum(f.stat().st_size for x in names(n) for f in (model_root(model) / x).glob("*.safetensors"))
+def input_files(model: str, n: int) -> list[Path]:
+    return [f for x in names(n) for f in sorted((model_root(model) / x).glob("*.safetensors"))]
+
+
+def warm_cache(files: list[Path]) -> None:
+    """Read the inputs once, untimed: a run measures planc, not a disk read after page-cache reclaim."""
+    buf = bytearray(8 << 20)
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
 
 
 def maxrss_mb() -> float:
@@ -129,22 +139,12 @@ def vmhwm_mb() -> float:
     return int(line.split()[1]) * 1024 / MB
 
 
-def warm_up(spec: str) -> None:
-    """planc's first meta-device model build (it imports torch._dynamo, ~2 s): a one-off cost, timed apart."""
-    from planc.models.config import parse_arch, read_config_json
-    from planc.models.llama import build_model
-    from planc.spec import load_spec
-    base = load_spec(spec).base.path / "config.json"
-    build_model(parse_arch(read_config_json(base), str(base)), device="meta")
-
-
 def child(spec: str, out: str) -> None:
-    """One measured compile; prints one JSON line."""
+    """One measured compile (load + compile + emit, right after `import planc`); prints one JSON line."""
+    ti = time.perf_counter()
     import planc
+    t0, c0 = time.perf_counter(), time.process_time()
     rss_import = maxrss_mb()
-    tw = time.perf_counter()
-    warm_up(spec)
-    t0 = time.perf_counter()
     program = planc.load(spec)
     t1 = time.perf_counter()
     program = planc.compile(program)
@@ -152,17 +152,19 @@ def child(spec: str, out: str) -> None:
     planc.emit(program, out=out)
     t3 = time.perf_counter()
     totals = json.loads((Path(out) / "manifest.json").read_text())["totals"]
-    phases = {"warmup": t0 - tw, "load": t1 - t0, **{r.name: r.seconds for r in program.log}, "emit": t3 - t2}
+    phases = {"load": t1 - t0, **{r.name: r.seconds for r in program.log}, "emit": t3 - t2}
     params = sum(math.prod(t.shape) for t in program.base.checkpoint.tensors.values())
-    print(json.dumps({"seconds": t3 - t0, "total_s": t3 - tw, "phases": phases, "peak_rss_mb": maxrss_mb(),
-                      "vmhwm_mb": vmhwm_mb(), "rss_after_import_mb": rss_import, "totals": totals, "params": params,
-                      "unique_blocks": len(program.zoo), "unique_adapters": len(program.adapter_zoo)}))
+    print(json.dumps({"seconds": t3 - t0, "cpu_s": time.process_time() - c0, "import_s": t0 - ti,
+                      "rss_after_import_mb": rss_import, "peak_rss_mb": maxrss_mb(), "vmhwm_mb": vmhwm_mb(),
+                      "phases": phases, "totals": totals, "params": params, "unique_blocks": len(program.zoo),
+                      "unique_adapters": len(program.adapter_zoo), "dynamo_imported": "torch._dynamo" in sys.modules}))
 
 
-def measure(spec: Path, repeat: int) -> dict:
+def measure(spec: Path, files: list[Path], repeat: int) -> dict:
     """Run the child `repeat` times; keep the median-time run, the max peak RSS and all times."""
     runs, bundle, env = [], OUT / "bundle-scratch", {**os.environ, "OMP_NUM_THREADS": "1"}
     for _ in range(repeat):
+        warm_cache(files)
         shutil.rmtree(bundle, ignore_errors=True)
         proc = subprocess.run([sys.executable, __file__, "--child", str(spec), str(bundle)],
                               env=env, capture_output=True, text=True)
@@ -172,9 +174,8 @@ def measure(spec: Path, repeat: int) -> dict:
         shutil.rmtree(bundle, ignore_errors=True)
     runs.sort(key=lambda r: r["seconds"])
     best = dict(runs[len(runs) // 2])
-    best["all_seconds"] = [r["seconds"] for r in runs]
-    for key in ("peak_rss_mb", "vmhwm_mb"):
-        best[key] = max(r[key] for r in runs)
+    best.update({f"all_{k}": [r[k] for r in runs] for k in ("seconds", "cpu_s", "import_s")})
+    best.update({k: max(r[k] for r in runs) for k in ("peak_rss_mb", "vmhwm_mb", "dynamo_imported")})
     best["parent_maxrss_mb"] = maxrss_mb()  # the floor ru_maxrss inherits; must stay well below the child's
     return best
 
@@ -191,10 +192,11 @@ def machine() -> dict:
 def run_case(model: str, n: int, repeat: int) -> dict:
     spec = write_spec(model, n)
     print(f"measuring {model} x{n} ({repeat} run(s))", file=sys.stderr, flush=True)
-    r = measure(spec, repeat)
+    load, files = os.getloadavg()[0], input_files(model, n)  # load: other work inflates wall time
+    r = measure(spec, files, repeat)
     n_lora = sum(is_lora(model, i) for i in range(n))
     return {"model": model, "variants": n, "partial": n - n_lora, "lora": n_lora,
-            "input_bytes": input_bytes(model, n), **r}
+            "input_bytes": sum(f.stat().st_size for f in files), "loadavg": [load, os.getloadavg()[0]], **r}
 
 
 def add_ratios(results: list[dict]) -> None:
@@ -210,14 +212,15 @@ def add_ratios(results: list[dict]) -> None:
 def print_tables(results: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
-    t = Table(title="planc compile scaling (median time of runs; RSS = max over runs; dedupe = logical/stored)")
-    for col in ("model", "variants (part+lora)", "input MB", "compile s", "+warm-up s", "t(N)/t(1)/N", "marginal s/var",
-                "peak RSS MB", "VmHWM MB", "RSS@import MB", "logical MB", "stored MB", "unique MB", "dedupe"):
+    t = Table(title="planc compile scaling (median-time run; RSS = max over runs; dedupe = logical/stored)")
+    for col in ("model", "variants (part+lora)", "input MB", "compile s", "CPU s", "import s", "t(N)/t(1)/N",
+                "marginal s/var", "peak RSS MB", "VmHWM MB", "RSS@import MB", "logical MB", "stored MB",
+                "unique MB", "dedupe"):
         t.add_column(col, justify="right")
     for r in results:
         tot, ratio, marg = r["totals"], r["per_variant_ratio"], r["marginal_s"]
         t.add_row(f"{r['model']} ({r['params'] / 1e6:.1f}M)", f"{r['variants']} ({r['partial']}+{r['lora']})",
-                  f"{r['input_bytes'] / MB:.0f}", f"{r['seconds']:.2f}", f"{r['total_s']:.2f}",
+                  f"{r['input_bytes'] / MB:.0f}", f"{r['seconds']:.2f}", f"{r['cpu_s']:.2f}", f"{r['import_s']:.2f}",
                   "-" if ratio is None else f"{ratio:.2f}", "-" if marg is None else f"{marg:.3f}",
                   f"{r['peak_rss_mb']:.0f}", f"{r['vmhwm_mb']:.0f}", f"{r['rss_after_import_mb']:.0f}",
                   f"{tot['logical_bytes'] / MB:.1f}", f"{tot['stored_bytes'] / MB:.1f}",
@@ -227,9 +230,8 @@ def print_tables(results: list[dict]) -> None:
         p.add_column(col, justify="right")
     for r in results:
         p.add_row(r["model"], str(r["variants"]), *(f"{r['phases'].get(k, 0.0):.2f}" for k in PHASES))
-    console = Console(width=200)
-    console.print(t)
-    console.print(p)
+    for table in (t, p):
+        Console(width=200).print(table)
 
 
 def main() -> None:

@@ -109,7 +109,8 @@ def open_models(spec: Spec, weights: bool = True) -> dict[str, ModelEntry]:
         ckpt = opener(variant.path, fld)
         diff = base.arch.differences(ckpt.arch)
         if diff:
-            raise CheckpointError(f"{fld}: architecture differs from the base ({spec.base.name}): {'; '.join(diff[:3])}")
+            raise CheckpointError(f"{fld}: {variant.path / 'config.json'} differs from the base ({spec.base.name}) "
+                                  f"in {'; '.join(diff[:3])}")
         tok = _own_tokenizer(variant.path, fld) if weights else []
         models[variant.name] = ModelEntry(variant.name, "weights", fld, ckpt, tokenizer=tok or base_tok)
     return models

@@ -124,3 +124,56 @@ def test_bfloat16_checkpoint_keeps_its_dtype(tmp_path, tokenizer_dir):
     assert got.dtype == torch.bfloat16
     want = _hf_logits(tmp_path / "base", ids).to(torch.bfloat16)
     assert (got.float() - want.float()).abs().max() < 0.1
+
+
+def _two_model_bundle(tmp_path, tokenizer_dir, base_cfg, base_state, var_cfg, var_state):
+    write_checkpoint(tmp_path / "base", base_cfg, base_state, tokenizer_from=tokenizer_dir)
+    write_checkpoint(tmp_path / "var", var_cfg, var_state)
+    return _compile(tmp_path, "  - {name: var, path: ./var}\n")
+
+
+def test_tied_config_with_a_trained_separate_head_is_untied_as_transformers_does(tmp_path, tokenizer_dir):
+    """A Qwen2 fine-tune that trained only lm_head but kept `tie_word_embeddings: true` in its config."""
+    cfg = hf_config("qwen2")
+    base = random_state(cfg, seed=1)
+    var = {k: v.clone() for k, v in base.items()}
+    var["lm_head.weight"] = base["model.embed_tokens.weight"] + 0.1 * torch.randn_like(base["model.embed_tokens.weight"])
+    bundle = _two_model_bundle(tmp_path, tokenizer_dir, cfg, base, cfg, var)
+    assert bundle.variant("var")["kind"] == "partial"  # the head differs; everything else is shared
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(2))
+    for name in ("base", "var"):
+        want = _hf_logits(tmp_path / name, ids)
+        assert (bundle.load_chain(name)(ids) - want).abs().max() <= TOL
+
+
+def test_tied_checkpoint_that_stores_only_the_head(tmp_path, tokenizer_dir):
+    cfg = hf_config("qwen2")
+    state = random_state(cfg, seed=3)
+    state["lm_head.weight"] = state.pop("model.embed_tokens.weight")
+    write_checkpoint(tmp_path / "base", cfg, state, tokenizer_from=tokenizer_dir)
+    bundle = _compile(tmp_path, "  []\n")
+    ids = torch.randint(0, 256, (1, 8))
+    assert (bundle.load_chain("base")(ids) - _hf_logits(tmp_path / "base", ids)).abs().max() <= TOL
+
+
+def test_config_defaults_follow_transformers(tmp_path, tokenizer_dir):
+    """Qwen2's max_window_layers defaults to 28; a Mistral config without sliding_window means 4096."""
+    cfg = hf_config("qwen2", num_hidden_layers=30, hidden_size=32, intermediate_size=48, use_sliding_window=True,
+                    sliding_window=4)
+    state = random_state(cfg, seed=4)
+    write_checkpoint(tmp_path / "base", cfg, state, tokenizer_from=tokenizer_dir)
+    bundle = _compile(tmp_path, "  []\n")
+    ids = torch.randint(0, 256, (1, 12))
+    assert (bundle.load_chain("base")(ids) - _hf_logits(tmp_path / "base", ids)).abs().max() <= TOL
+    mistral = hf_config("mistral")
+    mistral.pop("sliding_window")
+    from planc.models.config import parse_arch
+    assert set(parse_arch(mistral, "c").sliding_windows) == {4096}
+
+
+def test_a_longer_context_fine_tune_still_shares_blocks(tmp_path, tokenizer_dir):
+    cfg = hf_config("llama")
+    base = random_state(cfg, seed=5)
+    long_cfg = {**cfg, "max_position_embeddings": 8192}
+    bundle = _two_model_bundle(tmp_path, tokenizer_dir, cfg, base, long_cfg, perturb(base, top_layers(3, 1), 6))
+    assert bundle.variant("var")["kind"] == "partial"

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ class Checkpoint:
             raw = read_config_json(directory / "config.json")
             arch = parse_arch(raw, str(directory / "config.json"))
             tensors, files = read_checkpoint_tensors(directory)
+            tensors, arch = _resolve_tied_head(arch, tensors, directory)
             tensors = _check_tensors(arch, tensors, directory)
             gen = generation_ids(directory, raw)
         except CheckpointError as exc:
@@ -59,6 +61,33 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
 
+def _same_bytes(a: TensorRef, b: TensorRef) -> bool:
+    if (a.dtype, a.shape) != (b.dtype, b.shape):
+        return False
+    return all(x == y for x, y in zip(a.chunks(), b.chunks()))
+
+
+def _resolve_tied_head(arch: ArchConfig, tensors: dict[str, TensorRef],
+                       directory: Path) -> tuple[dict[str, TensorRef], ArchConfig]:
+    """What transformers does with a config that says `tie_word_embeddings`:
+    - only the embedding stored: the head is the embedding (tied);
+    - both stored and equal: a saved copy, ignored (tied);
+    - both stored and different: the head was trained on its own, so the model is untied;
+    - only lm_head stored: it is the embedding too."""
+    if not arch.tie_word_embeddings or "lm_head.weight" not in tensors:
+        return tensors, arch
+    tensors = dict(tensors)
+    head = tensors.pop("lm_head.weight")
+    emb = tensors.get("model.embed_tokens.weight")
+    if emb is None:
+        tensors["model.embed_tokens.weight"] = head
+        return tensors, arch
+    if _same_bytes(emb, head):
+        return tensors, arch
+    tensors["lm_head.weight"] = head
+    return tensors, dataclasses.replace(arch, tie_word_embeddings=False)
+
+
 def _check_tensors(arch: ArchConfig, tensors: dict[str, TensorRef], directory: Path) -> dict[str, TensorRef]:
     expected = expected_tensors(arch)
     out = {}
@@ -72,8 +101,6 @@ def _check_tensors(arch: ArchConfig, tensors: dict[str, TensorRef], directory: P
         if tuple(ref.shape) != tuple(shape):
             raise CheckpointError(f"{directory}: tensor {name!r} has shape {list(ref.shape)}, "
                                   f"config.json implies {list(shape)}")
-        if name == "lm_head.weight" and arch.tie_word_embeddings:
-            continue  # tied: the embedding is the head; a saved copy is ignored, as transformers does
         out[name] = ref
     missing = [n for n, (_, required) in expected.items() if required and n not in out]
     if missing:

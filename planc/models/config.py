@@ -97,6 +97,9 @@ class RopeConfig:
         return interpolation * (1 - keep) + extrapolation * keep, float(attention_factor)
 
 
+# Fields that do not change the math (a fine-tune may raise its context length, or untie its head).
+_NOT_MATH = {"dtype", "max_position_embeddings", "tie_word_embeddings"}
+
 # ArchConfig field -> the config.json key a user would look for.
 _CONFIG_KEYS = {"family": "model_type", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
                 "num_kv_heads": "num_key_value_heads", "rope": "rope settings", "qkv_bias": "attention_bias (q/k/v)",
@@ -142,13 +145,18 @@ class ArchConfig:
         return cls(**data)
 
     def differences(self, other: "ArchConfig") -> list[str]:
-        """Fields (other than dtype) in which two architectures differ, as `config.json key: a vs b`."""
+        """Fields that change the math and differ, as `config.json key: a vs b` (see _NOT_MATH)."""
         out = []
         for f in dataclasses.fields(self):
-            if f.name == "dtype":
-                continue
             a, b = getattr(self, f.name), getattr(other, f.name)
-            if a != b and not (f.name == "sliding_windows" and self.num_layers != other.num_layers):
+            if f.name in _NOT_MATH:
+                continue
+            if a == b or (f.name == "sliding_windows" and self.num_layers != other.num_layers):
+                continue
+            if f.name == "rope":
+                out += [f"rope {g.name} {getattr(a, g.name)} vs {getattr(b, g.name)}" for g in dataclasses.fields(a)
+                        if getattr(a, g.name) != getattr(b, g.name)]
+            else:
                 out.append(f"{_CONFIG_KEYS.get(f.name, f.name)} {a} vs {b}")
         return out
 
@@ -219,8 +227,9 @@ def parse_arch(data: dict[str, Any], where: str) -> ArchConfig:
         rms_norm_eps=_positive_float(data, "rms_norm_eps", where, 1e-6),
         rope=_parse_rope(data, where, max_pos),
         tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),  # False in all three families
-        qkv_bias=True if family == "qwen2" else bool(data.get("attention_bias", False)),
-        o_bias=False if family == "qwen2" else bool(data.get("attention_bias", False)),
+        # Qwen2 always has q/k/v biases; Mistral never has attention biases; Llama has `attention_bias`.
+        qkv_bias=True if family == "qwen2" else (family == "llama" and bool(data.get("attention_bias", False))),
+        o_bias=family == "llama" and bool(data.get("attention_bias", False)),
         mlp_bias=bool(data.get("mlp_bias", False)) if family == "llama" else False,
         sliding_windows=_parse_windows(data, where, family, num_layers),
         max_position_embeddings=max_pos,
@@ -243,51 +252,66 @@ def _refuse(data: dict[str, Any], where: str) -> None:
 def _parse_rope(data: dict[str, Any], where: str, max_pos: int) -> RopeConfig:
     # New spelling (transformers >= 5): rope_parameters = {rope_type, rope_theta, ...}.
     # Old spelling: top-level rope_theta plus an optional rope_scaling = {type|rope_type, factor, ...}.
-    params = dict(data.get("rope_parameters") or data.get("rope_scaling") or {})
+    raw = data.get("rope_parameters") or data.get("rope_scaling") or {}
+    key = "rope_parameters" if data.get("rope_parameters") else "rope_scaling"
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{where}: `{key}` must be a mapping, got {raw!r}")
+    params = dict(raw)
     if any(isinstance(v, dict) for v in params.values()):
         raise CheckpointError(f"{where}: per-layer-type rope_parameters are not supported")
     rope_type = params.get("rope_type") or params.get("type") or "default"
-    theta = params.get("rope_theta", data.get("rope_theta", 10000.0))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise CheckpointError(
             f"{where}: rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
-    original = params.get("original_max_position_embeddings") or data.get("original_max_position_embeddings") or max_pos
-    try:
-        return RopeConfig(
-            rope_type=rope_type,
-            theta=float(theta),
-            factor=float(params.get("factor") if params.get("factor") is not None else
-                         (max_pos / original if rope_type == "yarn" else 1.0)),
-            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(original),
-            attention_factor=params.get("attention_factor"),
-            beta_fast=float(params.get("beta_fast") or 32),
-            beta_slow=float(params.get("beta_slow") or 1),
-            mscale=params.get("mscale"),
-            mscale_all_dim=params.get("mscale_all_dim"),
-            truncate=bool(params.get("truncate", True)),
-        )
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}: invalid rope settings {params}: {exc}") from None
+    merged = {"rope_theta": data.get("rope_theta", 10000.0), **params}
+    theta = _positive_float(merged, "rope_theta", where, 10000.0)
+    scaled = rope_type in ("llama3", "yarn")
+    # Only llama3 and yarn read the pre-training length; for default/linear it must not make two
+    # configs differ (long-context fine-tunes raise max_position_embeddings and change nothing else).
+    original = 0
+    if scaled:
+        original = _positive_int({"o": params.get("original_max_position_embeddings")
+                                  or data.get("original_max_position_embeddings") or max_pos}, "o", where)
+    default_factor = max_pos / original if rope_type == "yarn" else 1.0
+    num = {k: _positive_float(params, k, where, d) for k, d in (
+        ("factor", default_factor), ("low_freq_factor", 1.0), ("high_freq_factor", 4.0))}
+    for k in ("attention_factor", "mscale", "mscale_all_dim", "beta_fast", "beta_slow"):
+        if params.get(k) is not None:
+            _positive_float(params, k, where, 1.0)
+    return RopeConfig(
+        rope_type=rope_type, theta=theta, factor=num["factor"] if rope_type != "default" else 1.0,
+        low_freq_factor=num["low_freq_factor"], high_freq_factor=num["high_freq_factor"],
+        original_max_position_embeddings=original, attention_factor=params.get("attention_factor"),
+        beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+        mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
+        truncate=bool(params.get("truncate", True)))
+
+
+_QWEN2_MAX_WINDOW_LAYERS = 28  # Qwen2Config's default
+_MISTRAL_SLIDING_WINDOW = 4096  # MistralConfig's default when the key is absent
 
 
 def _parse_windows(data: dict[str, Any], where: str, family: str, num_layers: int) -> tuple[Optional[int], ...]:
-    window = data.get("sliding_window")
+    default = _MISTRAL_SLIDING_WINDOW if family == "mistral" else None
+    window = data.get("sliding_window", default)
+    if window is not None:
+        window = _positive_int({"sliding_window": window}, "sliding_window", where)
     layer_types = data.get("layer_types")
     if layer_types is not None:
-        if len(layer_types) != num_layers:
-            raise CheckpointError(f"{where}: layer_types has {len(layer_types)} entries for {num_layers} layers")
-        unknown = set(layer_types) - {"full_attention", "sliding_attention"}
+        if not isinstance(layer_types, list) or len(layer_types) != num_layers:
+            raise CheckpointError(f"{where}: `layer_types` must be a list of {num_layers} entries (one per layer)")
+        unknown = set(map(str, layer_types)) - {"full_attention", "sliding_attention"}
         if unknown:
             raise CheckpointError(f"{where}: layer_types {sorted(unknown)} are not supported")
         if "sliding_attention" in layer_types and not window:
             raise CheckpointError(f"{where}: layer_types has sliding_attention but sliding_window is not set")
         return tuple(window if t == "sliding_attention" else None for t in layer_types)
     if family == "mistral":
-        return tuple([window or None] * num_layers)
+        return tuple([window] * num_layers)
     if family == "qwen2" and data.get("use_sliding_window") and window:
-        first = int(data.get("max_window_layers", num_layers))
+        first = data.get("max_window_layers", _QWEN2_MAX_WINDOW_LAYERS)
+        if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+            raise CheckpointError(f"{where}: `max_window_layers` must be a non-negative integer, got {first!r}")
         return tuple(window if i >= first else None for i in range(num_layers))
     return tuple([None] * num_layers)
 
