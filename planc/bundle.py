@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from safetensors.torch import load_file
 from torch import nn
 
@@ -16,6 +17,7 @@ from planc.bundle_write import FORMAT_VERSION, MANIFEST
 from planc.chain import ChainModel, build_block, lora_view
 from planc.errors import BundleError
 from planc.jsonfile import read_json_object
+from planc.manifest import validate_manifest
 from planc.models.config import ArchConfig
 from planc.store import verify_file
 
@@ -28,13 +30,8 @@ class Bundle:
         self.blocks = {b["key"]: b for b in manifest["blocks"]}
         self.adapters = {a["key"]: a for a in manifest["adapters"]}
         self.variants = {v["name"]: v for v in manifest["variants"]}
-        for v in self.variants.values():
-            for link in v["chain"]:
-                if link["block"] not in self.blocks or (link["adapter"] and link["adapter"] not in self.adapters):
-                    raise ValueError(f"variant {v['name']} names a block or adapter the manifest does not list")
-        for tok in manifest["tokenizers"].values():
-            tok["dir"], tok["files"].items()
         self._modules: dict[str, nn.Module] = {}
+        self._files: dict[str, dict[str, torch.Tensor]] = {}
 
     @classmethod
     def open(cls, root: str | Path, verify: bool = True) -> "Bundle":
@@ -45,17 +42,15 @@ class Bundle:
         version = manifest.get("format_version")
         if version != FORMAT_VERSION:
             raise BundleError(f"{path}: format_version {version!r}; this planc reads version {FORMAT_VERSION}")
-        try:
-            bundle = cls(root, manifest)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise BundleError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from None
+        bundle = cls(root, validate_manifest(manifest, path))
         if verify:
             bundle.verify()
         return bundle
 
     def verify(self) -> None:
         for entry in list(self.blocks.values()) + list(self.adapters.values()):
-            verify_file(self.root / entry["file"], entry["sha256"])
+            if entry["file"]:
+                verify_file(self.root / entry["file"], entry["sha256"])
         for tok in self.manifest["tokenizers"].values():
             for name, digest in tok["files"].items():
                 verify_file(self.root / tok["dir"] / name, digest)
@@ -73,7 +68,8 @@ class Bundle:
         (block name -> module already loaded for the same chain)."""
         if key not in self._modules:
             entry = self.blocks[key]
-            tensors = load_file(str(self.root / entry["file"]))
+            # A tensor equal to one of another block is stored (and loaded) once, in that block's file.
+            tensors = {rel: self._file(loc["file"])[loc["name"]] for rel, loc in entry["tensors"].items()}
             tied = {}
             for rel, (other, other_rel) in entry["ties"].items():
                 if not chain_modules or other not in chain_modules:
@@ -82,6 +78,11 @@ class Bundle:
                 tied[rel] = chain_modules[other].get_parameter(other_rel)
             self._modules[key] = build_block(entry["kind"], entry["index"], self.arch, tensors, tied)
         return self._modules[key]
+
+    def _file(self, relpath: str) -> dict[str, torch.Tensor]:
+        if relpath not in self._files:
+            self._files[relpath] = load_file(str(self.root / relpath))
+        return self._files[relpath]
 
     def load_chain(self, name: str) -> ChainModel:
         variant = self.variant(name)

@@ -28,19 +28,31 @@ Progress = Optional[Callable[[str], None]]
 
 
 def write_blocks(program: Program, root: Path, progress: Progress = None) -> dict[str, dict[str, Any]]:
-    """Write each zoo block once, reading one block's tensors at a time from its source checkpoint."""
+    """Write each zoo block once, reading one block's tensors at a time from its source checkpoint.
+
+    A tensor equal to one an earlier block already stored (e.g. the frozen MLP of a layer whose
+    attention was fine-tuned) is not written again: the block's entry points at the earlier file.
+    """
     (root / "blocks").mkdir()
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
+    stored_at: dict[str, dict[str, str]] = {}  # content id -> {"file", "name"}
     for key, block in program.zoo.items():
         spec = _spec_of(program, block)
         ckpt = program.models[block.source].checkpoint
-        tensors = {rel: ckpt.tensors[name].read() for rel, name in sorted(spec.params.items())}
-        tmp = root / "blocks" / f".{key}.partial"
-        save_file(tensors, str(tmp), metadata=_file_metadata(block.name, key))
-        del tensors
-        digest, final = store_file(tmp, root / "blocks", "safetensors")
-        out[key] = {"file": f"blocks/{final.name}", "sha256": digest, "file_bytes": final.stat().st_size,
-                    "ties": {rel: list(t) for rel, t in sorted(spec.ties.items())}}
+        ids = {rel: cid for rel, cid, _ in block.tensors}
+        own = {rel: ckpt.tensors[name].read() for rel, name in sorted(spec.params.items()) if ids[rel] not in stored_at}
+        entry: dict[str, Any] = {"file": None, "sha256": None, "file_bytes": 0,
+                                 "ties": {rel: list(t) for rel, t in sorted(spec.ties.items())}}
+        if own:
+            tmp = root / "blocks" / f".{key}.partial"
+            save_file(own, str(tmp), metadata=_file_metadata(block.name, key))
+            digest, final = store_file(tmp, root / "blocks", "safetensors")
+            entry.update(file=f"blocks/{final.name}", sha256=digest, file_bytes=final.stat().st_size)
+            for rel in own:
+                stored_at.setdefault(ids[rel], {"file": entry["file"], "name": rel})
+        del own
+        entry["tensors"] = {rel: stored_at[ids[rel]] for rel in sorted(ids)}
+        out[key] = entry
         if progress:
             progress(block.name)
     return out
@@ -101,8 +113,11 @@ def build_manifest(program: Program, backend: str, blocks: dict, adapters: dict,
             "input": {"field": entry.field, "path": _rel(source, spec_root),
                       "digest": program.input_digests[name]},
         })
-    unique_param_bytes = sum(b.nbytes for b in zoo.values()) + sum(d.nbytes for d in adapter_zoo.values())
-    stored = sum(b["file_bytes"] for b in blocks.values()) + sum(a["file_bytes"] for a in adapters.values())
+    unique_tensors = {cid: n for b in zoo.values() for _, cid, n in b.tensors}
+    unique_param_bytes = sum(unique_tensors.values()) + sum(d.nbytes for d in adapter_zoo.values())
+    # A file shared by two entries (equal content) is one file on disk: count each file once.
+    files = {e["file"]: e["file_bytes"] for e in list(blocks.values()) + list(adapters.values()) if e["file"]}
+    stored = sum(files.values())
     logical = sum(v["logical_bytes"] for v in variants)
     return {
         "format_version": FORMAT_VERSION,

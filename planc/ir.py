@@ -47,6 +47,8 @@ class BlockFingerprint:
     weight_hash: str
     nbytes: int
     num_params: int
+    tensors: tuple[tuple[str, str, int], ...] = ()
+    """(name inside the block, content id, bytes) per stored tensor; equal ids are equal tensors."""
 
     @property
     def key(self) -> str:
@@ -89,6 +91,8 @@ class ZooBlock:
     source: str
     """The first model holding it; its checkpoint is where the bytes are read from."""
     users: list[str] = field(default_factory=list)
+    tensors: tuple[tuple[str, str, int], ...] = ()
+    """(name inside the block, content id, bytes): tensors equal across blocks are stored once."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 from planc.errors import BundleError, PlancError
+from planc.manifest import is_planc_manifest
 
 _CHUNK = 8 * 1024 * 1024
 
@@ -50,7 +51,7 @@ def check_output_dir(out: Path) -> Path:
     if out.exists() or out.is_symlink():
         if not out.is_dir() or out.is_symlink():
             raise PlancError(f"--out {out} exists and is not a directory; refusing to replace it")
-        if any(out.iterdir()) and not (out / "manifest.json").is_file():
+        if any(out.iterdir()) and not is_planc_manifest(out / "manifest.json"):
             raise PlancError(f"--out {out} exists and is not a planc bundle (no manifest.json); refusing to replace it")
     for parent in out.parents:
         if parent.exists():

@@ -157,3 +157,55 @@ def test_output_that_is_not_a_bundle_is_never_replaced(tiny_example, tmp_path):
         planc.emit(program, out=precious)
     assert (precious / "model.safetensors").read_text() == "weights"
     planc.emit(program, out=tmp_path / "empty")  # an empty directory is fine
+
+
+def test_frozen_tensors_inside_changed_blocks_are_stored_once(tmp_path, tokenizer_dir):
+    """Attention-only fine-tunes change every layer block but not its MLP: the MLP is stored once."""
+    from planc.example.checkpoints import hf_config, perturb, random_state
+    from tests.helpers import write_project
+
+    cfg = hf_config("llama")
+    base = random_state(cfg)
+    models = {"base": base}
+    for i in range(3):
+        models[f"attn{i}"] = perturb(base, lambda k: "self_attn.q_proj" in k or "self_attn.v_proj" in k, seed=i + 1)
+    program = planc.compile(planc.load(write_project(tmp_path, tokenizer_dir, models)))
+    out = planc.emit(program, out=tmp_path / "bundle")
+    t = json.loads((out / "manifest.json").read_text())["totals"]
+    unique = sum(v.numel() * 4 for v in base.values())  # the base...
+    per_variant = sum(v.numel() * 4 for k, v in base.items() if "q_proj" in k or "v_proj" in k)
+    unique += 3 * per_variant  # ...plus each variant's q/v projections, nothing else
+    assert t["unique_param_bytes"] == unique
+    assert unique <= t["stored_bytes"] <= 1.01 * unique
+    bundle = planc.Bundle.open(out)
+    a = bundle.load_chain("attn0").blocks[1]
+    b = bundle.load_chain("attn1").blocks[1]
+    assert a is not b and a.mlp.up_proj.weight.data_ptr() == b.mlp.up_proj.weight.data_ptr()
+    ids = torch.randint(0, 256, (1, 7))
+    from planc.models.llama import build_model
+    from planc.models.config import parse_arch
+    model = build_model(parse_arch(cfg, "c"))
+    model.load_state_dict(models["attn2"])
+    assert torch.allclose(bundle.load_chain("attn2")(ids), model.eval()(ids).detach(), atol=1e-6)
+
+
+def test_manifest_paths_must_stay_inside_the_bundle(tiny_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["blocks"][0]["file"] = "../../etc/passwd"
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="leaves the bundle"):
+        planc.Bundle.open(copy)
+
+
+def test_a_directory_with_someone_elses_manifest_is_not_replaced(tiny_example, tmp_path):
+    other = tmp_path / "webext"
+    other.mkdir()
+    (other / "manifest.json").write_text('{"manifest_version": 3}')
+    (other / "background.js").write_text("x")
+    with pytest.raises(planc.PlancError, match="not a planc bundle"):
+        planc.emit(planc.compile(planc.load(tiny_example)), out=other)
+    assert (other / "background.js").exists()
