@@ -29,7 +29,10 @@ class Backend(Protocol):
 _BACKENDS: dict[str, Backend] = {}
 
 
-def register_backend(backend: Backend) -> Backend:
+def register_backend(backend: Backend, replace: bool = False) -> Backend:
+    """Make `backend` available by its name; replacing an existing one must be asked for."""
+    if backend.name in _BACKENDS and not replace and _BACKENDS[backend.name] is not backend:
+        raise PlancError(f"a backend named {backend.name!r} is already registered (pass replace=True to replace it)")
     _BACKENDS[backend.name] = backend
     return backend
 

@@ -6,22 +6,25 @@ Systems, measured in the same run on the same inputs:
   each variant is its own full model, batched only within itself;
 - transformers: `generate` per request, one at a time, in a child process (no server); LoRA
   variants as peft merged models.
-Both servers run as real subprocesses on 127.0.0.1 (`--threads 1`, OMP_NUM_THREADS=1, the same
-`--kv-cache-mb`). Load is closed loop at each concurrency: streaming /v1/completions, prompts of
-PROMPT_LEN token ids, temperature 0, ignore_eos, fixed max_tokens, round-robin over the variants.
-Peak RSS is the server's own VmHWM (/proc/PID/status; reset by exec, unlike ru_maxrss).
+Both servers are real `planc serve` subprocesses on 127.0.0.1 (`--threads 1`, OMP_NUM_THREADS=1,
+the same `--kv-cache-mb`). Load is closed loop at each concurrency: streaming /v1/completions,
+prompts of --prompt-len token ids, temperature 0, ignore_eos, fixed max_tokens, round-robin over
+the variants; one untimed request per variant first. TTFT = first SSE chunk with text; TPOT =
+(last - first) / (completion_tokens - 1). Peak RSS is the server's own VmHWM from /proc/PID/status
+(reset by exec, unlike ru_maxrss).
 
-Models: the tiny example (4 variants) and a ~100M Llama (hidden 768, 12 layers, 12/4 heads,
-intermediate 2048, vocab 16000, random weights): base, 6 partial fine-tunes (top 2 layers + norm +
-head) and 2 LoRA adapters (rank 8 on q/v). Its tokenizer is a 16000-word WordLevel one, so every
-output id decodes to text and yields one SSE chunk (with the tiny example's 512-token tokenizer,
-ids >= 512 decode to nothing and would send no chunk to time).
+Models: the tiny example (base, legal partial, support full, chat LoRA: 4 variants) and a ~100M
+Llama (hidden 768, 12 layers, 12/4 heads, intermediate 2048, vocab 16000, random weights): a base
+plus 8 variants, 6 partial fine-tunes (top 2 layers + norm + head) and 2 LoRA adapters (rank 8 on
+q/v); requests go to the 8 variants. Its tokenizer is a 16000-word WordLevel one, so every output
+id decodes to text and gets its own SSE chunk (the tiny example's 512-token tokenizer decodes ids
+>= 512 to nothing, which would leave most tokens without a chunk to time).
 
     OMP_NUM_THREADS=1 python benchmarks/serve_load.py [--quick] [--models tiny,100m] [--levels 1,8,32]
 """
 from __future__ import annotations
 
-import argparse, asyncio, datetime, json, os, platform, re, shutil, subprocess, sys, time  # noqa: E401
+import argparse, asyncio, datetime, hashlib, json, os, platform, random, re, shutil, subprocess, sys, time  # noqa: E401
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -30,6 +33,7 @@ SHAPE_100M = dict(vocab_size=16000, hidden_size=768, intermediate_size=2048, num
                   num_attention_heads=12, num_key_value_heads=4, bos_token_id=0, eos_token_id=1, pad_token_id=2)
 PARTIAL_100M, LORA_100M = [f"ft{i}" for i in range(1, 7)], ["lora1", "lora2"]
 MB = 1e6
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 # ---------------------------------------------------------------- inputs and bundles
@@ -73,44 +77,47 @@ def big_spec() -> Path:
     return root / "model.yaml"
 
 
+def compiler_digest() -> str:
+    """Hash of the compiler's sources (not the runtime's): a cached bundle is rebuilt when they change."""
+    import planc
+    root = Path(planc.__file__).parent
+    files = sorted(f for d in (root, root.parent / "passes") for f in d.rglob("*.py") if "runtime" not in f.parts)
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+
+
 def bundle(model: str, spec: Path, shared: bool) -> Path:
     import planc
     from planc.passes import DedupePass
-    out = BUNDLES / f"{model}-{'shared' if shared else 'permodel'}"
-    if not (out / ".done").is_file():
+    out, digest = BUNDLES / f"{model}-{'shared' if shared else 'permodel'}", compiler_digest()
+    if not (out / ".done").is_file() or (out / ".done").read_text() != digest:
         shutil.rmtree(out, ignore_errors=True)
         print(f"compiling {out.name}", file=sys.stderr, flush=True)
         passes = None if shared else [p for p in planc.default_pipeline() if p.name != "dedupe"] + [DedupePass(False)]
         planc.emit(planc.compile(planc.load(spec), passes=passes), out=out)
-        (out / ".done").write_text("")
+        (out / ".done").write_text(digest)
     return out
 
 
-# ---------------------------------------------------------------- the server and the client
+# ---------------------------------------------------------------- the servers and the client
 def vm(pid: int, key: str) -> float:
     line = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith(key + ":"))
     return int(line.split()[1]) * 1024 / MB
 
 
 def start_server(path: Path, kv_mb: float) -> tuple[subprocess.Popen, str]:
+    import httpx
     proc = subprocess.Popen([sys.executable, "-m", "planc.cli", "serve", str(path), "--port", "0", "--threads", "1",
                              "--kv-cache-mb", str(kv_mb)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for line in proc.stdout:
-        if m := re.search(r"listening on (http://127\.0\.0\.1:\d+)", line):
-            url = m.group(1)
-            break
-    else:
-        raise SystemExit(f"planc serve {path} exited with {proc.wait()}")
-    import httpx
-    for _ in range(300):
+                            text=True, env=ENV)
+    url = next((m.group(1) for line in proc.stdout if (m := re.search(r"listening on (http://\S+:\d+)", line))), None)
+    for _ in range(300 if url else 0):
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             time.sleep(0.1)
     proc.kill()
-    raise SystemExit(f"planc serve {path} never became healthy")
+    raise SystemExit(f"planc serve {path} did not start (exit status {proc.wait()})")
 
 
 async def one_request(client, url: str, variant: str, prompt: list[int], max_tokens: int) -> dict:
@@ -120,12 +127,11 @@ async def one_request(client, url: str, variant: str, prompt: list[int], max_tok
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk["choices"] and chunk["choices"][0]["text"]:
-                times.append(time.perf_counter())
-            usage = chunk.get("usage") or usage
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                if chunk["choices"] and chunk["choices"][0]["text"]:
+                    times.append(time.perf_counter())
+                usage = chunk.get("usage") or usage
     n = usage["completion_tokens"]
     return {"ttft": times[0] - t0, "tpot": (times[-1] - times[0]) / (n - 1) if n > 1 else None, "tokens": n,
             "chunks": len(times), "end": times[-1]}
@@ -133,6 +139,7 @@ async def one_request(client, url: str, variant: str, prompt: list[int], max_tok
 
 async def closed_loop(url: str, variants: list[str], prompts: list[list[int]], concurrency: int, requests: int,
                       max_tokens: int, cap_s: float) -> dict:
+    """`concurrency` clients, each sending its next request when the last one ends; none after cap_s."""
     import httpx
     results, counter = [], iter(range(requests))
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
@@ -143,13 +150,13 @@ async def closed_loop(url: str, variants: list[str], prompts: list[list[int]], c
             for i in counter:
                 if time.perf_counter() - t0 > cap_s:
                     return
-                results.append(await one_request(client, url, variants[i % len(variants)],
-                                                 prompts[i % len(prompts)], max_tokens))
+                results.append(await one_request(client, url, variants[i % len(variants)], prompts[i % len(prompts)],
+                                                 max_tokens))
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return summarize(results, max(r["end"] for r in results) - t0)
 
 
-def pct(xs: list[float], q: float) -> float:
+def pct(xs: list, q: float) -> float:
     xs = sorted(x for x in xs if x is not None)
     k = (len(xs) - 1) * q
     lo = int(k)
@@ -157,31 +164,28 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def summarize(results: list[dict], wall: float) -> dict:
-    tokens = sum(r["tokens"] for r in results)
-    ttft, tpot = [r["ttft"] for r in results], [r["tpot"] for r in results]
+    tokens, ttft, tpot = sum(r["tokens"] for r in results), [r["ttft"] for r in results], [r["tpot"] for r in results]
     return {"requests": len(results), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
-            "ttft_p50": pct(ttft, .5), "ttft_p95": pct(ttft, .95), "tpot_p50": pct(tpot, .5),
-            "tpot_p95": pct(tpot, .95), "chunk_mismatch": sum(r["chunks"] != r["tokens"] for r in results)}
+            "ttft_p50": pct(ttft, .5), "ttft_p95": pct(ttft, .95), "tpot_p50": pct(tpot, .5), "tpot_p95": pct(tpot, .95),
+            "chunk_mismatch": sum(r["chunks"] != r["tokens"] for r in results)}
 
 
-def prompts_for(n: int, length: int, top: int = 500) -> list[list[int]]:
-    import random
-    rng = random.Random(0)
-    return [[rng.randrange(3, top) for _ in range(length)] for _ in range(n)]
+def prompts_for(n: int, length: int) -> list[list[int]]:
+    rng = random.Random(0)  # ids < 500 are valid for both tokenizers
+    return [[rng.randrange(3, 500) for _ in range(length)] for _ in range(n)]
 
 
-def bench_server(path: Path, args, levels: list[int]) -> dict:
-    variants = [v["name"] for v in json.loads((path / "manifest.json").read_text())["variants"]]
+def bench_server(path: Path, variants: list[str], args, levels: list[int]) -> dict:
     prompts = prompts_for(16, args.prompt_len)
     proc, url = start_server(path, args.kv_cache_mb)
     try:
-        out = {"rss_after_load_mb": vm(proc.pid, "VmRSS"), "levels": {}}
+        out = {"rss_after_start_mb": vm(proc.pid, "VmRSS"), "levels": {}}
         asyncio.run(closed_loop(url, variants, prompts, len(variants), len(variants), 4, 60))  # warm-up
         for c in levels:
             load = os.getloadavg()[0]
             r = asyncio.run(closed_loop(url, variants, prompts, c, max(2 * c, args.min_requests), args.max_tokens,
                                         args.cap_s))
-            out["levels"][c] = {**r, "vmhwm_mb": vm(proc.pid, "VmHWM"), "loadavg": load}
+            out["levels"][c] = {**r, "vmhwm_mb": vm(proc.pid, "VmHWM"), "loadavg": [load, os.getloadavg()[0]]}
             print(f"  {path.name} c={c}: {r['tok_s']:.1f} tok/s, TPOT p50 {r['tpot_p50'] * 1e3:.1f} ms",
                   file=sys.stderr, flush=True)
         out["peak_rss_mb"] = vm(proc.pid, "VmHWM")
@@ -192,58 +196,53 @@ def bench_server(path: Path, args, levels: list[int]) -> dict:
 
 
 # ---------------------------------------------------------------- transformers generate (child process)
-def hf_child(spec: str, requests: int, prompt_len: int, max_tokens: int) -> None:
+def hf_child(spec: str, names: list[str], requests: int, prompt_len: int, max_tokens: int) -> None:
     import torch, yaml  # noqa: E401
     from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
     torch.set_num_threads(1)
     s, root = yaml.safe_load(Path(spec).read_text()), Path(spec).parent
-    variants = [(s["base"]["name"], s["base"]["path"], None)] + [(v["name"], v.get("path"), v.get("adapter"))
-                                                              for v in s["variants"]]
+    models = {s["base"]["name"]: (s["base"]["path"], None), **{v["name"]: (v.get("path"), v.get("adapter"))
+                                                              for v in s["variants"]}}
 
     class Clock(BaseStreamer):
         def __init__(self):
             self.times = []
 
-        def put(self, value):
+        def put(self, value):  # called with the prompt, then once per new token
             self.times.append(time.perf_counter())
 
         def end(self):
             pass
 
-    def load(path, adapter):
+    def generate(model, prompt, n, clock=None):
+        x = torch.tensor([prompt])
+        with torch.no_grad():
+            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           streamer=clock, pad_token_id=0)
+
+    prompts, results = prompts_for(16, prompt_len), []
+    for vi, name in enumerate(names):
+        path, adapter = models[name]
         model = AutoModelForCausalLM.from_pretrained(root / (path or s["base"]["path"]), dtype=torch.float32)
         if adapter:
             from peft import PeftModel
             model = PeftModel.from_pretrained(model, root / adapter).merge_and_unload()
-        return model.eval()
-
-    prompts, results = prompts_for(16, prompt_len), []
-
-    def generate(model, prompt, n, clock=None):
-        x = torch.tensor([prompt])
-        with torch.no_grad():
-            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, streamer=clock, pad_token_id=0)
-
-    for vi, (name, path, adapter) in enumerate(variants):
-        model = load(path, adapter)
-        generate(model, prompts[0], 4)  # warm-up, untimed (the servers get one request per variant too)
-        for i in range(vi, requests, len(variants)):
+        generate(model.eval(), prompts[0], 4)  # untimed warm-up, as the servers get
+        for i in range(vi, requests, len(names)):
             clock, t0 = Clock(), time.perf_counter()
             generate(model, prompts[i % len(prompts)], max_tokens, clock)
-            t = clock.times[1:]  # the first put() is the prompt
+            t = clock.times[1:]
             results.append({"ttft": t[0] - t0, "tpot": (t[-1] - t[0]) / (len(t) - 1), "tokens": len(t),
                             "chunks": len(t), "end": t[-1] - t0})
         del model
-    busy = sum(r["end"] for r in results)  # requests run back to back; model loading is not counted
-    print(json.dumps(summarize(results, busy)))
+    print(json.dumps(summarize(results, sum(r["end"] for r in results))))  # back to back; loading not counted
 
 
-def bench_hf(spec: Path, args, n_variants: int) -> dict:
-    n = max(args.min_requests, 2 * n_variants)
-    proc = subprocess.run([sys.executable, __file__, "--hf-child", str(spec), str(n), str(args.prompt_len),
-                           str(args.max_tokens)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def bench_hf(spec: Path, variants: list[str], args) -> dict:
+    n = max(args.min_requests, 2 * len(variants))
+    proc = subprocess.run([sys.executable, __file__, "--hf-child", str(spec), ",".join(variants), str(n),
+                           str(args.prompt_len), str(args.max_tokens)], capture_output=True, text=True, env=ENV)
     if proc.returncode:
         raise SystemExit(f"transformers baseline failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -253,36 +252,34 @@ def bench_hf(spec: Path, args, n_variants: int) -> dict:
 def targets(r: dict, levels: list[int]) -> dict:
     top, a, b, hf = max(levels), r["planc"], r["per_model"], r["transformers"]
     budget = r["unique_weight_mb"] + r["kv_cache_mb"] * 2**20 / MB + 300
-    out = {"rss_budget_mb": budget, "rss_ok": a["peak_rss_mb"] <= budget}
-    out["throughput_ratio"] = a["levels"][top]["tok_s"] / b["levels"][top]["tok_s"]
-    out["tpot_p95_ratio"] = a["levels"][top]["tpot_p95"] / b["levels"][top]["tpot_p95"]
-    if 1 in levels:
-        out["batch1_decode_vs_hf"] = hf["tpot_p50"] / a["levels"][1]["tpot_p50"]
-    return out
+    return {"rss_budget_mb": budget, "rss_ok": a["peak_rss_mb"] <= budget,
+            "throughput_ratio": a["levels"][top]["tok_s"] / b["levels"][top]["tok_s"],
+            "tpot_p95_ratio": a["levels"][top]["tpot_p95"] / b["levels"][top]["tpot_p95"],
+            "batch1_decode_vs_hf": hf["tpot_p50"] / a["levels"][1]["tpot_p50"] if 1 in levels else None}
 
 
 def print_tables(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
-    t = Table(title="planc serve: closed-loop streaming load (TTFT/TPOT in ms, RSS = server VmHWM)")
-    for col in ("model", "system", "conc", "reqs", "out tok/s", "TTFT p50", "TTFT p95", "TPOT p50", "TPOT p95", "peak RSS MB"):
+    ms = ("ttft_p50", "ttft_p95", "tpot_p50", "tpot_p95")
+    t = Table(title="planc serve, closed-loop streaming load (TTFT/TPOT in ms; RSS = server VmHWM so far)")
+    for col in ("model", "system", "conc", "reqs", "out tok/s", *ms, "peak RSS MB"):
         t.add_column(col, justify="right")
     for model, r in results.items():
         for system in ("planc", "per_model"):
             for c, x in r[system]["levels"].items():
-                t.add_row(model, system, str(c), str(x["requests"]), f"{x['tok_s']:.1f}", *(f"{x[k] * 1e3:.1f}" for k in
-                          ("ttft_p50", "ttft_p95", "tpot_p50", "tpot_p95")), f"{x['vmhwm_mb']:.0f}")
+                t.add_row(model, system, str(c), str(x["requests"]), f"{x['tok_s']:.1f}",
+                          *(f"{x[k] * 1e3:.1f}" for k in ms), f"{x['vmhwm_mb']:.0f}")
         x = r["transformers"]
-        t.add_row(model, "transformers", "1", str(x["requests"]), f"{x['tok_s']:.1f}",
-                  *(f"{x[k] * 1e3:.1f}" for k in ("ttft_p50", "ttft_p95", "tpot_p50", "tpot_p95")), "-")
-    g = Table(title="targets (issue 3)")
-    for col in ("model", "tok/s planc/per-model @max c (>= 2)", "p95 TPOT planc/per-model (<= 0.5)",
-                "peak RSS MB vs budget", "batch-1 decode vs transformers (>= 0.9)"):
+        t.add_row(model, "transformers", "1", str(x["requests"]), f"{x['tok_s']:.1f}", *(f"{x[k] * 1e3:.1f}" for k in ms), "-")
+    g = Table(title="issue 3 targets")
+    for col in ("model", "tok/s planc/per-model at max c (>= 2)", "p95 TPOT planc/per-model (<= 0.5)",
+                "planc peak RSS / budget MB", "batch-1 decode speed planc/transformers (>= 0.9)"):
         g.add_column(col, justify="right")
     for model, r in results.items():
-        x = r["targets"]
+        x, b1 = r["targets"], r["targets"]["batch1_decode_vs_hf"]
         g.add_row(model, f"{x['throughput_ratio']:.2f}", f"{x['tpot_p95_ratio']:.2f}",
-                  f"{r['planc']['peak_rss_mb']:.0f} / {x['rss_budget_mb']:.0f}", f"{x.get('batch1_decode_vs_hf', 0):.2f}")
+                  f"{r['planc']['peak_rss_mb']:.0f} / {x['rss_budget_mb']:.0f}", "-" if b1 is None else f"{b1:.2f}")
     console = Console(width=200)
     console.print(t)
     console.print(g)
@@ -291,23 +288,26 @@ def print_tables(results: dict) -> None:
 def machine() -> dict:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "nproc": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    git = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                         cwd=Path(__file__).parent).stdout.strip()
+    return {"cpu": cpu, "nproc": os.cpu_count(), "git": git, "python": platform.python_version(),
+            "platform": platform.platform(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
 def run_model(model: str, args, levels: list[int]) -> dict:
     spec = tiny_spec() if model == "tiny" else big_spec()
     shared, per = bundle(model, spec, True), bundle(model, spec, False)
     manifest = json.loads((shared / "manifest.json").read_text())
-    r = {"variants": [v["name"] for v in manifest["variants"]], "kv_cache_mb": args.kv_cache_mb,
+    served = [v["name"] for v in manifest["variants"]]
+    variants = served if model == "tiny" else PARTIAL_100M + LORA_100M  # the 100m's base gets no requests
+    r = {"served": served, "variants": variants, "kv_cache_mb": args.kv_cache_mb,
          "unique_weight_mb": manifest["totals"]["unique_param_bytes"] / MB,
          "per_model_weight_mb": json.loads((per / "manifest.json").read_text())["totals"]["unique_param_bytes"] / MB}
-    print(f"{model}: planc", file=sys.stderr, flush=True)
-    r["planc"] = bench_server(shared, args, levels)
-    print(f"{model}: per-model", file=sys.stderr, flush=True)
-    r["per_model"] = bench_server(per, args, levels)
+    for key, path in (("planc", shared), ("per_model", per)):
+        print(f"{model}: {key}", file=sys.stderr, flush=True)
+        r[key] = bench_server(path, variants, args, levels)
     print(f"{model}: transformers", file=sys.stderr, flush=True)
-    r["transformers"] = bench_hf(spec, args, len(r["variants"]))
+    r["transformers"] = bench_hf(spec, variants, args)
     r["targets"] = targets(r, levels)
     return r
 
@@ -320,14 +320,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--min-requests", type=int, default=16, help="requests per level: max(2 * concurrency, this)")
-    ap.add_argument("--cap-s", type=float, default=120, help="no new requests after this many seconds in a level")
-    ap.add_argument("--kv-cache-mb", type=float, default=64, help="KV budget of both servers")
+    ap.add_argument("--cap-s", type=float, default=120, help="no new request after this many seconds of a level")
+    ap.add_argument("--kv-cache-mb", type=float, default=64, help="KV budget of both servers (MiB)")
     ap.add_argument("--out", type=Path, default=OUT / "serve_load.json")
-    ap.add_argument("--hf-child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--hf-child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.hf_child:
-        spec, n, plen, mt = args.hf_child
-        return hf_child(spec, int(n), int(plen), int(mt))
+        spec, names, n, plen, mt = args.hf_child
+        return hf_child(spec, names.split(","), int(n), int(plen), int(mt))
     models = ["tiny"] if args.quick else [m for m in args.models.split(",") if m]
     levels = [int(c) for c in args.levels.split(",")]
     t0 = time.perf_counter()

@@ -40,7 +40,8 @@ class DedupePass(Pass):
                 block = zoo.get(key)
                 if block is None:
                     block = zoo[key] = ZooBlock(key, spec.name, spec.kind, spec.index, fp.structure_hash,
-                                                fp.weight_hash, fp.nbytes, fp.num_params, source=name)
+                                                fp.weight_hash, fp.nbytes, fp.num_params, source=name,
+                                                tensors=fp.tensors)
                 block.users.append(name)
                 delta = deltas.get(spec.name)
                 if delta is not None:

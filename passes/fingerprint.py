@@ -19,6 +19,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx
 
+from planc.errors import PlancError
 from planc.ir import AdapterDelta, BlockFingerprint, BlockSpec, LoraDelta
 from planc.models.checkpoint import Checkpoint
 from planc.models.lora import Adapter
@@ -92,6 +93,11 @@ def tensor_hash(ref: TensorRef) -> str:
     return h.hexdigest()
 
 
+def content_id(ref: TensorRef, digest: str) -> str:
+    """Identity of one tensor's value: dtype, shape and bytes."""
+    return hashlib.sha256(f"{ref.dtype}|{list(ref.shape)}|{digest}".encode()).hexdigest()
+
+
 def weight_hash(items: Iterable[tuple[str, TensorRef, str]], ties: dict[str, str]) -> str:
     """sha256 over (relative name, dtype, shape, content hash) of each tensor, plus tied weight hashes."""
     h = hashlib.sha256()
@@ -119,7 +125,8 @@ def fingerprint_model(ckpt: Checkpoint, specs: list[BlockSpec], structures: dict
         out.append(BlockFingerprint(
             block=spec.name, structure_hash=structures[id(spec)], weight_hash=wh,
             nbytes=sum(r.nbytes for _, r, _ in items),
-            num_params=sum(int(torch.Size(r.shape).numel()) for _, r, _ in items)))
+            num_params=sum(int(torch.Size(r.shape).numel()) for _, r, _ in items),
+            tensors=tuple(sorted((rel, content_id(r, th), r.nbytes) for rel, r, th in items))))
     return out
 
 
@@ -167,6 +174,9 @@ class FingerprintPass(Pass):
         cache: dict[int, tuple[list[BlockFingerprint], str]] = {}
         for name, entry in program.models.items():
             ckpt = entry.checkpoint
+            if not ckpt.tensors:
+                raise PlancError(f"model {name!r} was loaded without weights (planc.load(..., weights=False)); "
+                                 "fingerprint needs them — plan-only pipelines stop before this pass")
             if id(ckpt) not in cache:  # adapter variants reuse the base's fingerprints
                 d = _config_digest(ckpt.raw_config)
                 fps = fingerprint_model(ckpt, program.blocks[name], structures, d)

@@ -39,10 +39,12 @@ def compile(program: Program, passes: Optional[Sequence[Pass]] = None,
     pipeline = list(passes) if passes is not None else default_pipeline()
     names = {p.name for p in pipeline}
     for i, ref in enumerate(program.spec.passes):
-        p = load_pass(ref, program.spec.root, f"{program.spec.source}: passes[{i}]")
-        if p.name not in names:
-            pipeline.append(p)
-            names.add(p.name)
+        where = f"{program.spec.source}: passes[{i}]"
+        p = load_pass(ref, program.spec.root, where)
+        if p.name in names:
+            raise SpecError(f"{where}: a pass named {p.name!r} is already in the pipeline")
+        pipeline.append(p)
+        names.add(p.name)
     return PassManager(pipeline).run(program, ctx or PassContext())
 
 

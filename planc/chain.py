@@ -1,6 +1,6 @@
 """Build block modules from stored tensors and run a variant's chain.
 
-Blocks are loaded once per bundle (``BlockCache``) and shared by every chain that uses them; a
+Blocks are loaded once per bundle (``Bundle.block_module``) and shared by every chain that uses them; a
 LoRA variant's chain wraps the shared block in a view carrying its unmerged deltas.
 """
 from __future__ import annotations

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from planc.bundle import Bundle
+from planc.errors import PlancError
 from planc.models.tokenizer import load_tokenizer
 
 
@@ -49,6 +50,8 @@ def complete(bundle: Bundle, variant: str, prompt: str, max_new_tokens: int = 32
 
     tok = load_tokenizer(bundle.tokenizer_dir(variant))
     prompt_ids = tok.encode(prompt).ids
+    if not prompt_ids:
+        raise PlancError("--prompt: the prompt encodes to no tokens (this tokenizer adds no BOS); give some text")
     engine = Engine(bundle, EngineConfig(kv_cache_bytes=16 * 2**20, max_model_len=len(prompt_ids) + max_new_tokens))
     events = []
     engine.submit(variant, prompt_ids, SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed),

@@ -17,7 +17,7 @@ from planc.errors import CheckpointError
 from planc.ir import AdapterDelta, BlockFingerprint, BlockSpec, Chain, ZooBlock
 from planc.models.checkpoint import Checkpoint
 from planc.models.lora import Adapter
-from planc.models.tokenizer import tokenizer_files
+from planc.models.tokenizer import load_tokenizer, tokenizer_files
 from planc.spec import Spec, field_of
 
 
@@ -113,7 +113,21 @@ def open_models(spec: Spec, weights: bool = True) -> dict[str, ModelEntry]:
                                   f"in {'; '.join(diff[:3])}")
         tok = _own_tokenizer(variant.path, fld) if weights else []
         models[variant.name] = ModelEntry(variant.name, "weights", fld, ckpt, tokenizer=tok or base_tok)
+    if weights:
+        for entry in models.values():
+            _check_vocab(entry)
     return models
+
+
+def _check_vocab(entry: ModelEntry) -> None:
+    """A tokenizer that can emit ids past the embedding would crash the server at the first such token."""
+    tok_json = next((p for p in entry.tokenizer if p.name == "tokenizer.json"), None)
+    if tok_json is None:
+        return
+    size = load_tokenizer(tok_json.parent).get_vocab_size(with_added_tokens=True)
+    vocab = entry.checkpoint.arch.vocab_size
+    if size > vocab:
+        raise CheckpointError(f"{entry.field}: {tok_json} has {size} tokens but the model's vocab_size is {vocab}")
 
 
 def _own_tokenizer(directory: Path, fld: str) -> list[Path]:

@@ -62,13 +62,13 @@ def check_output_dir(out: Path) -> Path:
 
 
 @contextmanager
-def staging_dir(out: Path) -> Iterator[Path]:
+def staging_dir(out: Path, replace_check: bool = True) -> Iterator[Path]:
     """A temporary directory beside `out` that becomes `out` only if the body succeeds.
 
     A failure (or Ctrl-C) removes it; an existing `out` is replaced only after the new one is
     complete, so readers never see a half-written bundle.
     """
-    out = check_output_dir(out)
+    out = check_output_dir(out) if replace_check else Path(out).absolute()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

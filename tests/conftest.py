@@ -13,7 +13,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    """tokenizer.json + tokenizer_config.json + generation_config.json of a small BPE (vocab 256)."""
+    """tokenizer.json + tokenizer_config.json + generation_config.json of a small byte-level BPE (259 tokens)."""
     from planc.example.tiny import TinyExample, train_tokenizer, write_tokenizer
 
     directory = tmp_path_factory.mktemp("tokenizer")

@@ -112,3 +112,17 @@ def test_adapter_for_a_module_the_base_lacks(tmp_path):
     with pytest.raises(CheckpointError, match="variants\\[0\\].adapter: .*adapts model.layers.4.self_attn.q_proj, "
                                               "which the base model does not have"):
         Adapter.open(tmp_path, "variants[0].adapter", _base_shapes(hf_config("llama")))
+
+
+def test_mixed_dtypes_and_bad_patterns_are_refused(tmp_path):
+    cfg = hf_config("llama", dtype="bfloat16")
+    state = random_state(cfg, dtype=torch.bfloat16)
+    state["model.norm.weight"] = state["model.norm.weight"].float()
+    write_checkpoint(tmp_path / "mixed", cfg, state)
+    with pytest.raises(CheckpointError, match="mixed dtypes"):
+        Checkpoint.open(tmp_path / "mixed", "f")
+    write_adapter(tmp_path / "re", hf_config("llama"))
+    cfg_path = tmp_path / "re" / "adapter_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "rank_pattern": {"[": 4}}))
+    with pytest.raises(CheckpointError, match="rank_pattern: pattern '\\[' is not a valid regular expression"):
+        Adapter.open(tmp_path / "re", "variants[0].adapter", _base_shapes(hf_config("llama")))

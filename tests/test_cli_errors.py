@@ -24,7 +24,7 @@ from planc.example.checkpoints import (hf_config, perturb, random_state, top_lay
 
 TIMEOUT_S = 180
 
-BASE_CFG = hf_config("llama")  # 3 layers, hidden 64, vocab 256
+BASE_CFG = hf_config("llama")  # 3 layers, hidden 64, vocab 320
 
 GOOD_YAML = """\
 base: {name: base, path: ./base}

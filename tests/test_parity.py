@@ -86,7 +86,7 @@ def test_chains_match_transformers(name, tmp_path, tokenizer_dir):
 
 def test_transformers_and_peft_written_checkpoints(tmp_path, tokenizer_dir):
     """Files written by transformers' save_pretrained (sharded) and peft's save_pretrained load and match."""
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, rope_theta=30000.0)
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(cfg)

@@ -59,3 +59,9 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(SpecError, match="no such file"):
         load_spec(tmp_path / "nope.yaml")
+
+
+def test_duplicate_keys_are_refused(tmp_path):
+    path = _yaml(tmp_path, "base: {path: ./a}\nbase: {path: ./b}\n")
+    with pytest.raises(SpecError, match=r"model\.yaml:2:1: YAML syntax error: duplicate key 'base'"):
+        load_spec(path)

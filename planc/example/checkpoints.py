@@ -30,7 +30,7 @@ FAMILY_DEFAULTS = {
 
 def hf_config(family: str, **overrides) -> dict:
     """A small config.json dict of `family`; `overrides` set any field (e.g. head_dim, rope_scaling)."""
-    cfg = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 3,
+    cfg = {"vocab_size": 320, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 3,
            "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu",
            "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "bos_token_id": 1, "eos_token_id": 2,
            "dtype": "float32", **FAMILY_DEFAULTS[family]}

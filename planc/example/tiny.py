@@ -18,11 +18,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from planc.errors import PlancError
 from planc.example import corpus
 from planc.models.config import parse_arch
 from planc.models.llama import CausalLM
 from planc.models.lora import LoRALinear
 from planc.models.tokenizer import TOKENIZER_FILES
+from planc.store import staging_dir
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n"
@@ -172,15 +174,33 @@ backend: local
 
 def write_tiny_example(out: Path, cfg: TinyExample | None = None,
                        progress: Callable[[str], None] | None = None) -> TinyExample:
-    """Write the tiny example into `out` (created); returns the settings with the training losses."""
-    cfg = cfg or TinyExample()
-    say = progress or (lambda _msg: None)
+    """Write `out/models/` (staged, then renamed into place) and `out/model.yaml`; other files in
+    `out` are left alone. Returns the settings with the training losses."""
     out = Path(out)
+    models = out / "models"
+    if out.exists() and not out.is_dir():
+        raise PlancError(f"{out} exists and is not a directory")
+    if models.exists() and any(models.iterdir()) and not (models / "base" / "config.json").is_file():
+        raise PlancError(f"{models} exists and does not hold a planc example; refusing to replace it")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # these matmuls are small: extra threads cost more than they give on a CPU
+    try:
+        with staging_dir(models, replace_check=False) as root:
+            cfg = _write(root, cfg or TinyExample(), progress)
+        (out / "model.yaml").write_text(MODEL_YAML)
+        return cfg
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _write(models: Path, cfg: TinyExample, progress: Callable[[str], None] | None) -> TinyExample:
+    """Train and write the four models into `models` (a staging directory)."""
+    say = progress or (lambda _msg: None)
     torch.manual_seed(cfg.seed)
     texts = {"general": corpus.general(1500), "legal": corpus.legal(1000), "chat": corpus.chat(700)}
     tok = train_tokenizer(texts.values(), cfg.vocab_size)
     ids = {k: torch.tensor(tok.encode(v, add_special_tokens=False).ids) for k, v in texts.items()}
-    tok_dir = out / "models" / "base"
+    tok_dir = models / "base"
     write_tokenizer(tok, tok_dir, cfg)
     hf = cfg.hf_config()
     arch = parse_arch(hf, "tiny config")
@@ -189,7 +209,7 @@ def write_tiny_example(out: Path, cfg: TinyExample | None = None,
     base = CausalLM(arch)
     _init(base, cfg.seed)
     cfg.losses["base"] = train(base, list(base.parameters()), ids["general"], cfg.base_steps, cfg, cfg.seed)
-    save_checkpoint(base, out / "models" / "base", hf)
+    save_checkpoint(base, models / "base", hf)
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
 
     say("partial fine-tune (legal)")
@@ -197,22 +217,21 @@ def write_tiny_example(out: Path, cfg: TinyExample | None = None,
     top = [legal.model.layers[i] for i in range(cfg.num_layers - cfg.partial_top_layers, cfg.num_layers)]
     params = [p for m in top + [legal.model.norm, legal.lm_head] for p in m.parameters()]
     cfg.losses["legal"] = train(legal, params, ids["legal"], cfg.finetune_steps, cfg, cfg.seed + 1)
-    save_checkpoint(legal, out / "models" / "legal", {**hf, "_name_or_path": "tiny-legal"}, tok_dir)
+    save_checkpoint(legal, models / "legal", {**hf, "_name_or_path": "tiny-legal"}, tok_dir)
 
     say("full fine-tune (support)")
     support = _copy(arch, base_state)
     cfg.losses["support"] = train(support, list(support.parameters()), ids["chat"], cfg.finetune_steps, cfg,
                                   cfg.seed + 2)
-    save_checkpoint(support, out / "models" / "support", {**hf, "_name_or_path": "tiny-support"}, tok_dir)
+    save_checkpoint(support, models / "support", {**hf, "_name_or_path": "tiny-support"}, tok_dir)
 
     say("LoRA adapter (chat)")
     lora_model = _copy(arch, base_state).requires_grad_(False)
     wrapped = _add_lora(lora_model, cfg, torch.Generator().manual_seed(cfg.seed + 3))
     params = [p for w in wrapped.values() for p in (w.lora_a, w.lora_b)]
     cfg.losses["chat"] = train(lora_model, params, ids["chat"], cfg.finetune_steps, cfg, cfg.seed + 3)
-    save_adapter(wrapped, out / "models" / "chat-lora", cfg, "../base")
+    save_adapter(wrapped, models / "chat-lora", cfg, "../base")
 
-    (out / "model.yaml").write_text(MODEL_YAML)
     return cfg
 
 

@@ -102,6 +102,11 @@ def _check_tensors(arch: ArchConfig, tensors: dict[str, TensorRef], directory: P
             raise CheckpointError(f"{directory}: tensor {name!r} has shape {list(ref.shape)}, "
                                   f"config.json implies {list(shape)}")
         out[name] = ref
+    dtypes = sorted({ref.dtype for ref in out.values()})
+    if len(dtypes) > 1:
+        odd = next(n for n, r in out.items() if r.dtype != max(dtypes, key=[r.dtype for r in out.values()].count))
+        raise CheckpointError(f"{directory}: tensors have mixed dtypes {dtypes} (e.g. {odd!r}); planc needs one dtype "
+                              "per checkpoint (save it with a single torch_dtype)")
     missing = [n for n, (_, required) in expected.items() if required and n not in out]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""

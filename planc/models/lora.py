@@ -107,8 +107,11 @@ def _check_positive(value: Any, what: str, where: Path) -> None:
 def _pattern_value(patterns: Optional[dict[str, Any]], module: str, default: Any) -> Any:
     # PEFT matches a pattern key against the end of the module name.
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value
+        except re.error as exc:
+            raise CheckpointError(f"pattern {key!r} is not a valid regular expression: {exc}") from None
     return default
 
 
@@ -121,11 +124,17 @@ def _check_module(cfg: dict[str, Any], cfg_path: Path, weights: Path, module: st
                               f"(adaptable: {', '.join(LORA_TARGETS)} of each layer)")
     out_dim, in_dim = base_shapes[module]
     a, b = ab["A"], ab["B"]
-    rank = int(_pattern_value(cfg.get("rank_pattern"), module, cfg["r"]))
+    try:
+        rank = int(_pattern_value(cfg.get("rank_pattern"), module, cfg["r"]))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{cfg_path}: rank_pattern: {exc}") from None
     if a.shape != (rank, in_dim) or b.shape != (out_dim, rank):
         raise CheckpointError(f"{weights}: {module} lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit "
                               f"rank {rank} on a ({out_dim}, {in_dim}) weight")
-    alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"]))
+    try:
+        alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"]))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{cfg_path}: alpha_pattern: {exc}") from None
     scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     return LoraModule(module, a, b, rank, scaling)
 
