@@ -140,3 +140,39 @@ def test_several_stages_give_the_same_tokens(family_bundle):
     engine = Engine(bundle, config, stages=stages)
     assert _run_all(engine, requests, params) == one
     assert [s.layers for s in stages] == [[0], [1], [2]]  # each stage holds the KV of its own layers only
+
+
+def test_a_failing_step_fails_its_sequences_not_the_engine(family_bundle):
+    import threading
+
+    bundle, _ = family_bundle
+    engine = Engine(bundle)
+    events = []
+    original = engine.stages[0].run
+    calls = {"n": 0}
+
+    def flaky(*args):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return original(*args)
+
+    engine.stages[0].run = flaky
+    stop = threading.Event()
+    thread = threading.Thread(target=engine.run, args=(stop,), daemon=True)
+    thread.start()
+    engine.submit("base", PROMPTS[0], SamplingParams(max_tokens=3, temperature=0.0), events.append)
+    for _ in range(200):
+        if events and events[-1].finished:
+            break
+        threading.Event().wait(0.05)
+    assert events[-1].finish_reason == "error" and "boom" in events[-1].error
+    done = []
+    engine.submit("base", PROMPTS[1], SamplingParams(max_tokens=3, temperature=0.0), done.append)
+    for _ in range(200):
+        if done and done[-1].finished:
+            break
+        threading.Event().wait(0.05)
+    stop.set()
+    thread.join(5)
+    assert done[-1].finish_reason == "length" and len(done) == 4  # the engine kept serving after the failure

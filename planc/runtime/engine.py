@@ -12,6 +12,7 @@ import itertools
 import queue
 import threading
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -151,8 +152,16 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop (engine thread)
     def run(self, stop: threading.Event) -> None:
+        """The engine thread's loop. A failing step fails the sequences in it, not the server."""
         while not stop.is_set():
-            if not self.step():
+            try:
+                busy = self.step()
+            except Exception as exc:  # a bug must not leave every client waiting forever
+                traceback.print_exc()
+                for seq in list(self.running) + list(self.waiting):
+                    self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+                continue
+            if not busy:
                 self._wake.wait(0.05)
                 self._wake.clear()
 

@@ -199,6 +199,9 @@ class _Run:
                 if await request.is_disconnected():
                     self.abort()
                     raise asyncio.CancelledError
+        if event.error is not None and event.finish_reason == "error":
+            self._finish("error", status="500")
+            raise ApiError(500, f"the engine failed on this request: {event.error}")
         if event.token_id is not None:
             self._token()
             text = self.detok.add(event.token_id)
@@ -215,14 +218,14 @@ class _Run:
             self.first = now
             self.state.metrics.ttft.labels(self.req.variant).observe(now - self.start)
 
-    def _finish(self, reason: str) -> str:
+    def _finish(self, reason: str, status: str = "200") -> str:
         if not self.done:
             self.done = True
             m, v = self.state.metrics, self.req.variant
             m.generation_tokens.labels(v).inc(self.count)
             if self.first is not None and self.count > 1:
                 m.tpot.labels(v).observe((time.monotonic() - self.first) / (self.count - 1))
-            m.requests.labels(v, "200").inc()
+            m.requests.labels(v, status).inc()
         return reason
 
     def abort(self) -> None:
@@ -246,7 +249,11 @@ class _Run:
             if chat:
                 yield _sse(completion_body(self.rid, variant, "", None, True, None, delta=True, first=True))
             while True:
-                text, finish = await self.next_piece(request)
+                try:
+                    text, finish = await self.next_piece(request)
+                except ApiError as exc:  # headers are sent: report in-band, as OpenAI's stream does
+                    yield _sse(exc.body())
+                    break
                 if text or finish:
                     yield _sse(completion_body(self.rid, variant, text, finish, chat, None, delta=chat))
                 if finish:
