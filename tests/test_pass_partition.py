@@ -23,6 +23,16 @@ def _partition(family="llama", **overrides):
     return model, gm, partition_graph(gm, HFBlockPolicy())
 
 
+@torch.no_grad()
+def _assert_blocks_compose(specs, model) -> None:
+    """Running the block GraphModules one after another gives exactly the whole model's output."""
+    x = ids()
+    h = x
+    for spec in specs:
+        h = spec.graph(h)
+    assert torch.equal(h, model(x))
+
+
 def test_blocks_in_chain_order_with_boundaries():
     _, gm, specs = _partition()
     assert [s.name for s in specs] == ["embedding", "layer.0", "layer.1", "layer.2", "head"]
@@ -39,12 +49,7 @@ def test_block_graphs_have_one_input_one_output_and_compose_to_the_model():
     for spec in specs:
         ops = [n.op for n in spec.graph.graph.nodes]
         assert ops.count("placeholder") == 1 and ops.count("output") == 1
-    x = ids()
-    h = x
-    with torch.no_grad():
-        for spec in specs:
-            h = spec.graph(h)
-        assert torch.equal(h, model(x))
+    _assert_blocks_compose(specs, model)
 
 
 def test_parameters_are_named_relative_to_the_block():
@@ -86,12 +91,7 @@ def test_policy_is_swappable():
     model, _ = real_model(num_hidden_layers=4)
     specs = partition_graph(torch.fx.symbolic_trace(model), PairsPolicy())
     assert [s.name for s in specs] == ["embedding", "layer.0", "layer.1", "head"]
-    x = ids()
-    h = x
-    with torch.no_grad():
-        for s in specs:
-            h = s.graph(h)
-        assert torch.equal(h, model(x))
+    _assert_blocks_compose(specs, model)
 
 
 def test_policy_that_breaks_the_block_contract_is_refused():
