@@ -14,7 +14,7 @@ from planc.kernels.dispatch import KernelRegistry, default_registry
 from planc.kernels.reference import rope_cos_sin
 
 __all__ = ["KernelRegistry", "default_registry", "rms_norm", "silu_mul", "apply_rotary", "attention",
-           "paged_attention", "lora_delta", "rope_cos_sin"]
+           "paged_attention", "decode_attention", "lora_delta", "rope_cos_sin"]
 
 
 def rms_norm(x, weight, eps: float):
@@ -45,3 +45,8 @@ def paged_attention(q, k, v, q_positions, window, scale: float):
 def lora_delta(y, x, groups):
     """Add grouped multi-adapter LoRA deltas to `y` in place (see reference.lora_delta)."""
     return default_registry.impl("lora_delta")(y, x, groups)
+
+
+def decode_attention(q, k_pages, v_pages, tables, context_lens, window, scale: float):
+    """One query per sequence over its paged KV cache, the whole batch in one call."""
+    return default_registry.impl("decode_attention")(q, k_pages, v_pages, tables, context_lens, window, scale)

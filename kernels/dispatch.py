@@ -22,6 +22,7 @@ class KernelRegistry:
             "attention": {"torch": reference.attention},
             "paged_attention": {"torch": reference.paged_attention},
             "lora_delta": {"torch": reference.lora_delta},
+            "decode_attention": {"torch": reference.decode_attention},
         }
         self._selected: dict[str, str] = {op: "torch" for op in self._impls}
 

@@ -88,3 +88,30 @@ def lora_delta(y: torch.Tensor, x: torch.Tensor,
     for rows, a, b, scale in groups:
         y.index_add_(0, rows, (x[rows] @ a.t() @ b.t()) * scale)
     return y
+
+
+def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, tables: torch.Tensor,
+                     context_lens: torch.Tensor, window: Optional[int], scale: float) -> torch.Tensor:
+    """One new query per sequence over its paged keys/values, for a whole batch in one call.
+
+    q: (seqs, heads, head_dim); k_pages, v_pages: (pages, page_size, kv_heads, head_dim);
+    tables: (seqs, max_pages) page ids; context_lens: (seqs,) tokens in cache, the new one included.
+    Returns (seqs, heads, head_dim).
+    """
+    page_size = k_pages.shape[1]
+    ctx = int(context_lens.max())
+    j = torch.arange(ctx)
+    pages = tables.gather(1, (j // page_size).expand(tables.shape[0], -1))   # (seqs, ctx)
+    k = k_pages[pages, j % page_size]                                         # (seqs, ctx, kv_heads, head_dim)
+    v = v_pages[pages, j % page_size]
+    pos = (context_lens - 1)[:, None]                                          # the query's position
+    mask = j[None, :] <= pos
+    if window is not None:
+        mask = mask & (pos - j[None, :] < window)
+    groups = q.shape[1] // k.shape[2]
+    k, v = k.transpose(1, 2), v.transpose(1, 2)                                # (seqs, kv_heads, ctx, head_dim)
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    return out[:, :, 0]

@@ -21,7 +21,7 @@ from planc.ir import AdapterDelta, ZooBlock
 from planc.program import Program
 from planc.store import file_sha256, store_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: blocks list their tensors (tensor-level sharing)
 MANIFEST = "manifest.json"
 
 Progress = Optional[Callable[[str], None]]

@@ -95,7 +95,7 @@ class TokenizerEntry(_Loose):
 
 
 class Manifest(_Loose):
-    format_version: Literal[1]
+    format_version: Literal[2]
     planc_version: str
     architecture: dict
     blocks: list[BlockEntry]

@@ -46,7 +46,7 @@ def test_manifest_is_byte_identical_for_the_same_inputs(tiny_example, tiny_bundl
 
 def test_manifest_records_inputs_settings_and_chains(tiny_bundle):
     m = json.loads((tiny_bundle / "manifest.json").read_text())
-    assert m["format_version"] == 1 and m["backend"] == "local"
+    assert m["format_version"] == 2 and m["backend"] == "local"
     assert m["settings"]["passes"] == ["trace", "partition", "fingerprint", "dedupe"]
     variants = {v["name"]: v for v in m["variants"]}
     assert {n: v["kind"] for n, v in variants.items()} == {"base": "base", "legal": "partial", "support": "full",

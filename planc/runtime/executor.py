@@ -78,6 +78,18 @@ def run_head(block: HeadBlock, hidden: torch.Tensor, batch: RaggedBatch) -> torc
     return block.lm_head(block.norm(last))
 
 
+def _decode_attention(attn, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      segs: list[Segment], cache: KVCache) -> None:
+    """Write the new K/V of every one-token segment and attend for all of them in one call."""
+    rows = torch.tensor([s.start for s in segs])
+    positions = torch.tensor([s.position for s in segs])
+    tables = cache.table_matrix([s.seq for s in segs], layer_idx)
+    pages = tables[torch.arange(len(segs)), positions // cache.page_size]
+    cache.k[pages, positions % cache.page_size] = k[rows].to(cache.k.dtype)
+    cache.v[pages, positions % cache.page_size] = v[rows].to(cache.v.dtype)
+    out[rows] = kernels.decode_attention(q[rows], cache.k, cache.v, tables, positions + 1, attn.window, attn.scale)
+
+
 def run_layer(layer: DecoderLayer, layer_idx: int, x: torch.Tensor, batch: RaggedBatch, cache: KVCache,
               adapters: dict[str, AdapterTensors]) -> torch.Tensor:
     """x: (tokens, hidden) -> (tokens, hidden), writing this layer's K/V for every segment."""
@@ -92,7 +104,12 @@ def run_layer(layer: DecoderLayer, layer_idx: int, x: torch.Tensor, batch: Ragge
     q, k = kernels.apply_rotary(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
     q, k = q[0].transpose(0, 1), k[0].transpose(0, 1)
     out = torch.empty_like(q)
+    decodes = [seg for seg in batch.segments if seg.length == 1]
+    if len(decodes) > 1:
+        _decode_attention(attn, layer_idx, q, k, v, out, decodes, cache)
     for seg in batch.segments:
+        if len(decodes) > 1 and seg.length == 1:
+            continue
         rows = slice(seg.start, seg.start + seg.length)
         cache.write(seg.seq, layer_idx, seg.position, k[rows], v[rows])
         keys, values = cache.read(seg.seq, layer_idx, seg.position + seg.length)

@@ -73,6 +73,12 @@ class KVCache:
         self.k[pages, offsets] = k.to(self.k.dtype)
         self.v[pages, offsets] = v.to(self.v.dtype)
 
+    def table_matrix(self, seqs: Sequence[int], layer: int) -> torch.Tensor:
+        """Page tables of `seqs` in `layer` as one (len(seqs), max_pages) tensor, padded with page 0."""
+        tables = [self._tables[(s, layer)] for s in seqs]
+        width = max(len(t) for t in tables)
+        return torch.tensor([t + [0] * (width - len(t)) for t in tables])
+
     def read(self, seq: int, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `length` keys and values of (seq, layer): (length, kv_heads, head_dim) each."""
         pages, offsets = self._slots(seq, layer, 0, length)
