@@ -1,24 +1,20 @@
 """Serving throughput (issue 3): `planc serve` vs per-model serving vs transformers `generate`.
 
-Systems, measured in the same run on the same inputs:
 - planc: `planc serve` on the normal bundle (blocks shared across variants, per-block batching);
-- per-model: the same server on a bundle compiled with DedupePass(share_across_models=False), so
-  each variant is its own full model, batched only within itself;
-- transformers: `generate` per request, one at a time, in a child process (no server); LoRA
-  variants as peft merged models.
-Both servers are real `planc serve` subprocesses on 127.0.0.1 (`--threads 1`, OMP_NUM_THREADS=1,
-the same `--kv-cache-mb`). Load is closed loop at each concurrency: streaming /v1/completions,
-prompts of --prompt-len token ids, temperature 0, ignore_eos, fixed max_tokens, round-robin over
-the variants; one untimed request per variant first. TTFT = first SSE chunk with text; TPOT =
-(last - first) / (completion_tokens - 1). Peak RSS is the server's own VmHWM from /proc/PID/status
-(reset by exec, unlike ru_maxrss).
+- per_model: the same server on a bundle compiled with DedupePass(share_across_models=False) (plus
+  a pass giving each block its own tensors): each variant its own full model, batched only within itself;
+- transformers: `generate` per request, one at a time, in a child process; LoRA via peft merge.
+Servers are real subprocesses on 127.0.0.1 (`--threads 1`, OMP_NUM_THREADS=1, the same
+`--kv-cache-mb`). Closed loop per concurrency: streaming /v1/completions, --prompt-len token ids,
+temperature 0, ignore_eos, fixed max_tokens, round-robin over the variants, after one untimed
+request per variant. TTFT = first SSE chunk with text; TPOT = (last - first) / (tokens - 1). Peak
+RSS = the server's own VmHWM (/proc/PID/status; reset by exec, unlike ru_maxrss).
 
-Models: the tiny example (base, legal partial, support full, chat LoRA: 4 variants) and a ~100M
-Llama (hidden 768, 12 layers, 12/4 heads, intermediate 2048, vocab 16000, random weights): a base
-plus 8 variants, 6 partial fine-tunes (top 2 layers + norm + head) and 2 LoRA adapters (rank 8 on
-q/v); requests go to the 8 variants. Its tokenizer is a 16000-word WordLevel one, so every output
-id decodes to text and gets its own SSE chunk (the tiny example's 512-token tokenizer decodes ids
->= 512 to nothing, which would leave most tokens without a chunk to time).
+Models: the tiny example (4 variants: base, partial, full, LoRA) and a ~100M Llama (hidden 768, 12
+layers, 12/4 heads, intermediate 2048, vocab 16000, random weights) whose 8 variants (requests go
+to these, not its base) are 6 partial fine-tunes (top 2 layers + norm + head) and 2 LoRA adapters
+(rank 8, q/v). Its tokenizer is a 16000-word WordLevel one so that every output id decodes to text
+and gets an SSE chunk (the tiny example's 512-token one decodes ids >= 512 to nothing).
 
     OMP_NUM_THREADS=1 python benchmarks/serve_load.py [--quick] [--models tiny,100m] [--levels 1,8,32]
 """
@@ -78,11 +74,12 @@ def big_spec() -> Path:
 
 
 def compiler_digest() -> str:
-    """Hash of the compiler's sources (not the runtime's): a cached bundle is rebuilt when they change."""
-    import planc
+    """Hash of the compiler's sources (not the runtime's) and of ours: cached bundles are rebuilt when they change."""
+    import inspect, planc  # noqa: E401
     root = Path(planc.__file__).parent
     files = sorted(f for d in (root, root.parent / "passes") for f in d.rglob("*.py") if "runtime" not in f.parts)
-    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+    mine = [inspect.getsource(bundle).encode()]
+    return hashlib.sha256(b"".join([f.read_bytes() for f in files] + mine)).hexdigest()[:16]
 
 
 def bundle(model: str, spec: Path, shared: bool) -> Path:
@@ -92,13 +89,30 @@ def bundle(model: str, spec: Path, shared: bool) -> Path:
     if not (out / ".done").is_file() or (out / ".done").read_text() != digest:
         shutil.rmtree(out, ignore_errors=True)
         print(f"compiling {out.name}", file=sys.stderr, flush=True)
-        passes = None if shared else [p for p in planc.default_pipeline() if p.name != "dedupe"] + [DedupePass(False)]
+        passes = None if shared else ([p for p in planc.default_pipeline() if p.name != "dedupe"]
+                                      + [DedupePass(share_across_models=False)])
         planc.emit(planc.compile(planc.load(spec), passes=passes), out=out)
         (out / ".done").write_text(digest)
     return out
 
 
 # ---------------------------------------------------------------- the servers and the client
+def cpu_now(pid: int = 0) -> tuple[float, float]:
+    """(CPU seconds busy on the whole machine, CPU seconds of this process + `pid` + finished children)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    ours = sum(os.times()[:4])
+    if pid:
+        ours += sum(int(x) for x in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13]) / tick
+    return (sum(fields) - fields[3] - fields[4]) / tick, ours
+
+
+def other_load(before: tuple[float, float], pid: int, wall: float) -> float:
+    """Cores kept busy by other processes (not the server, not us) meanwhile: 0 on a quiet machine."""
+    after = cpu_now(pid)
+    return round(((after[0] - before[0]) - (after[1] - before[1])) / wall, 3)
+
+
 def vm(pid: int, key: str) -> float:
     line = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith(key + ":"))
     return int(line.split()[1]) * 1024 / MB
@@ -182,10 +196,10 @@ def bench_server(path: Path, variants: list[str], args, levels: list[int]) -> di
         out = {"rss_after_start_mb": vm(proc.pid, "VmRSS"), "levels": {}}
         asyncio.run(closed_loop(url, variants, prompts, len(variants), len(variants), 4, 60))  # warm-up
         for c in levels:
-            load = os.getloadavg()[0]
+            cpu, t0 = cpu_now(proc.pid), time.perf_counter()
             r = asyncio.run(closed_loop(url, variants, prompts, c, max(2 * c, args.min_requests), args.max_tokens,
                                         args.cap_s))
-            out["levels"][c] = {**r, "vmhwm_mb": vm(proc.pid, "VmHWM"), "loadavg": [load, os.getloadavg()[0]]}
+            out["levels"][c] = {**r, "vmhwm_mb": vm(proc.pid, "VmHWM"), "other_cores": other_load(cpu, proc.pid, time.perf_counter() - t0)}
             print(f"  {path.name} c={c}: {r['tok_s']:.1f} tok/s, TPOT p50 {r['tpot_p50'] * 1e3:.1f} ms",
                   file=sys.stderr, flush=True)
         out["peak_rss_mb"] = vm(proc.pid, "VmHWM")
@@ -205,15 +219,10 @@ def hf_child(spec: str, names: list[str], requests: int, prompt_len: int, max_to
     models = {s["base"]["name"]: (s["base"]["path"], None), **{v["name"]: (v.get("path"), v.get("adapter"))
                                                               for v in s["variants"]}}
 
-    class Clock(BaseStreamer):
-        def __init__(self):
-            self.times = []
-
-        def put(self, value):  # called with the prompt, then once per new token
-            self.times.append(time.perf_counter())
-
-        def end(self):
-            pass
+    class Clock(BaseStreamer):  # put() gets the prompt, then each new token
+        def __init__(self): self.times = []  # noqa: E704
+        def put(self, value): self.times.append(time.perf_counter())  # noqa: E301,E704
+        def end(self): pass  # noqa: E301,E704
 
     def generate(model, prompt, n, clock=None):
         x = torch.tensor([prompt])
@@ -241,11 +250,12 @@ def hf_child(spec: str, names: list[str], requests: int, prompt_len: int, max_to
 
 def bench_hf(spec: Path, variants: list[str], args) -> dict:
     n = max(args.min_requests, 2 * len(variants))
+    cpu, t0 = cpu_now(), time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--hf-child", str(spec), ",".join(variants), str(n),
                            str(args.prompt_len), str(args.max_tokens)], capture_output=True, text=True, env=ENV)
     if proc.returncode:
         raise SystemExit(f"transformers baseline failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "other_cores": other_load(cpu, 0, time.perf_counter() - t0)}
 
 
 # ---------------------------------------------------------------- report
@@ -262,27 +272,26 @@ def print_tables(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
     ms = ("ttft_p50", "ttft_p95", "tpot_p50", "tpot_p95")
-    t = Table(title="planc serve, closed-loop streaming load (TTFT/TPOT in ms; RSS = server VmHWM so far)")
-    for col in ("model", "system", "conc", "reqs", "out tok/s", *ms, "peak RSS MB"):
+    t = Table(title="planc serve, closed-loop streaming load (TTFT/TPOT in ms; RSS = server VmHWM so far; "
+                  "other = cores busy with other processes meanwhile, ~0 when the figures are clean)")
+    for col in ("model", "system", "conc", "reqs", "out tok/s", "TTFT p50", "TTFT p95", "TPOT p50", "TPOT p95",
+                "peak RSS MB", "other"):
         t.add_column(col, justify="right")
     for model, r in results.items():
         for system in ("planc", "per_model"):
             for c, x in r[system]["levels"].items():
                 t.add_row(model, system, str(c), str(x["requests"]), f"{x['tok_s']:.1f}",
-                          *(f"{x[k] * 1e3:.1f}" for k in ms), f"{x['vmhwm_mb']:.0f}")
+                          *(f"{x[k] * 1e3:.1f}" for k in ms), f"{x['vmhwm_mb']:.0f}", f"{x['other_cores']:.2f}")
         x = r["transformers"]
-        t.add_row(model, "transformers", "1", str(x["requests"]), f"{x['tok_s']:.1f}", *(f"{x[k] * 1e3:.1f}" for k in ms), "-")
-    g = Table(title="issue 3 targets")
-    for col in ("model", "tok/s planc/per-model at max c (>= 2)", "p95 TPOT planc/per-model (<= 0.5)",
-                "planc peak RSS / budget MB", "batch-1 decode speed planc/transformers (>= 0.9)"):
-        g.add_column(col, justify="right")
+        t.add_row(model, "transformers", "1", str(x["requests"]), f"{x['tok_s']:.1f}", *(f"{x[k] * 1e3:.1f}" for k in ms), "-",
+                  f"{x['other_cores']:.2f}")
+    g = Table(*("model", "tok/s planc/per-model at max c (>= 2)", "p95 TPOT planc/per-model (<= 0.5)",
+                "planc peak RSS / budget MB", "batch-1 decode speed planc/transformers (>= 0.9)"), title="issue 3 targets")
     for model, r in results.items():
         x, b1 = r["targets"], r["targets"]["batch1_decode_vs_hf"]
         g.add_row(model, f"{x['throughput_ratio']:.2f}", f"{x['tpot_p95_ratio']:.2f}",
                   f"{r['planc']['peak_rss_mb']:.0f} / {x['rss_budget_mb']:.0f}", "-" if b1 is None else f"{b1:.2f}")
-    console = Console(width=200)
-    console.print(t)
-    console.print(g)
+    Console(width=200).print(t, g)
 
 
 def machine() -> dict:

@@ -14,9 +14,8 @@ from planc.program import Program
 
 
 class DedupePass(Pass):
-    """With ``share_across_models=False`` every model keeps its own copy of every block (the
-    one-model-per-fine-tune baseline that benchmarks compare against); equal blocks are still
-    stored once *within* a model's own chain only if they are the same block."""
+    """With ``share_across_models=False`` every model keeps its own copy of every block and of
+    every tensor in it: the one-model-per-fine-tune baseline that benchmarks compare against."""
 
     name = "dedupe"
     requires = ("fingerprints", "adapter_deltas")
@@ -39,9 +38,12 @@ class DedupePass(Pass):
                 key = fp.key if share else hashlib.sha256(f"{name}:{fp.key}".encode()).hexdigest()
                 block = zoo.get(key)
                 if block is None:
+                    # Not sharing means not sharing tensors either: make their content ids per model.
+                    tensors = fp.tensors if share else tuple(
+                        (rel, hashlib.sha256(f"{name}:{cid}".encode()).hexdigest(), n) for rel, cid, n in fp.tensors)
                     block = zoo[key] = ZooBlock(key, spec.name, spec.kind, spec.index, fp.structure_hash,
                                                 fp.weight_hash, fp.nbytes, fp.num_params, source=name,
-                                                tensors=fp.tensors)
+                                                tensors=tensors)
                 block.users.append(name)
                 delta = deltas.get(spec.name)
                 if delta is not None:

@@ -48,3 +48,19 @@ def test_no_sharing_baseline_keeps_a_copy_per_model(tmp_path, tokenizer_dir):
     assert len(program.zoo) == 10
     assert not set(program.chains["base"].block_keys) & set(program.chains["copy"].block_keys)
     assert all(len(b.users) == 1 for b in program.zoo.values())
+
+
+def test_no_sharing_baseline_also_keeps_its_own_tensors(tmp_path, tokenizer_dir):
+    import json
+
+    import planc
+    from planc.passes import DedupePass
+
+    cfg = hf_config("llama")
+    base = random_state(cfg)
+    models = {"base": base, "top": perturb(base, top_layers(3, 1), seed=1)}
+    yaml = write_project(tmp_path, tokenizer_dir, models)
+    passes = [p for p in planc.default_pipeline() if p.name != "dedupe"] + [DedupePass(share_across_models=False)]
+    out = planc.emit(planc.compile(planc.load(yaml), passes=passes), out=tmp_path / "bundle")
+    totals = json.loads((out / "manifest.json").read_text())["totals"]
+    assert totals["unique_param_bytes"] == 2 * sum(v.numel() * 4 for v in base.values())
