@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from planc.bundle_write import FORMAT_VERSION, MANIFEST
-from planc.chain import ChainModel, build_block, lora_view
+from planc.chain import ChainModel, build_block
+from planc.models.lora import with_lora
 from planc.errors import BundleError
 from planc.jsonfile import read_json_object
 from planc.manifest import validate_manifest
@@ -84,6 +85,13 @@ class Bundle:
             self._files[relpath] = load_file(str(self.root / relpath))
         return self._files[relpath]
 
+    def adapter_deltas(self, key: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """Module path inside the block (self_attn.q_proj) -> (A, B, scaling) of one stored adapter delta."""
+        entry = self.adapters[key]
+        tensors = self._file(entry["file"])
+        return {m["module"]: (tensors[f"{m['module']}.lora_A"], tensors[f"{m['module']}.lora_B"], float(m["scaling"]))
+                for m in entry["modules"]}
+
     def load_chain(self, name: str) -> ChainModel:
         variant = self.variant(name)
         loaded: dict[str, nn.Module] = {}
@@ -93,8 +101,7 @@ class Bundle:
             block = self.block_module(link["block"], loaded)
             loaded[entry["name"]] = block
             if link["adapter"]:
-                adapter = self.adapters[link["adapter"]]
-                block = lora_view(block, load_file(str(self.root / adapter["file"])), adapter["modules"])
+                block = with_lora(block, self.adapter_deltas(link["adapter"]))
             modules.append(block)
         return ChainModel(modules)
 

@@ -1,7 +1,7 @@
 """Build block modules from stored tensors and run a variant's chain.
 
 Blocks are loaded once per bundle (``Bundle.block_module``) and shared by every chain that uses them; a
-LoRA variant's chain wraps the shared block in a view carrying its unmerged deltas.
+LoRA variant's chain wraps the shared block in a view carrying its unmerged deltas (``with_lora``).
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from torch import nn
 
 from planc.models.config import ArchConfig
 from planc.models.llama import DecoderLayer, EmbeddingBlock, HeadBlock
-from planc.models.lora import with_lora
 
 
 def build_block(kind: str, index: int, arch: ArchConfig, tensors: dict[str, torch.Tensor],
@@ -42,9 +41,3 @@ class ChainModel(nn.Module):
         for block in self.blocks:
             h = block(h)
         return h
-
-
-def lora_view(block: nn.Module, adapter_tensors: dict[str, torch.Tensor], modules: list[dict]) -> nn.Module:
-    deltas = {m["module"]: (adapter_tensors[f"{m['module']}.lora_A"], adapter_tensors[f"{m['module']}.lora_B"],
-                            float(m["scaling"])) for m in modules}
-    return with_lora(block, deltas)

@@ -62,8 +62,6 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     """Tokens whose K/V are in the cache."""
-    arrival: float = field(default_factory=time.monotonic)
-    first_token_at: Optional[float] = None
     admitted_at: float = 0.0
 
     @property
@@ -172,14 +170,12 @@ class Engine:
         """One iteration; returns False when there was nothing to do."""
         self._drain()
         self._admit()
-        self.stats.kv_usage = self.kv_usage()
         if not self.running:
             return False
         work = self._reserve()
         if work:
             logits = self._forward(work)
             self._sample(work, logits)
-        self.stats.kv_usage = self.kv_usage()
         return True
 
     def _drain(self) -> None:
@@ -263,12 +259,9 @@ class Engine:
         self.stats.record(key, members)
 
     def _sample(self, work: list[Sequence], logits: dict[int, torch.Tensor]) -> None:
-        now = time.monotonic()
         for seq in work:
             seq.num_computed = len(seq.all_ids)
             token = seq.sampler(logits[seq.id])
-            if seq.first_token_at is None:
-                seq.first_token_at = now
             if token in seq.eos_ids:
                 self._finish(seq, "stop")
                 continue
@@ -293,7 +286,6 @@ class StepStats:
     """Counters the server exports as metrics; `on_batch` sees every batched block call."""
 
     preemptions: int = 0
-    kv_usage: float = 0.0
     on_batch: Optional[Callable[[str, int, int], None]] = None
     """(block name, batch size, number of distinct variants in the batch)."""
 

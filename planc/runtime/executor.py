@@ -39,12 +39,16 @@ class RaggedBatch:
     positions: torch.Tensor = field(init=False)
     """(tokens,) absolute position of every token."""
 
+    adapter_rows: dict[str, torch.Tensor] = field(init=False)
+    """adapter key -> rows of the sequences that use it (computed once; every Linear of the block reads it)."""
+
     def __post_init__(self) -> None:
         self.positions = torch.cat([torch.arange(s.position, s.position + s.length) for s in self.segments])
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.length for s in self.segments)
+        rows: dict[str, list[torch.Tensor]] = {}
+        for s in self.segments:
+            if s.adapter is not None:
+                rows.setdefault(s.adapter, []).append(torch.arange(s.start, s.start + s.length))
+        self.adapter_rows = {adapter: torch.cat(r) for adapter, r in rows.items()}
 
     def last_rows(self) -> torch.Tensor:
         return torch.tensor([s.start + s.length - 1 for s in self.segments])
@@ -58,14 +62,8 @@ def linear(module: nn.Linear, x: torch.Tensor, path: str, batch: RaggedBatch,
            adapters: dict[str, AdapterTensors]) -> torch.Tensor:
     """module(x) for every row, plus each adapter's delta on the rows of its sequences."""
     y = module(x)
-    rows_by_adapter: dict[str, list[torch.Tensor]] = {}
-    for seg in batch.segments:
-        if seg.adapter is not None and path in adapters.get(seg.adapter, {}):
-            rows_by_adapter.setdefault(seg.adapter, []).append(torch.arange(seg.start, seg.start + seg.length))
-    if not rows_by_adapter:
-        return y
-    groups = [(torch.cat(rows), *adapters[adapter][path]) for adapter, rows in rows_by_adapter.items()]
-    return kernels.lora_delta(y, x, groups)
+    groups = [(rows, *adapters[a][path]) for a, rows in batch.adapter_rows.items() if path in adapters.get(a, {})]
+    return kernels.lora_delta(y, x, groups) if groups else y
 
 
 def run_embedding(block: EmbeddingBlock, token_ids: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file
 
 from planc.bundle import Bundle
 from planc.runtime import executor as ex
@@ -45,11 +44,7 @@ class Stage:
             self.kinds[position] = entry["kind"]
             self.modules[link["block"]] = module
             if link["adapter"] and link["adapter"] not in self.adapters:
-                a = bundle.adapters[link["adapter"]]
-                tensors = load_file(str(bundle.root / a["file"]))
-                self.adapters[link["adapter"]] = {
-                    m["module"]: (tensors[f"{m['module']}.lora_A"], tensors[f"{m['module']}.lora_B"], float(m["scaling"]))
-                    for m in a["modules"]}
+                self.adapters[link["adapter"]] = bundle.adapter_deltas(link["adapter"])
 
     def _tie_targets(self, bundle: Bundle, variant: str) -> list[tuple[str, str]]:
         """(block name, tensor) that blocks of this stage tie to (e.g. the head to the embedding)."""
