@@ -11,6 +11,7 @@ import click
 import typer
 from rich.console import Console
 
+from planc.bench.cli import bench_cmd
 from planc.errors import PlancError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -118,6 +119,9 @@ def serve(
     sys.stdout.flush()
     serve_forever(state, sock, shutdown_timeout)
     out.print("planc: stopped", markup=False)
+
+
+app.command("bench")(bench_cmd)  # defined in planc.bench.cli: its flags live beside the code they configure
 
 
 @example_app.command("tiny")

@@ -1,0 +1,347 @@
+"""A discrete-event simulator of planc's own serving runtime.
+
+It replays a workload through a model of `planc.runtime.engine.Engine` step by step: the same
+admission order and limits (max_running, max_batch_tokens, max_queue), the same all-or-nothing KV
+page reservation per sequence (page_size, the KV budget, pages per layer of the chain), the same
+preemption by recompute of the most recently admitted sequence, and the same per-step walk over
+chain positions in which the sequences whose block there is the same block instance run as one
+batched call (split at block_batch_cap). A step lasts `CostModel.step_overhead()` plus the
+`CostModel.block_time` of every batched call; nothing else advances the clock. Data-parallel
+replicas are independent engines; each request goes to the least-loaded one when it arrives.
+
+>>> from planc.cluster import load_device
+>>> from planc.cost import BlockCost, CostModel
+>>> from planc.workload import Request
+>>> layer = BlockCost("layer", linear_flops_per_token=2e6, attn_flops_per_pair=512, kv_bytes_per_token=512.0,
+...                   weight_bytes=1e6)
+>>> model = SimModel.from_data({"a": [("L", None)]}, {"L": layer})
+>>> result = simulate(model, CostModel(load_device("H100-80GB"), 2), [Request(0.0, "a", 16, 4)])
+>>> result.requests[0].num_tokens, result.requests[0].status
+(4, 'ok')
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from planc.cost import BlockCost, CostModel
+from planc.runtime.engine import EngineConfig
+from planc.sim_model import Group, SimModel
+from planc.sim_report import RequestRecord, SimResult
+from planc.workload import Request
+
+__all__ = ["simulate", "SimModel", "SimResult", "RequestRecord", "EngineConfig"]
+
+
+@dataclass(eq=False)
+class _Seq:
+    record: RequestRecord
+    variant: int
+    prompt: int
+    max_tokens: int
+    generated: int = 0
+    computed: int = 0
+    """Tokens whose K/V are cached (0 again after a preemption)."""
+    pages: int = 0
+    """Pages held in each KV layer."""
+    admitted: int = 0
+    """Admission order (the engine compares admission times)."""
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.generated
+
+
+@dataclass
+class _Replica:
+    index: int
+    num_pages: int
+    waiting: deque = field(default_factory=deque)
+    running: list = field(default_factory=list)
+    work: list = field(default_factory=list)
+    busy_s: float = 0.0
+    num_steps: int = 0
+    preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        self.free = self.num_pages
+
+    @property
+    def load(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+
+class _Engine:
+    """One replica's scheduling decisions, mirroring planc.runtime.engine.Engine."""
+
+    def __init__(self, model: SimModel, cost_model: CostModel, config: EngineConfig):
+        self.model, self.cm, self.cfg = model, cost_model, config
+        self._admissions = 0
+        self._calls: dict[tuple, float] = {}
+        self._positions = [_Position.build(n, groups, len(model.variants)) for n, groups in model.positions]
+
+    def pages_for(self, tokens: int) -> int:
+        return math.ceil(tokens / self.cfg.page_size)
+
+    def _extra_pages(self, seq: _Seq) -> int:
+        return self.model.num_kv_layers * max(0, self.pages_for(seq.total) - seq.pages)
+
+    def _reserve_kv(self, r: _Replica, seq: _Seq) -> bool:
+        extra = self._extra_pages(seq)
+        if extra > r.free:
+            return False
+        r.free -= extra
+        seq.pages = max(seq.pages, self.pages_for(seq.total))
+        return True
+
+    def _free_kv(self, r: _Replica, seq: _Seq) -> None:
+        r.free += seq.pages * self.model.num_kv_layers
+        seq.pages = 0
+
+    # ------------------------------------------------------------------ one step
+    def start_step(self, r: _Replica, now: float) -> Optional[float]:
+        """Admit, reserve KV (preempting), and return when the step's forward ends (None: idle)."""
+        while True:
+            self._admit(r)
+            if not r.running:
+                return None
+            r.work = self._reserve(r, now)
+            if r.work:
+                break
+        duration = self.step_time(r.work)
+        r.busy_s += duration
+        r.num_steps += 1
+        return now + duration
+
+    def _admit(self, r: _Replica) -> None:
+        budget = self.cfg.max_batch_tokens - len(r.running)
+        while r.waiting and len(r.running) < self.cfg.max_running:
+            seq = r.waiting[0]
+            need = seq.total - seq.computed
+            if need > budget and r.running:
+                break
+            if not self._reserve_kv(r, seq):
+                break
+            r.waiting.popleft()
+            self._admissions += 1
+            seq.admitted = self._admissions
+            r.running.append(seq)
+            budget -= need
+
+    def _reserve(self, r: _Replica, now: float) -> list[_Seq]:
+        work = []
+        for seq in sorted(r.running, key=lambda s: s.admitted):
+            if seq not in r.running:
+                continue  # preempted below, while making room for an older sequence
+            while not self._reserve_kv(r, seq):
+                others = [s for s in r.running if s is not seq]
+                if not others:  # cannot happen for requests that passed the capacity check
+                    self._finish(r, seq, now, "error")
+                    break
+                self._preempt(r, max(others, key=lambda s: s.admitted))
+            else:
+                work.append(seq)
+        return [s for s in work if s in r.running]
+
+    def _preempt(self, r: _Replica, seq: _Seq) -> None:
+        self._free_kv(r, seq)
+        seq.computed = 0
+        r.running.remove(seq)
+        r.waiting.appendleft(seq)
+        r.preemptions += 1
+        seq.record.num_preemptions += 1
+
+    def end_step(self, r: _Replica, now: float) -> None:
+        """Every sequence of the step samples one token at `now`."""
+        for seq in r.work:
+            seq.computed = seq.total
+            seq.generated += 1
+            rec = seq.record
+            if rec.first_token_s is None:
+                rec.first_token_s = now
+            rec.last_token_s = now
+            rec.num_tokens = seq.generated
+            if seq.generated >= seq.max_tokens or seq.total >= self.cfg.max_model_len:
+                self._finish(r, seq, now, "ok")
+        r.work = []
+
+    def _finish(self, r: _Replica, seq: _Seq, now: float, status: str) -> None:
+        self._free_kv(r, seq)
+        r.running.remove(seq)
+        seq.record.finish_s = now
+        seq.record.status = status
+
+    # ------------------------------------------------------------------ step time
+    def step_time(self, work: list[_Seq]) -> float:
+        """step overhead + every batched block call (and adapter delta call) of the step."""
+        active: dict[int, list[float]] = {}
+        for s in work:
+            _add_pending(active.setdefault(s.variant, [0.0] * 5), s)
+        total = self.cm.step_overhead()
+        everyone = None
+        for pos in self._positions:
+            if len(pos.costs) == 1 and not pos.deltas:  # most positions of a large model: one shared call
+                if everyone is None:
+                    everyone = _sum_stats(active.values())
+                calls = {0: everyone}
+            else:
+                calls = {}
+                for v, st in active.items():
+                    calls.setdefault(pos.group_of[v], []).append(st)
+                calls = {g: _sum_stats(sts) for g, sts in calls.items()}
+            total += pos.count * self._position_time(pos, calls, active, work)
+        return total
+
+    def _position_time(self, pos: "_Position", calls: dict[int, list[float]], active: dict[int, list[float]],
+                       work: list[_Seq]) -> float:
+        t, split = 0.0, set()
+        for g, agg in calls.items():
+            if agg[2] + agg[3] > self.cfg.block_batch_cap:
+                split.add(g)
+                t += self._split_time(pos, g, work)
+            else:
+                t += self._call(pos.costs[g], *agg)
+        if pos.deltas:
+            rows: dict[int, list[float]] = {}
+            for v, st in active.items():
+                a = pos.adapter_of[v]
+                if a >= 0 and pos.group_of[v] not in split:
+                    r = rows.setdefault(a, [0.0, 0.0])
+                    r[0] += st[0]
+                    r[1] += st[3]
+            for a, (prefill, decodes) in rows.items():
+                t += self._call(pos.deltas[a], prefill, 0.0, 0.0, decodes, 0.0, adapter=True)
+        return t
+
+    def _split_time(self, pos: "_Position", g: int, work: list[_Seq]) -> float:
+        """A group larger than block_batch_cap runs as several calls, in admission order (as the engine)."""
+        members = [s for s in work if pos.group_of[s.variant] == g]
+        cap, t = self.cfg.block_batch_cap, 0.0
+        for i in range(0, len(members), cap):
+            active: dict[int, list[float]] = {}
+            for s in members[i:i + cap]:
+                _add_pending(active.setdefault(s.variant, [0.0] * 5), s)
+            t += self._position_time(pos, {g: _sum_stats(active.values())}, active, members[i:i + cap])
+        return t
+
+    def _call(self, cost: BlockCost, prefill_tokens: float, prefill_pairs: float, prefill_seqs: float,
+              decode_seqs: float, context: float, adapter: bool = False) -> float:
+        seqs = prefill_seqs + decode_seqs
+        if cost.kind == "head":
+            # the runtime computes logits for each sequence's last token only
+            prefill_tokens, prefill_pairs, decode_seqs, context = 0, 0.0, seqs, 0.0
+        key = (id(cost), prefill_tokens, prefill_pairs, seqs, decode_seqs, context, adapter)
+        t = self._calls.get(key)
+        if t is None:
+            t = self.cm.block_time(cost, prefill_tokens=int(prefill_tokens), decode_seqs=int(decode_seqs),
+                                   context_tokens=context, attn_pairs=context + prefill_pairs,
+                                   num_seqs=0 if adapter else int(seqs))
+            if len(self._calls) < 100_000:
+                self._calls[key] = t
+        return t
+
+
+@dataclass(frozen=True)
+class _Position:
+    """A compressed chain position with lookup tables for the step loop."""
+
+    count: int
+    costs: tuple[BlockCost, ...]
+    """Per group (block instance)."""
+    group_of: tuple[int, ...]
+    """Variant index -> group index."""
+    deltas: tuple[BlockCost, ...]
+    adapter_of: tuple[int, ...]
+    """Variant index -> index into `deltas`, or -1."""
+
+    @classmethod
+    def build(cls, count: int, groups: tuple[Group, ...], num_variants: int) -> "_Position":
+        group_of, adapter_of, deltas = [0] * num_variants, [-1] * num_variants, []
+        for g, group in enumerate(groups):
+            for v in group.variants:
+                group_of[v] = g
+            for delta, users in group.adapters:
+                for v in users:
+                    adapter_of[v] = len(deltas)
+                deltas.append(delta)
+        return cls(count, tuple(g.cost for g in groups), tuple(group_of), tuple(deltas), tuple(adapter_of))
+
+
+def _sum_stats(stats) -> list[float]:
+    """Per variant: prefill tokens, prefill query/key pairs, prefill seqs, decode seqs, cached context."""
+    out = [0.0] * 5
+    for st in stats:
+        for i in range(5):
+            out[i] += st[i]
+    return out
+
+
+def _add_pending(st: list[float], s: _Seq) -> None:
+    """Add one sequence's pending work to its variant's counters (see _sum_stats)."""
+    pending = s.total - s.computed
+    if pending == 1:  # the executor treats any one-token segment as a decode
+        st[3] += 1
+        st[4] += s.total
+    else:
+        st[0] += pending
+        st[1] += pending * s.computed + pending * (pending + 1) / 2
+        st[2] += 1
+        st[4] += s.computed
+
+
+def simulate(model: SimModel, cost_model: CostModel, requests: Sequence[Request],
+             engine: Optional[EngineConfig] = None, replicas: int = 1) -> SimResult:
+    """Serve `requests` (in arrival order) on `replicas` copies of an engine with `engine` settings."""
+    cfg = engine or EngineConfig()
+    if replicas < 1:
+        raise ValueError("replicas must be >= 1")
+    index = {name: i for i, name in enumerate(model.variants)}
+    unknown = sorted({r.variant for r in requests} - set(index))
+    if unknown:
+        raise ValueError(f"requests name variants the model does not serve: {unknown}")
+    sim = _Engine(model, cost_model, cfg)
+    page_bytes = cfg.page_size * model.kv_bytes_per_token
+    num_pages = max(1, int(cfg.kv_cache_bytes // page_bytes)) if page_bytes else 1 << 62
+    capacity = (num_pages // model.num_kv_layers) * cfg.page_size if model.num_kv_layers else 1 << 62
+    reps = [_Replica(i, num_pages) for i in range(replicas)]
+    order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))
+    records = [RequestRecord(i, r.variant, r.arrival_s, r.prompt_tokens, r.output_tokens) for i, r in enumerate(requests)]
+    busy: list[tuple[float, int]] = []  # (step end, replica)
+    nxt = 0
+    while nxt < len(order) or busy:
+        t = min(busy[0][0] if busy else math.inf, requests[order[nxt]].arrival_s if nxt < len(order) else math.inf)
+        ready = set()
+        while busy and busy[0][0] <= t:
+            _, i = heapq.heappop(busy)
+            sim.end_step(reps[i], t)
+            ready.add(i)
+        while nxt < len(order) and requests[order[nxt]].arrival_s <= t:
+            i = _route(reps, records[order[nxt]], requests[order[nxt]], index, cfg, capacity, t)
+            if i is not None and not any(j == i for _, j in busy):
+                ready.add(i)
+            nxt += 1
+        for i in sorted(ready):
+            end = sim.start_step(reps[i], t)
+            if end is not None:
+                heapq.heappush(busy, (end, i))
+    makespan = max((r.finish_s for r in records if r.finish_s is not None), default=0.0)
+    return SimResult(records, [(r.busy_s, r.num_steps, r.preemptions) for r in reps], makespan,
+                     capacity_tokens=capacity, num_pages=num_pages)
+
+
+def _route(reps: list[_Replica], rec: RequestRecord, req: Request, index: dict[str, int], cfg: EngineConfig,
+           capacity: int, now: float) -> Optional[int]:
+    """Queue a request on the least-loaded replica; refuse it as the server would (400 too long, 429 full)."""
+    if req.prompt_tokens + req.output_tokens > min(cfg.max_model_len, capacity):
+        rec.status, rec.finish_s = "rejected", now
+        return None
+    r = min(reps, key=lambda x: (x.load, x.index))
+    if len(r.waiting) >= cfg.max_queue:
+        rec.status, rec.finish_s = "refused", now
+        return None
+    rec.replica = r.index
+    r.waiting.append(_Seq(rec, index[req.variant], req.prompt_tokens, req.output_tokens))
+    return r.index

@@ -1,0 +1,177 @@
+"""The serving simulator against hand-computed step times and the engine's scheduling rules.
+
+Most cases use a device whose roofline terms are negligible (huge peak and bandwidth) and whose
+overheads are round numbers, so every step lasts step_us + block_call_us per call + per_seq_us per
+sequence in a call, and the expected times can be written down by hand.
+"""
+from __future__ import annotations
+
+import pytest
+
+from planc.cluster import DeviceProfile, Overheads
+from planc.cost import BlockCost, CostModel
+from planc.runtime.engine import EngineConfig
+from planc.sim_model import SimModel, adapter_cost
+from planc.simulate import simulate
+from planc.workload import Fixed, GammaWorkload, Request
+
+US = 1e-6
+STEP, CALL, SEQ = 100.0, 10.0, 1.0
+
+
+def overhead_only() -> CostModel:
+    dev = DeviceProfile(name="t", kind="cpu", memory_gb=1, peak_tflops={"fp32": 1e12}, mem_bw_gbps=1e12,
+                        overheads=Overheads(step_us=STEP, block_call_us=CALL, per_seq_us=SEQ))
+    return CostModel(dev, dtype_bytes=4)
+
+
+EMB = BlockCost("embedding", 0.0, weight_bytes=1e6, read_bytes_per_token=512, hidden_size=128)
+LAYER = BlockCost("layer", 4e5, attn_flops_per_pair=512, kv_bytes_per_token=512.0, weight_bytes=7e5, hidden_size=128)
+HEAD = BlockCost("head", 1.3e5, weight_bytes=2.6e5, hidden_size=128)
+
+
+def model(chains: dict) -> SimModel:
+    costs = {k: {"E": EMB, "L": LAYER, "H": HEAD}[k[0]] for c in chains.values() for k, _ in c}
+    return SimModel.from_data(chains, costs)
+
+
+ONE = model({"a": [("E", None), ("L0", None), ("L1", None), ("H", None)]})
+
+
+def test_one_request_ttft_is_the_prefill_step_and_tpot_the_decode_step():
+    r = simulate(ONE, overhead_only(), [Request(0.0, "a", 20, 5)]).requests[0]
+    step = (STEP + 4 * (CALL + SEQ)) * US  # 4 calls of one sequence each
+    assert r.status == "ok" and r.num_tokens == 5
+    assert r.ttft_s == pytest.approx(step, rel=1e-6)
+    assert r.tpot_s == pytest.approx(step, rel=1e-6)
+    assert r.e2e_s == pytest.approx(5 * step, rel=1e-6)
+
+
+def test_step_times_are_the_cost_models_block_times():
+    """On a real roofline the prefill step is the sum of block_time over the chain; the head sees one row."""
+    from planc.cluster import load_device
+
+    cm = CostModel(load_device("A100-80GB"), dtype_bytes=2)
+    r = simulate(ONE, cm, [Request(0.0, "a", 300, 2)]).requests[0]
+    pairs = 300 * 301 / 2
+    prefill = cm.step_overhead() + cm.block_time(EMB, prefill_tokens=300, attn_pairs=pairs, num_seqs=1) + \
+        2 * cm.block_time(LAYER, prefill_tokens=300, attn_pairs=pairs, num_seqs=1) + \
+        cm.block_time(HEAD, decode_seqs=1, num_seqs=1)
+    decode = cm.step_overhead() + cm.block_time(EMB, decode_seqs=1, context_tokens=301, num_seqs=1) + \
+        2 * cm.block_time(LAYER, decode_seqs=1, context_tokens=301, num_seqs=1) + \
+        cm.block_time(HEAD, decode_seqs=1, num_seqs=1)
+    assert r.ttft_s == pytest.approx(prefill, rel=1e-9)
+    assert r.tpot_s == pytest.approx(decode, rel=1e-9)
+
+
+def test_variants_sharing_blocks_batch_together():
+    shared = model({"a": [("E", None), ("L", None), ("Ha", None)], "b": [("E", None), ("L", None), ("Hb", None)]})
+    separate = model({"a": [("Ea", None), ("La", None), ("Ha", None)], "b": [("Eb", None), ("Lb", None), ("Hb", None)]})
+    reqs = [Request(0.0, "a", 8, 1), Request(0.0, "b", 8, 1)]
+    t_shared = simulate(shared, overhead_only(), reqs).requests[0].ttft_s
+    t_separate = simulate(separate, overhead_only(), reqs).requests[0].ttft_s
+    # shared: E and L run once for both (2 calls), each head once: 4 calls, 6 sequence slots
+    assert t_shared == pytest.approx((STEP + 4 * CALL + 6 * SEQ) * US, rel=1e-6)
+    assert t_separate == pytest.approx((STEP + 6 * CALL + 6 * SEQ) * US, rel=1e-6)
+    assert t_shared < t_separate
+
+
+def test_block_batch_cap_splits_a_group():
+    reqs = [Request(0.0, "a", 8, 1) for _ in range(5)]
+    t = simulate(ONE, overhead_only(), reqs, EngineConfig(block_batch_cap=2)).requests[0].ttft_s
+    assert t == pytest.approx((STEP + 4 * 3 * CALL + 4 * 5 * SEQ) * US, rel=1e-6)  # 3 calls (2+2+1) per position
+
+
+def test_lora_adds_one_delta_call_per_adapter_on_the_shared_base():
+    delta = adapter_cost([(8, 256.0)], dtype_bytes=4)
+    m = SimModel.from_data({"a": [("E", None), ("L", None), ("H", None)], "b": [("E", None), ("L", "x"), ("H", None)],
+                            "c": [("E", None), ("L", "y"), ("H", None)]}, {"E": EMB, "L": LAYER, "H": HEAD},
+                           {"x": delta, "y": delta})
+    reqs = [Request(0.0, v, 8, 1) for v in "abc"]
+    t = simulate(m, overhead_only(), reqs).requests[0].ttft_s
+    assert t == pytest.approx((STEP + 3 * CALL + 9 * SEQ + 2 * CALL) * US, rel=1e-6)  # deltas add no per-seq term
+    assert delta.linear_flops_per_token == 2 * 8 * 256
+
+
+def test_max_running_admits_in_waves():
+    reqs = [Request(0.0, "a", 8, 4) for _ in range(6)]
+    out = simulate(ONE, overhead_only(), reqs, EngineConfig(max_running=2)).requests
+    step = (STEP + 4 * CALL + 4 * 2 * SEQ) * US  # two sequences in every call
+    assert [r.first_token_s / step for r in out] == pytest.approx([1, 1, 5, 5, 9, 9], rel=1e-6)
+    assert out[-1].finish_s == pytest.approx(12 * step, rel=1e-6)
+
+
+def test_max_batch_tokens_defers_a_prompt_that_does_not_fit():
+    reqs = [Request(0.0, "a", 60, 3), Request(0.0, "a", 60, 3)]
+    out = simulate(ONE, overhead_only(), reqs, EngineConfig(max_batch_tokens=100)).requests
+    assert out[0].first_token_s < out[1].first_token_s  # 60 + 60 > 100: the second waits a step
+    both = simulate(ONE, overhead_only(), reqs, EngineConfig(max_batch_tokens=200)).requests
+    assert both[0].first_token_s == both[1].first_token_s
+
+
+def test_small_kv_budget_preempts_and_every_request_completes():
+    # 2 KV layers x 512 B/token, page_size 16: one page is 8 KiB; 24 pages hold 12 pages per layer = 192 tokens
+    reqs = [Request(0.001 * i, "a", 40, 40) for i in range(6)]
+    res = simulate(ONE, overhead_only(), reqs, EngineConfig(kv_cache_bytes=24 * 16 * 512, page_size=16))
+    assert res.num_pages == 24 and res.capacity_tokens == 192
+    assert sum(r.num_preemptions for r in res.requests) > 0
+    assert all(r.status == "ok" and r.num_tokens == 40 for r in res.requests)
+    roomy = simulate(ONE, overhead_only(), reqs, EngineConfig(kv_cache_bytes=2**24))
+    assert sum(r.num_preemptions for r in roomy.requests) == 0
+
+
+def test_too_long_and_queue_full_are_refused_like_the_server():
+    reqs = [Request(0.0, "a", 150, 60)] + [Request(0.0, "a", 8, 2) for _ in range(4)]
+    res = simulate(ONE, overhead_only(), reqs, EngineConfig(kv_cache_bytes=24 * 16 * 512, max_queue=2))
+    assert [r.status for r in res.requests] == ["rejected", "ok", "ok", "refused", "refused"]
+    assert res.summary()["requests"]["ok"] == 2
+
+
+def _overload(n: int = 300) -> list[Request]:
+    w = GammaWorkload(rate=2000.0, cv=1.0, num_requests=n, prompt_tokens=Fixed(value=16), output_tokens=Fixed(value=32))
+    return w.requests(["a"])
+
+
+def test_deterministic():
+    reqs = _overload()
+    cfg = EngineConfig(max_running=8, kv_cache_bytes=32 * 16 * 512)
+    a = simulate(ONE, overhead_only(), reqs, cfg).summary(slo_ttft_ms=50, slo_tpot_ms=1)
+    b = simulate(ONE, overhead_only(), reqs, cfg).summary(slo_ttft_ms=50, slo_tpot_ms=1)
+    assert a == b and a["preemptions"] > 0
+
+
+def test_two_replicas_halve_queueing_under_overload():
+    reqs = _overload()
+    cfg = EngineConfig(max_running=4, max_queue=10_000)
+    one = simulate(ONE, overhead_only(), reqs, cfg)
+    two = simulate(ONE, overhead_only(), reqs, cfg, replicas=2)
+    q1, q2 = one.summary()["ttft_ms"]["mean"], two.summary()["ttft_ms"]["mean"]
+    assert q2 < 0.55 * q1
+    assert {r.replica for r in two.requests} == {0, 1}
+    assert two.summary()["throughput"]["requests_per_s"] > 1.8 * one.summary()["throughput"]["requests_per_s"]
+    assert 0.9 < one.utilization() <= 1.0
+
+
+def test_summary_percentiles_and_slo():
+    reqs = [Request(0.0, "a", 8, 3), Request(10.0, "a", 8, 3)]
+    s = simulate(ONE, overhead_only(), reqs).summary(slo_ttft_ms=1.0, slo_tpot_ms=0.1)
+    step_ms = (STEP + 4 * (CALL + SEQ)) * 1e-3
+    assert s["ttft_ms"]["p50"] == pytest.approx(step_ms) and s["tpot_ms"]["p99"] == pytest.approx(step_ms)
+    assert s["slo"]["attainment"] == 0.0  # TPOT 0.144 ms > 0.1 ms
+    assert s["throughput"]["output_tokens_per_s"] == pytest.approx(6 / (10.0 + 3 * step_ms * 1e-3))
+    assert set(s["per_variant"]) == {"a"}
+
+
+def test_from_bundle(tiny_bundle):
+    from planc.bundle import Bundle
+
+    bundle = Bundle.open(tiny_bundle)
+    m = SimModel.from_bundle(bundle)
+    assert set(m.variants) == set(bundle.variants)
+    assert m.num_kv_layers == bundle.arch.num_layers
+    arch = bundle.arch
+    assert m.kv_bytes_per_token == 2 * arch.num_kv_heads * arch.head_dim * 4
+    lora = next(n for n, v in bundle.variants.items() if v["kind"] == "lora")
+    assert any(a is not None for _, a in m.chains[lora])
+    res = simulate(m, overhead_only(), [Request(0.0, v, 12, 4) for v in m.variants])
+    assert all(r.status == "ok" for r in res.requests)
