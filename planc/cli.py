@@ -124,6 +124,27 @@ def serve(
 app.command("bench")(bench_cmd)  # defined in planc.bench.cli: its flags live beside the code they configure
 
 
+@app.command("profile")
+def profile_cmd(
+    out_path: Path = typer.Option(Path("~/.cache/planc/local-profile.yaml"), "--out", "-o",
+                                  help="Profile file to write (what `--cluster local` reads)."),
+    quick: bool = typer.Option(False, help="Smaller measurements (~8 s instead of ~20 s), for tests."),
+) -> None:
+    """Measure this machine's CPU (matmul FLOP/s, memory bandwidth, planc's runtime overheads) into a profile."""
+    from rich.table import Table
+
+    from planc.profile import measure_local, profile_rows, write_profile
+
+    with err.status("profiling this machine") as status:
+        profile = measure_local(quick=quick, progress=lambda msg: status.update(f"profiling: {msg}"))
+    path = write_profile(profile, out_path)
+    table = Table(title=f"local profile ({path})", show_header=False)
+    for name, value in profile_rows(profile):
+        table.add_row(name, value)
+    out.print(table)
+    out.print(profile.source, markup=False)
+
+
 @example_app.command("tiny")
 def example_tiny(out_dir: Path = typer.Argument(Path("examples/tiny"), help="Directory to write into.")) -> None:
     """A few-MB Llama-style base, a partial and a full fine-tune, and a LoRA adapter, trained here."""

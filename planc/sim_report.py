@@ -124,3 +124,35 @@ class SimResult:
         out["per_variant"] = {v: summarize_records([r for r in self.requests if r.variant == v], slo_ttft_ms,
                                                    slo_tpot_ms) for v in variants}
         return out
+
+
+_BENCH_STATUS = {"ok": ("ok", 200), "rejected": ("4xx", 400), "refused": ("4xx", 429), "error": ("5xx", 500),
+                 "pending": ("timeout", None)}
+
+
+def bench_result(result: SimResult, label: str = "simulated", slo_ttft_ms: Optional[float] = None,
+                 slo_tpot_ms: Optional[float] = None, meta: Optional[dict] = None) -> dict[str, Any]:
+    """The run in `planc bench`'s result schema (planc.bench.result), so that
+    `planc bench --compare measured.json simulated.json` compares a prediction with a measurement.
+    Write it with `planc.bench.result.write_result`."""
+    from planc.bench.metrics import summarize_result
+    from planc.bench.result import SCHEMA, RequestRecord as BenchRecord
+
+    records = []
+    for r in result.requests:
+        status, http = _BENCH_STATUS[r.status]
+        records.append(BenchRecord(
+            id=r.index, variant=r.variant, tenant=None, arrival_s=r.arrival_s, start_s=r.arrival_s,
+            prompt_tokens=r.prompt_tokens, max_tokens=r.output_tokens, status=status, http_status=http,
+            error=None if status == "ok" else r.status, output_tokens=r.num_tokens, ttft_s=r.ttft_s,
+            tpot_s=r.tpot_s, e2e_s=r.e2e_s))
+    records.sort(key=lambda rec: (rec.start_s, rec.id))  # bench lists requests in send order
+    slo = {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms}
+    completed = sum(rec.ok for rec in records)
+    info = {"label": label, "source": "simulated", "mode": "open", "utilization": result.utilization(),
+            "preemptions": sum(r.num_preemptions for r in result.requests), "replicas": len(result.replicas),
+            **(meta or {})}
+    return {"schema": SCHEMA, "meta": info, "slo": slo, **summarize_result(records, slo),
+            "counts": {"workload": len(records), "sent": len(records), "completed": completed,
+                       "failed": len(records) - completed, "not_sent": 0},
+            "records": records}

@@ -33,7 +33,7 @@ from planc.sim_model import Group, SimModel
 from planc.sim_report import RequestRecord, SimResult
 from planc.workload import Request
 
-__all__ = ["simulate", "SimModel", "SimResult", "RequestRecord", "EngineConfig"]
+__all__ = ["simulate", "step_time", "SimModel", "SimResult", "RequestRecord", "EngineConfig"]
 
 
 @dataclass(eq=False)
@@ -233,12 +233,16 @@ class _Engine:
         if cost.kind == "head":
             # the runtime computes logits for each sequence's last token only
             prefill_tokens, prefill_pairs, decode_seqs, context = 0, 0.0, seqs, 0.0
+        # The per-sequence overhead is charged per attention call of its own: the executor runs one
+        # for each prefill segment and for a lone decode, while two or more decodes share one call.
+        # (`planc profile` fits per_seq_us with this count; plain bookkeeping per sequence is small.)
+        own_attention = 0 if adapter or cost.kv_bytes_per_token == 0 else prefill_seqs + (decode_seqs == 1)
         key = (id(cost), prefill_tokens, prefill_pairs, seqs, decode_seqs, context, adapter)
         t = self._calls.get(key)
         if t is None:
             t = self.cm.block_time(cost, prefill_tokens=int(prefill_tokens), decode_seqs=int(decode_seqs),
                                    context_tokens=context, attn_pairs=context + prefill_pairs,
-                                   num_seqs=0 if adapter else int(seqs))
+                                   num_seqs=int(own_attention))
             if len(self._calls) < 100_000:
                 self._calls[key] = t
         return t
@@ -330,6 +334,20 @@ def simulate(model: SimModel, cost_model: CostModel, requests: Sequence[Request]
     makespan = max((r.finish_s for r in records if r.finish_s is not None), default=0.0)
     return SimResult(records, [(r.busy_s, r.num_steps, r.preemptions) for r in reps], makespan,
                      capacity_tokens=capacity, num_pages=num_pages)
+
+
+def step_time(model: SimModel, cost_model: CostModel, batch: Sequence[tuple[str, int, int]],
+              engine: Optional[EngineConfig] = None) -> float:
+    """Simulated seconds of one engine step over `batch`: per sequence, in admission order, (variant,
+    tokens it has including the pending ones, tokens already in the KV cache).
+
+    `planc profile` fits the runtime's overheads against measured steps with this, so the fit charges
+    them exactly as the simulator does.
+    """
+    index = {name: i for i, name in enumerate(model.variants)}
+    work = [_Seq(RequestRecord(i, v, 0.0, total, 1), index[v], total, 1, computed=cached)
+            for i, (v, total, cached) in enumerate(batch)]
+    return _Engine(model, cost_model, engine or EngineConfig()).step_time(work)
 
 
 def _route(reps: list[_Replica], rec: RequestRecord, req: Request, index: dict[str, int], cfg: EngineConfig,

@@ -1,8 +1,9 @@
 """The serving simulator against hand-computed step times and the engine's scheduling rules.
 
 Most cases use a device whose roofline terms are negligible (huge peak and bandwidth) and whose
-overheads are round numbers, so every step lasts step_us + block_call_us per call + per_seq_us per
-sequence in a call, and the expected times can be written down by hand.
+overheads are round numbers, so every step lasts step_us + block_call_us per batched call +
+per_seq_us per attention call of one sequence (each prefill in a layer, or a lone decode; two or
+more decodes share one call), and the expected times can be written down by hand.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ ONE = model({"a": [("E", None), ("L0", None), ("L1", None), ("H", None)]})
 
 def test_one_request_ttft_is_the_prefill_step_and_tpot_the_decode_step():
     r = simulate(ONE, overhead_only(), [Request(0.0, "a", 20, 5)]).requests[0]
-    step = (STEP + 4 * (CALL + SEQ)) * US  # 4 calls of one sequence each
+    step = (STEP + 4 * CALL + 2 * SEQ) * US  # 4 block calls, 2 of them layers with the sequence's own attention
     assert r.status == "ok" and r.num_tokens == 5
     assert r.ttft_s == pytest.approx(step, rel=1e-6)
     assert r.tpot_s == pytest.approx(step, rel=1e-6)
@@ -54,12 +55,12 @@ def test_step_times_are_the_cost_models_block_times():
     cm = CostModel(load_device("A100-80GB"), dtype_bytes=2)
     r = simulate(ONE, cm, [Request(0.0, "a", 300, 2)]).requests[0]
     pairs = 300 * 301 / 2
-    prefill = cm.step_overhead() + cm.block_time(EMB, prefill_tokens=300, attn_pairs=pairs, num_seqs=1) + \
+    prefill = cm.step_overhead() + cm.block_time(EMB, prefill_tokens=300, attn_pairs=pairs, num_seqs=0) + \
         2 * cm.block_time(LAYER, prefill_tokens=300, attn_pairs=pairs, num_seqs=1) + \
-        cm.block_time(HEAD, decode_seqs=1, num_seqs=1)
-    decode = cm.step_overhead() + cm.block_time(EMB, decode_seqs=1, context_tokens=301, num_seqs=1) + \
+        cm.block_time(HEAD, decode_seqs=1, num_seqs=0)
+    decode = cm.step_overhead() + cm.block_time(EMB, decode_seqs=1, context_tokens=301, num_seqs=0) + \
         2 * cm.block_time(LAYER, decode_seqs=1, context_tokens=301, num_seqs=1) + \
-        cm.block_time(HEAD, decode_seqs=1, num_seqs=1)
+        cm.block_time(HEAD, decode_seqs=1, num_seqs=0)
     assert r.ttft_s == pytest.approx(prefill, rel=1e-9)
     assert r.tpot_s == pytest.approx(decode, rel=1e-9)
 
@@ -70,16 +71,16 @@ def test_variants_sharing_blocks_batch_together():
     reqs = [Request(0.0, "a", 8, 1), Request(0.0, "b", 8, 1)]
     t_shared = simulate(shared, overhead_only(), reqs).requests[0].ttft_s
     t_separate = simulate(separate, overhead_only(), reqs).requests[0].ttft_s
-    # shared: E and L run once for both (2 calls), each head once: 4 calls, 6 sequence slots
-    assert t_shared == pytest.approx((STEP + 4 * CALL + 6 * SEQ) * US, rel=1e-6)
-    assert t_separate == pytest.approx((STEP + 6 * CALL + 6 * SEQ) * US, rel=1e-6)
+    # shared: E and L run once for both, each head once: 4 calls; 2 prefill attention calls either way
+    assert t_shared == pytest.approx((STEP + 4 * CALL + 2 * SEQ) * US, rel=1e-6)
+    assert t_separate == pytest.approx((STEP + 6 * CALL + 2 * SEQ) * US, rel=1e-6)
     assert t_shared < t_separate
 
 
 def test_block_batch_cap_splits_a_group():
     reqs = [Request(0.0, "a", 8, 1) for _ in range(5)]
     t = simulate(ONE, overhead_only(), reqs, EngineConfig(block_batch_cap=2)).requests[0].ttft_s
-    assert t == pytest.approx((STEP + 4 * 3 * CALL + 4 * 5 * SEQ) * US, rel=1e-6)  # 3 calls (2+2+1) per position
+    assert t == pytest.approx((STEP + 4 * 3 * CALL + 2 * 5 * SEQ) * US, rel=1e-6)  # 3 calls (2+2+1) per position
 
 
 def test_lora_adds_one_delta_call_per_adapter_on_the_shared_base():
@@ -89,16 +90,18 @@ def test_lora_adds_one_delta_call_per_adapter_on_the_shared_base():
                            {"x": delta, "y": delta})
     reqs = [Request(0.0, v, 8, 1) for v in "abc"]
     t = simulate(m, overhead_only(), reqs).requests[0].ttft_s
-    assert t == pytest.approx((STEP + 3 * CALL + 9 * SEQ + 2 * CALL) * US, rel=1e-6)  # deltas add no per-seq term
+    assert t == pytest.approx((STEP + 3 * CALL + 3 * SEQ + 2 * CALL) * US, rel=1e-6)  # deltas add no per-seq term
     assert delta.linear_flops_per_token == 2 * 8 * 256
 
 
 def test_max_running_admits_in_waves():
     reqs = [Request(0.0, "a", 8, 4) for _ in range(6)]
     out = simulate(ONE, overhead_only(), reqs, EngineConfig(max_running=2)).requests
-    step = (STEP + 4 * CALL + 4 * 2 * SEQ) * US  # two sequences in every call
-    assert [r.first_token_s / step for r in out] == pytest.approx([1, 1, 5, 5, 9, 9], rel=1e-6)
-    assert out[-1].finish_s == pytest.approx(12 * step, rel=1e-6)
+    prefill = (STEP + 4 * CALL + 2 * 2 * SEQ) * US  # two prefill attention calls in each of 2 layers
+    decode = (STEP + 4 * CALL) * US  # the two decodes share one attention call
+    waves = [(k + 1) * prefill + 3 * k * decode for k in range(3)]
+    assert [r.first_token_s for r in out] == pytest.approx([w for w in waves for _ in range(2)], rel=1e-6)
+    assert out[-1].finish_s == pytest.approx(3 * prefill + 9 * decode, rel=1e-6)
 
 
 def test_max_batch_tokens_defers_a_prompt_that_does_not_fit():
@@ -155,9 +158,9 @@ def test_two_replicas_halve_queueing_under_overload():
 def test_summary_percentiles_and_slo():
     reqs = [Request(0.0, "a", 8, 3), Request(10.0, "a", 8, 3)]
     s = simulate(ONE, overhead_only(), reqs).summary(slo_ttft_ms=1.0, slo_tpot_ms=0.1)
-    step_ms = (STEP + 4 * (CALL + SEQ)) * 1e-3
+    step_ms = (STEP + 4 * CALL + 2 * SEQ) * 1e-3
     assert s["ttft_ms"]["p50"] == pytest.approx(step_ms) and s["tpot_ms"]["p99"] == pytest.approx(step_ms)
-    assert s["slo"]["attainment"] == 0.0  # TPOT 0.144 ms > 0.1 ms
+    assert s["slo"]["attainment"] == 0.0  # TPOT 0.142 ms > 0.1 ms
     assert s["throughput"]["output_tokens_per_s"] == pytest.approx(6 / (10.0 + 3 * step_ms * 1e-3))
     assert set(s["per_variant"]) == {"a"}
 

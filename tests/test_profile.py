@@ -1,0 +1,47 @@
+"""`planc profile`: the measured CPU profile loads as a device and its figures are plausible."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from planc.cli import main
+from planc.cluster import Cluster, load_device, load_local_profile
+from planc.profile_calibrate import _nonnegative_lstsq
+
+
+@pytest.fixture(scope="module")
+def profile_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("profile") / "sub" / "local-profile.yaml"
+    assert main(["profile", "--quick", "--out", str(path)]) == 0
+    return path
+
+
+def test_written_profile_loads_with_plausible_figures(profile_path):
+    dev = load_device(str(profile_path))
+    assert (dev.name, dev.kind, dev.matmul_efficiency) == ("local", "cpu", 1.0)
+    assert 1.0 < dev.peak_tflops["fp32"] * 1e3 < 20_000  # GFLOP/s of one core
+    assert 0.5 < dev.mem_bw_gbps < 2_000
+    assert 0.0 < dev.bw_efficiency <= 1.0
+    assert 0.5 < dev.memory_gb < 100_000
+    ov = dev.overheads
+    # planc's engine does Python work per step and per block call: some fixed cost must be found
+    assert ov.step_us + ov.block_call_us + ov.per_seq_us > 10
+    assert max(ov.step_us, ov.block_call_us, ov.per_seq_us) < 100_000
+    assert "planc profile --quick" in dev.source and "fitted on" in dev.source
+
+
+def test_local_profile_is_read_not_remeasured(profile_path):
+    assert load_local_profile(profile_path) == load_device(str(profile_path))
+    c = Cluster(devices_per_node=1, device=load_local_profile(profile_path))
+    assert c.device.kind == "cpu"
+
+
+def test_nonnegative_fit_recovers_overheads_and_drops_negative_terms():
+    rng = np.random.default_rng(0)
+    a = np.column_stack([np.ones(30), rng.integers(4, 40, 30), rng.integers(0, 200, 30)]).astype(float)
+    y = a @ np.array([300.0, 50.0, 7.0])
+    assert _nonnegative_lstsq(a, y) == pytest.approx([300.0, 50.0, 7.0])
+    # a column that would get a negative weight is dropped and the rest refitted
+    y2 = a @ np.array([300.0, 50.0, 0.0]) - 0.5 * a[:, 2]
+    coef = _nonnegative_lstsq(a, y2)
+    assert coef[2] == 0.0 and (coef >= 0).all()
