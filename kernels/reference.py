@@ -18,6 +18,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x32 * torch.rsqrt(variance + eps)).to(dtype)
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): the residual add and the next norm in one op."""
+    total = x + residual
+    return rms_norm(total, weight, eps), total
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
@@ -100,7 +107,7 @@ def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tens
     """
     page_size = k_pages.shape[1]
     ctx = int(context_lens.max())
-    j = torch.arange(ctx)
+    j = torch.arange(ctx, device=q.device)
     pages = tables.gather(1, (j // page_size).expand(tables.shape[0], -1))   # (seqs, ctx)
     k = k_pages[pages, j % page_size]                                         # (seqs, ctx, kv_heads, head_dim)
     v = v_pages[pages, j % page_size]
@@ -115,3 +122,16 @@ def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tens
         v = v.repeat_interleave(groups, dim=1)
     out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask[:, None, None, :], scale=scale)
     return out[:, :, 0]
+
+
+def write_kv(k_pages: torch.Tensor, v_pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """Store new keys/values in the paged cache, in place.
+
+    k_pages, v_pages: (pages, page_size, kv_heads, head_dim); k, v: (tokens, kv_heads, head_dim);
+    slots: (tokens,) flat slot of each token, page * page_size + offset within the page.
+    """
+    page_size = k_pages.shape[1]
+    pages, offsets = slots // page_size, slots % page_size
+    k_pages[pages, offsets] = k.to(k_pages.dtype)
+    v_pages[pages, offsets] = v.to(v_pages.dtype)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import planc.kernels as K
-from planc.kernels.dispatch import KernelRegistry
+from planc.errors import PlancError
+from planc.kernels.dispatch import KernelRegistry, KernelSelection
 
 
 def test_rms_norm_computes_in_fp32_and_casts_back():
@@ -62,16 +63,65 @@ def test_silu_mul():
     assert torch.allclose(K.silu_mul(g, u), g / (1 + torch.exp(-g)) * u, atol=1e-6)
 
 
-def test_registry_selects_and_rejects():
-    reg = KernelRegistry()
+def test_registry_and_selection_pick_per_op():
+    reg = KernelRegistry.builtin()
     reg.register("silu_mul", "double", lambda g, u: 2 * g)
-    reg.select("silu_mul", "double")
-    assert reg.impl("silu_mul")(torch.ones(1), None).item() == 2.0
-    with pytest.raises(KeyError, match="no implementation 'triton'"):
-        reg.select("rms_norm", "triton")
+    sel = KernelSelection.parse("torch,silu_mul=double", registry=reg)
+    assert sel.call("silu_mul", torch.ones(1), None).item() == 2.0
+    with K.use_kernels(sel):
+        assert K.silu_mul(torch.ones(1), None).item() == 2.0
+    assert K.silu_mul(torch.ones(1), torch.ones(1)).item() == pytest.approx(0.7310586)  # outside: auto
+    assert sel.choice("rms_norm") == "torch"
+    # A bare default applies where it exists: prefill attention has no Triton kernel and stays auto.
+    triton_everywhere = KernelSelection.parse("triton")
+    assert triton_everywhere.choice("decode_attention") == "triton" and triton_everywhere.choice("attention") == "auto"
+    with pytest.raises(ValueError, match="no implementation 'triton'"):
+        KernelSelection.parse("attention=triton")
+    with pytest.raises(ValueError, match="unknown kernel op"):
+        KernelSelection.parse("conv=torch")
+    with pytest.raises(ValueError, match="not one of"):
+        KernelSelection.parse("cuda")
     with pytest.raises(KeyError, match="unknown op"):
         reg.register("conv", "x", print)
-    assert K.default_registry.selected("silu_mul") == "torch"
+
+
+def test_auto_uses_torch_on_cpu_tensors_and_env_selects(monkeypatch):
+    monkeypatch.delenv("PLANC_KERNELS", raising=False)
+    assert K.current().choice("rms_norm") == "auto"
+    monkeypatch.setenv("PLANC_KERNELS", "rms_norm=torch,decode_attention=triton")
+    assert K.current().choice("rms_norm") == "torch" and K.current().choice("decode_attention") == "triton"
+    with K.use_kernels(KernelSelection.parse("")):
+        assert K.current().choice("decode_attention") == "auto"  # an explicit selection wins over the env
+
+
+def test_tuned_impl_applies_per_shape_class_unless_overridden(tmp_path):
+    calls = []
+    reg = KernelRegistry.builtin()
+    reg.register("rms_norm", "spy", K.dispatch.Impl(lambda x, w, eps, config: calls.append(config) or x,
+                                                     tunable=True))
+    table = {"rms_norm": {"fp32,hidden=8": {"impl": "spy", "BLOCK": 8}}}
+    sel = KernelSelection(reg, {}, table)
+    sel.call("rms_norm", torch.ones(2, 8), torch.ones(8), 1e-6)
+    sel.call("rms_norm", torch.ones(2, 4), torch.ones(4), 1e-6)  # another class: auto (torch)
+    assert calls == [{"impl": "spy", "BLOCK": 8}]
+    KernelSelection(reg, {"rms_norm": "torch"}, table).call("rms_norm", torch.ones(2, 8), torch.ones(8), 1e-6)
+    assert len(calls) == 1
+    (tmp_path / "kernels.json").write_text('{"rms_norm": {"*": {"impl": "torch"}}}')
+    assert K.load_tuned(tmp_path / "kernels.json") == {"rms_norm": {"*": {"impl": "torch"}}}
+    (tmp_path / "bad.json").write_text('{"rms_norm": {"*": {"impl": "torch", "BLOCK": -1}}}')
+    with pytest.raises(PlancError, match="BLOCK must be positive"):
+        K.load_tuned(tmp_path / "bad.json")
+
+
+def test_add_rms_norm_and_write_kv_references():
+    x, r, w = torch.randn(3, 10), torch.randn(3, 10), torch.randn(10)
+    normed, total = K.add_rms_norm(x, r, w, 1e-6)
+    assert torch.equal(total, x + r) and torch.equal(normed, K.rms_norm(x + r, w, 1e-6))
+    k_pages, v_pages = torch.zeros(3, 4, 2, 5), torch.zeros(3, 4, 2, 5)
+    k, v = torch.randn(2, 2, 5), torch.randn(2, 2, 5)
+    K.write_kv(k_pages, v_pages, k, v, torch.tensor([9, 2]))  # page 2 slot 1, page 0 slot 2
+    assert torch.equal(k_pages[2, 1], k[0]) and torch.equal(v_pages[0, 2], v[1])
+    assert int((k_pages != 0).any(-1).any(-1).sum()) == 2
 
 
 def test_lora_delta_groups_adapters_of_different_ranks():
