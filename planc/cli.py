@@ -90,6 +90,8 @@ def serve(
     max_model_len: Optional[int] = typer.Option(None, min=1, help="Longest prompt + completion."),
     threads: int = typer.Option(1, min=1, help="Engine intra-op threads."),
     shutdown_timeout: float = typer.Option(30.0, min=0, help="Seconds in-flight requests get after SIGTERM."),
+    kernels: Optional[str] = typer.Option(None, help="Op implementations: auto, torch, triton, or op=impl pairs "
+                                          "(rms_norm=torch,decode_attention=triton). Default: $PLANC_KERNELS, else auto."),
 ) -> None:
     """Serve every variant of BUNDLE over an OpenAI-compatible HTTP API."""
     import socket
@@ -97,7 +99,8 @@ def serve(
     from planc.bundle import Bundle
     from planc.runtime.server import ServeOptions, build_state, serve_forever
 
-    state = build_state(Bundle.open(bundle), ServeOptions(kv_cache_mb, max_running, max_queue, max_model_len, threads))
+    state = build_state(Bundle.open(bundle), ServeOptions(kv_cache_mb, max_running, max_queue, max_model_len, threads,
+                                                        kernels))
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import torch
 from planc.bundle import Bundle
+from planc.kernels import KernelSelection
 from planc.runtime import executor as ex
 from planc.runtime.stage import Stage, local_stages
 from planc.runtime.sampling import Sampler, SamplingParams
@@ -80,10 +81,12 @@ class Engine:
     """Schedules sequences over stages. `stages` default to one in-process stage holding every block."""
 
     def __init__(self, bundle: Bundle, config: Optional[EngineConfig] = None, stats: Optional["StepStats"] = None,
-                 stages: Optional[list[Stage]] = None):
+                 stages: Optional[list[Stage]] = None, kernels: Optional[KernelSelection] = None):
+        """`kernels` picks the op implementations of the default stages (default: PLANC_KERNELS, else auto)."""
         self.bundle, self.config = bundle, config or EngineConfig()
         self.stats = stats or StepStats()
-        self.stages = stages or local_stages(bundle, self.config.kv_cache_bytes, self.config.page_size)
+        self.stages = stages or local_stages(bundle, self.config.kv_cache_bytes, self.config.page_size,
+                                             kernels=kernels)
         self.stage_of = {p: stage for stage in self.stages for p in stage.positions}
         self.chains = {name: [(link["block"], link["adapter"]) for link in v["chain"]]
                        for name, v in bundle.variants.items()}

@@ -83,8 +83,7 @@ def _decode_attention(attn, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v:
     positions = torch.tensor([s.position for s in segs])
     tables = cache.table_matrix([s.seq for s in segs], layer_idx)
     pages = tables[torch.arange(len(segs)), positions // cache.page_size]
-    cache.k[pages, positions % cache.page_size] = k[rows].to(cache.k.dtype)
-    cache.v[pages, positions % cache.page_size] = v[rows].to(cache.v.dtype)
+    kernels.write_kv(cache.k, cache.v, k[rows], v[rows], pages * cache.page_size + positions % cache.page_size)
     out[rows] = kernels.decode_attention(q[rows], cache.k, cache.v, tables, positions + 1, attn.window, attn.scale)
 
 
@@ -113,8 +112,8 @@ def run_layer(layer: DecoderLayer, layer_idx: int, x: torch.Tensor, batch: Ragge
         keys, values = cache.read(seg.seq, layer_idx, seg.position + seg.length)
         out[rows] = kernels.paged_attention(q[rows], keys, values, batch.positions[rows], attn.window, attn.scale)
     o = linear(attn.o_proj, out.reshape(tokens, attn.num_heads * attn.head_dim), "self_attn.o_proj", batch, adapters)
-    x = x + o
-    h = layer.post_attention_layernorm(x)
+    norm = layer.post_attention_layernorm
+    h, x = kernels.add_rms_norm(o, x, norm.weight, norm.eps)  # residual add fused with the norm after it
     mlp = layer.mlp
     gate = linear(mlp.gate_proj, h, "mlp.gate_proj", batch, adapters)
     up = linear(mlp.up_proj, h, "mlp.up_proj", batch, adapters)

@@ -11,6 +11,8 @@ from typing import Sequence
 
 import torch
 
+from planc import kernels
+
 
 class KVCache:
     def __init__(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
@@ -70,8 +72,7 @@ class KVCache:
     def write(self, seq: int, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v (tokens, kv_heads, head_dim) at positions start.. of (seq, layer)."""
         pages, offsets = self._slots(seq, layer, start, k.shape[0])
-        self.k[pages, offsets] = k.to(self.k.dtype)
-        self.v[pages, offsets] = v.to(self.v.dtype)
+        kernels.write_kv(self.k, self.v, k, v, pages * self.page_size + offsets)
 
     def table_matrix(self, seqs: Sequence[int], layer: int) -> torch.Tensor:
         """Page tables of `seqs` in `layer` as one (len(seqs), max_pages) tensor, padded with page 0."""

@@ -26,6 +26,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from planc.bundle import Bundle
 from planc.errors import PlancError
+from planc.kernels import KernelSelection, load_tuned
+from planc.kernels.dispatch import ENV_VAR as KERNELS_ENV_VAR
 from planc.runtime.engine import Engine, EngineConfig, Event, QueueFull, StepStats
 from planc.runtime.metrics import Metrics
 from planc.runtime.openai_api import ApiError, GenerationRequest, completion_body, parse_request, usage_of
@@ -42,6 +44,19 @@ class ServeOptions:
     max_model_len: Optional[int] = None
     threads: int = 1
     """Intra-op threads of the engine; on small CPU matmuls more threads are slower."""
+    kernels: Optional[str] = None
+    """Op implementations: auto | torch | triton | op=impl,... (default: $PLANC_KERNELS, else auto)."""
+
+
+def kernel_selection(bundle: Bundle, options: ServeOptions) -> KernelSelection:
+    """The --kernels choice over the bundle's tuned configs (kernels.json, when the bundle has one)."""
+    tuned_file = bundle.root / "kernels.json"
+    tuned = load_tuned(tuned_file) if tuned_file.is_file() else {}
+    text = options.kernels if options.kernels is not None else os.environ.get(KERNELS_ENV_VAR, "")
+    try:
+        return KernelSelection.parse(text, tuned)
+    except ValueError as exc:
+        raise PlancError(f"--kernels: {exc}") from None
 
 
 def engine_config(bundle: Bundle, options: ServeOptions) -> EngineConfig:
@@ -85,7 +100,7 @@ def build_state(bundle: Bundle, options: ServeOptions) -> ServerState:
     metrics = Metrics()
     names = {b["key"]: f"{b['name']}#{b['key'][:8]}" for b in bundle.manifest["blocks"]}
     stats = StepStats(on_batch=lambda key, size, nv: metrics.on_batch(names[key], size, nv))
-    engine = Engine(bundle, engine_config(bundle, options), stats)
+    engine = Engine(bundle, engine_config(bundle, options), stats, kernels=kernel_selection(bundle, options))
     by_dir: dict[str, TextCodec] = {}
     codecs = {}
     for name, v in bundle.variants.items():

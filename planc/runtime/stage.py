@@ -11,12 +11,15 @@ from typing import Optional
 import torch
 
 from planc.bundle import Bundle
+from planc.errors import PlancError
+from planc.kernels import KernelSelection, use_kernels
 from planc.runtime import executor as ex
 from planc.runtime.kv_cache import KVCache
 
 
 class Stage:
-    def __init__(self, bundle: Bundle, positions: range, kv_cache_bytes: int, page_size: int):
+    def __init__(self, bundle: Bundle, positions: range, kv_cache_bytes: int, page_size: int,
+                 kernels: Optional[KernelSelection] = None):
         self.positions = positions
         self.kinds: dict[int, str] = {}
         self.modules: dict[str, torch.nn.Module] = {}
@@ -24,7 +27,10 @@ class Stage:
         for name in bundle.variants:
             self._load(bundle, name)
         self.layers = [p - 1 for p in positions if self.kinds.get(p) == "layer"]
-        dtype = next(next(iter(self.modules.values())).parameters()).dtype
+        param = next(next(iter(self.modules.values())).parameters())
+        dtype = param.dtype
+        # The stage, not the engine, holds the kernel selection: a stage may run in another process.
+        self.kernels = _kernel_selection(kernels, param.device)
         arch = bundle.arch
         self.cache = KVCache.for_budget(kv_cache_bytes, page_size, arch.num_kv_heads, arch.head_dim, dtype) \
             if self.layers else None
@@ -82,11 +88,22 @@ class Stage:
         """Run block `key` at chain `position` on a ragged batch: token ids or hidden -> hidden or logits."""
         module, kind = self.modules[key], self.kinds[position]
         batch = ex.RaggedBatch(segments)
-        if kind == "embedding":
-            return ex.run_embedding(module, x)
-        if kind == "layer":
-            return ex.run_layer(module, position - 1, x, batch, self.cache, self.adapters)
-        return ex.run_head(module, x, batch)
+        with use_kernels(self.kernels):
+            if kind == "embedding":
+                return ex.run_embedding(module, x)
+            if kind == "layer":
+                return ex.run_layer(module, position - 1, x, batch, self.cache, self.adapters)
+            return ex.run_head(module, x, batch)
+
+
+def _kernel_selection(kernels: Optional[KernelSelection], device: torch.device) -> KernelSelection:
+    """The given selection, else $PLANC_KERNELS's; refused here if it forces what cannot run."""
+    try:
+        kernels = kernels or KernelSelection.from_env()
+        kernels.check(device)
+    except ValueError as exc:
+        raise PlancError(f"kernels: {exc}") from None
+    return kernels
 
 
 def split_positions(num_positions: int, num_stages: int) -> list[range]:
@@ -97,7 +114,7 @@ def split_positions(num_positions: int, num_stages: int) -> list[range]:
 
 
 def local_stages(bundle: Bundle, kv_cache_bytes: int, page_size: int, num_stages: int = 1,
-                 positions: Optional[list[range]] = None) -> list[Stage]:
+                 positions: Optional[list[range]] = None, kernels: Optional[KernelSelection] = None) -> list[Stage]:
     """In-process stages; the KV budget is split in proportion to each stage's layers."""
     num_positions = len(next(iter(bundle.variants.values()))["chain"])
     ranges = positions or split_positions(num_positions, num_stages)
@@ -105,5 +122,5 @@ def local_stages(bundle: Bundle, kv_cache_bytes: int, page_size: int, num_stages
     stages = []
     for r in ranges:
         layers = sum(1 for p in r if 0 < p <= num_layers)
-        stages.append(Stage(bundle, r, max(1, kv_cache_bytes * layers // num_layers), page_size))
+        stages.append(Stage(bundle, r, max(1, kv_cache_bytes * layers // num_layers), page_size, kernels))
     return stages
