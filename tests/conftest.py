@@ -9,6 +9,11 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
+if not torch.cuda.is_available():
+    # Triton kernels are tested on the CPU under Triton's interpreter. It is chosen when a kernel is
+    # decorated, and peft imports Triton (decorating its standard library) when a test module imports
+    # peft, so it must be set here, before any test module is collected.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
