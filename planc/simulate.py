@@ -24,7 +24,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 from planc.cost import BlockCost, CostModel
@@ -36,13 +36,15 @@ from planc.workload import Request
 __all__ = ["simulate", "step_time", "SimModel", "SimResult", "RequestRecord", "EngineConfig"]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Seq:
     record: RequestRecord
     variant: int
     prompt: int
     max_tokens: int
     generated: int = 0
+    total: int = 0
+    """prompt + generated: every token the sequence has, the pending one included."""
     computed: int = 0
     """Tokens whose K/V are cached (0 again after a preemption)."""
     pages: int = 0
@@ -50,9 +52,8 @@ class _Seq:
     admitted: int = 0
     """Admission order (the engine compares admission times)."""
 
-    @property
-    def total(self) -> int:
-        return self.prompt + self.generated
+    def __post_init__(self) -> None:
+        self.total = self.prompt + self.generated
 
 
 @dataclass
@@ -81,20 +82,18 @@ class _Engine:
         self.model, self.cm, self.cfg = model, cost_model, config
         self._admissions = 0
         self._calls: dict[tuple, float] = {}
-        self._positions = [_Position.build(n, groups, len(model.variants)) for n, groups in model.positions]
-
-    def pages_for(self, tokens: int) -> int:
-        return math.ceil(tokens / self.cfg.page_size)
-
-    def _extra_pages(self, seq: _Seq) -> int:
-        return self.model.num_kv_layers * max(0, self.pages_for(seq.total) - seq.pages)
+        self._positions = _Position.build_all(model)
 
     def _reserve_kv(self, r: _Replica, seq: _Seq) -> bool:
-        extra = self._extra_pages(seq)
+        """Grow `seq` to hold all its tokens in every KV layer, or change nothing."""
+        need = -(-seq.total // self.cfg.page_size)
+        if need <= seq.pages:
+            return True
+        extra = self.model.num_kv_layers * (need - seq.pages)
         if extra > r.free:
             return False
         r.free -= extra
-        seq.pages = max(seq.pages, self.pages_for(seq.total))
+        seq.pages = need
         return True
 
     def _free_kv(self, r: _Replica, seq: _Seq) -> None:
@@ -159,6 +158,7 @@ class _Engine:
         for seq in r.work:
             seq.computed = seq.total
             seq.generated += 1
+            seq.total += 1
             rec = seq.record
             if rec.first_token_s is None:
                 rec.first_token_s = now
@@ -181,17 +181,11 @@ class _Engine:
         for s in work:
             _add_pending(active.setdefault(s.variant, [0.0] * 5), s)
         total = self.cm.step_overhead()
-        everyone = None
+        by_partition: dict[int, dict[int, list[float]]] = {}  # positions that group variants alike share sums
         for pos in self._positions:
-            if len(pos.costs) == 1 and not pos.deltas:  # most positions of a large model: one shared call
-                if everyone is None:
-                    everyone = _sum_stats(active.values())
-                calls = {0: everyone}
-            else:
-                calls = {}
-                for v, st in active.items():
-                    calls.setdefault(pos.group_of[v], []).append(st)
-                calls = {g: _sum_stats(sts) for g, sts in calls.items()}
+            calls = by_partition.get(pos.partition)
+            if calls is None:
+                calls = by_partition[pos.partition] = _group_sums(active, pos.group_of)
             total += pos.count * self._position_time(pos, calls, active, work)
         return total
 
@@ -224,7 +218,7 @@ class _Engine:
             active: dict[int, list[float]] = {}
             for s in members[i:i + cap]:
                 _add_pending(active.setdefault(s.variant, [0.0] * 5), s)
-            t += self._position_time(pos, {g: _sum_stats(active.values())}, active, members[i:i + cap])
+            t += self._position_time(pos, _group_sums(active, pos.group_of), active, members[i:i + cap])
         return t
 
     def _call(self, cost: BlockCost, prefill_tokens: float, prefill_pairs: float, prefill_seqs: float,
@@ -260,6 +254,8 @@ class _Position:
     deltas: tuple[BlockCost, ...]
     adapter_of: tuple[int, ...]
     """Variant index -> index into `deltas`, or -1."""
+    partition: int = 0
+    """Positions with equal `group_of` have equal ids."""
 
     @classmethod
     def build(cls, count: int, groups: tuple[Group, ...], num_variants: int) -> "_Position":
@@ -273,14 +269,30 @@ class _Position:
                 deltas.append(delta)
         return cls(count, tuple(g.cost for g in groups), tuple(group_of), tuple(deltas), tuple(adapter_of))
 
+    @staticmethod
+    def build_all(model: SimModel) -> list["_Position"]:
+        out, ids = [], {}
+        for count, groups in model.positions:
+            pos = _Position.build(count, groups, len(model.variants))
+            out.append(replace(pos, partition=ids.setdefault(pos.group_of, len(ids))))
+        return out
 
-def _sum_stats(stats) -> list[float]:
-    """Per variant: prefill tokens, prefill query/key pairs, prefill seqs, decode seqs, cached context."""
-    out = [0.0] * 5
-    for st in stats:
-        for i in range(5):
-            out[i] += st[i]
-    return out
+
+def _group_sums(active: dict[int, list[float]], group_of: tuple[int, ...]) -> dict[int, list[float]]:
+    """Per group (block call) the sums of its variants' counters: prefill tokens, prefill query/key
+    pairs, prefill sequences, decode sequences, cached context."""
+    calls: dict[int, list[float]] = {}
+    for v, st in active.items():
+        acc = calls.get(group_of[v])
+        if acc is None:
+            calls[group_of[v]] = st[:]
+        else:
+            acc[0] += st[0]
+            acc[1] += st[1]
+            acc[2] += st[2]
+            acc[3] += st[3]
+            acc[4] += st[4]
+    return calls
 
 
 def _add_pending(st: list[float], s: _Seq) -> None:

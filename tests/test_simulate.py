@@ -178,3 +178,22 @@ def test_from_bundle(tiny_bundle):
     assert any(a is not None for _, a in m.chains[lora])
     res = simulate(m, overhead_only(), [Request(0.0, v, 12, 4) for v in m.variants])
     assert all(r.status == "ok" for r in res.requests)
+
+
+def test_bench_result_is_planc_bench_schema(tmp_path):
+    """A simulated run is written in planc bench's result schema and reads back with the same figures."""
+    from planc.bench.result import SCHEMA, load_result, write_result
+    from planc.sim_report import bench_result
+
+    reqs = [Request(0.0, "a", 150, 60), Request(0.0, "a", 8, 3), Request(1.0, "a", 8, 3)]
+    res = simulate(ONE, overhead_only(), reqs, EngineConfig(kv_cache_bytes=24 * 16 * 512))
+    out = bench_result(res, "sim", slo_ttft_ms=1.0)
+    write_result(tmp_path / "sim.json", out)
+    back = load_result(tmp_path / "sim.json")
+    assert back["schema"] == SCHEMA and back["meta"]["source"] == "simulated"
+    overall = back["summary"]["overall"]
+    assert (overall["completed"], overall["failed"], overall["status_codes"]) == (2, 1, {"200": 2, "400": 1})
+    step_ms = (STEP + 4 * CALL + 2 * SEQ) * 1e-3
+    assert overall["ttft_ms"]["p50"] == pytest.approx(step_ms, rel=1e-4)
+    assert overall["slo_attainment"] == pytest.approx(2 / 3)
+    assert back["counts"]["completed"] == 2
