@@ -18,7 +18,8 @@ from planc.ir import AdapterDelta, BlockFingerprint, BlockSpec, Chain, ZooBlock
 from planc.models.checkpoint import Checkpoint
 from planc.models.lora import Adapter
 from planc.models.tokenizer import load_tokenizer, tokenizer_files
-from planc.spec import Spec, field_of
+from planc.plan import BlockGroup, Plan
+from planc.spec import Spec, VariantRef, field_of
 
 
 @dataclass
@@ -35,6 +36,9 @@ class ModelEntry:
     adapter: Optional[Adapter] = None
     tokenizer: list[Path] = field(default_factory=list)
     """Tokenizer files it is served with (its own when it has tokenizer.json, else the base's)."""
+    declared: Optional[VariantRef] = None
+    """Plan-only: the spec entry whose `changes`/`lora` (or adapter_config.json) describe the variant
+    when its weights are not read."""
 
 
 @dataclass
@@ -64,6 +68,12 @@ class Program:
     """dedupe: unique adapter deltas by key."""
     chains: Optional[dict[str, Chain]] = None
     """dedupe: variant name -> chain."""
+    groups: Optional[list[BlockGroup]] = None
+    """cost: block groups (runs of chain positions with the same users and instances)."""
+    plan_options: Optional[dict[str, list[Any]]] = None
+    """cost: group id -> candidate layouts (passes.cost.GroupOption) on the plan's cluster."""
+    plan: Optional[Plan] = None
+    """parallelize: the chosen deployment."""
     extras: dict[str, Any] = field(default_factory=dict)
     """Artifacts of user passes, by the names in their `provides`."""
     log: list[PassRecord] = field(default_factory=list)
@@ -84,7 +94,8 @@ class Program:
         return self.extras[artifact] if artifact in self.extras else getattr(self, artifact)
 
 
-_FIELDS = {"graphs", "blocks", "fingerprints", "adapter_deltas", "input_digests", "zoo", "adapter_zoo", "chains"}
+_FIELDS = {"graphs", "blocks", "fingerprints", "adapter_deltas", "input_digests", "zoo", "adapter_zoo", "chains",
+           "groups", "plan_options", "plan"}
 
 
 def open_models(spec: Spec, weights: bool = True) -> dict[str, ModelEntry]:
@@ -101,6 +112,12 @@ def open_models(spec: Spec, weights: bool = True) -> dict[str, ModelEntry]:
                      if name.endswith("proj.weight")}
     for variant in spec.variants:
         fld = field_of(spec, variant.name)
+        if variant.declared_only or not weights:
+            if weights:
+                raise CheckpointError(f"{fld}: {variant.name} is only described (no `path` or `adapter`); "
+                                      "it can be planned (planc plan) but not compiled")
+            models[variant.name] = _plan_only_entry(variant, fld, base, opener)
+            continue
         if variant.adapter is not None:
             adapter = Adapter.open(variant.adapter, fld, linear_shapes) if weights else None
             tok = _own_tokenizer(variant.adapter, fld) or base_tok
@@ -117,6 +134,22 @@ def open_models(spec: Spec, weights: bool = True) -> dict[str, ModelEntry]:
         for entry in models.values():
             _check_vocab(entry)
     return models
+
+
+def _plan_only_entry(variant: VariantRef, fld: str, base: Checkpoint, opener) -> ModelEntry:
+    """A variant opened for planning: its config.json when the files exist, else the base's."""
+    if variant.is_adapter:
+        return ModelEntry(variant.name, "adapter", fld, base, declared=variant)
+    ckpt = base
+    if variant.path is not None and (variant.path / "config.json").is_file():
+        ckpt = opener(variant.path, fld)
+    elif variant.changes is None:
+        raise CheckpointError(f"{fld}: {variant.path / 'config.json'}: no such file (to plan without the "
+                              "checkpoint, describe the fine-tune with `changes: [layers.28-31, head]`)")
+    diff = base.arch.differences(ckpt.arch)
+    if diff:
+        raise CheckpointError(f"{fld}: {variant.path / 'config.json'} differs from the base in {'; '.join(diff[:3])}")
+    return ModelEntry(variant.name, "weights", fld, ckpt, declared=variant)
 
 
 def _check_vocab(entry: ModelEntry) -> None:

@@ -14,7 +14,7 @@ Relative paths resolve against the directory of the yaml file. Errors name the f
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,24 +37,56 @@ class BaseModelRef(_Strict):
     """HF-format checkpoint directory: config.json, *.safetensors (single or sharded), tokenizer."""
 
 
+class LoraDecl(_Strict):
+    """A LoRA adapter described for planning, when its files are not at hand."""
+
+    r: int = Field(ge=1, le=4096)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    """Linear names inside a decoder layer: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj."""
+
+
 class VariantRef(_Strict):
-    """A fine-tune of the base: either full weights (`path`) or a PEFT LoRA adapter (`adapter`)."""
+    """A fine-tune of the base: full weights (`path`) or a PEFT LoRA adapter (`adapter`).
+
+    For `planc plan` without the files, describe it instead: `changes` (the blocks a full or
+    partial fine-tune changes: `embedding`, `head`, `layer.N` or `layers.A-B`) or `lora`.
+    """
 
     name: str = Field(pattern=_NAME_PATTERN)
     path: Optional[Path] = None
     """HF-format checkpoint directory with the same architecture as the base."""
     adapter: Optional[Path] = None
     """PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)."""
+    changes: Optional[list[str]] = None
+    """Plan-only description of a (partial) fine-tune: the blocks whose weights differ from the base."""
+    lora: Optional[LoraDecl] = None
+    """Plan-only description of a LoRA adapter."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "VariantRef":
-        if (self.path is None) == (self.adapter is None):
-            raise ValueError("give exactly one of `path` (full weights) or `adapter` (PEFT LoRA)")
+        if self.path is not None and self.adapter is not None:
+            raise ValueError("give one of `path` (full weights) or `adapter` (PEFT LoRA), not both")
+        if self.changes is not None and self.lora is not None:
+            raise ValueError("give one of `changes` (a fine-tune) or `lora` (an adapter), not both")
+        if self.path is None and self.adapter is None and self.changes is None and self.lora is None:
+            raise ValueError("give `path` (full weights) or `adapter` (PEFT LoRA); "
+                             "for planning without files, `changes` or `lora`")
+        if (self.adapter is not None and self.changes is not None) or (self.path is not None and self.lora is not None):
+            raise ValueError("`changes` describes a `path` variant and `lora` an `adapter` variant")
         return self
 
     @property
-    def source(self) -> Path:
-        return self.path if self.path is not None else self.adapter  # type: ignore[return-value]
+    def is_adapter(self) -> bool:
+        return self.adapter is not None or self.lora is not None
+
+    @property
+    def declared_only(self) -> bool:
+        """Described for planning; no files named."""
+        return self.path is None and self.adapter is None
+
+    @property
+    def source(self) -> Optional[Path]:
+        return self.path if self.path is not None else self.adapter
 
 
 class ServingSettings(_Strict):
@@ -74,6 +106,40 @@ class ServingSettings(_Strict):
     """Waiting requests before new ones get HTTP 429."""
     max_model_len: Optional[int] = Field(None, ge=1)
     """Longest prompt + completion; default: the model's max_position_embeddings, capped at 4096."""
+
+
+class SLO(_Strict):
+    ttft_ms: float = Field(2000.0, gt=0)
+    """Time to first token a request may take (prefill of the mean prompt, through every stage)."""
+    tpot_ms: float = Field(100.0, gt=0)
+    """Time per output token once decoding."""
+
+
+class PlanSettings(_Strict):
+    """How `planc plan` (and `planc compile`) choose the deployment."""
+
+    cluster: Optional[str] = None
+    """Cluster file or name (`8xH100-80GB`, `local`); `planc plan --cluster` overrides it."""
+    objective: Literal["throughput", "devices"] = "throughput"
+    """`throughput`: most requests/s within the SLO on the cluster; `devices`: fewest devices that
+    serve `rate` within the SLO."""
+    slo: SLO = Field(default_factory=SLO)
+    rate: Optional[float] = Field(None, gt=0)
+    """Requests per second to serve (objective `devices`; default: the workload's rate)."""
+    workload: Optional[Path] = None
+    """Workload file (planc.workload): the variant mix and lengths; default uniform, below lengths."""
+    prompt_tokens: int = Field(512, ge=1)
+    """Mean prompt length when no workload is given."""
+    output_tokens: int = Field(128, ge=1)
+    """Mean completion length when no workload is given."""
+    max_replicas: int = Field(8, ge=1, le=1024)
+    """Most replicas of one block group."""
+    time_limit_s: float = Field(5.0, gt=0)
+    """Wall-clock seconds the solver may search (the best placement so far is kept)."""
+    gap: float = Field(0.01, ge=0, le=1)
+    """Relative MIP gap at which the solver may stop."""
+    seed: int = Field(0, ge=0)
+    solver: Literal["scip", "highs"] = "scip"
 
 
 class Tenant(_Strict):
@@ -96,6 +162,7 @@ class Spec(_Strict):
     serving: ServingSettings = Field(default_factory=ServingSettings)
     tenants: list[Tenant] = Field(default_factory=list)
     """Optional API keys; with none, the server is open to every client."""
+    plan: PlanSettings = Field(default_factory=PlanSettings)
     passes: list[str] = Field(default_factory=list)
     """Extra passes appended to the default pipeline: `package.module:Class` or `file.py:Class`."""
     source: Path = Field(default=Path("model.yaml"), exclude=True)
@@ -198,6 +265,7 @@ def load_spec(path: str | Path) -> Spec:
     root = path.resolve().parent
     return spec.model_copy(update={
         "source": path.resolve(),
+        "plan": spec.plan.model_copy(update={"workload": _resolve(root, spec.plan.workload)}),
         "base": spec.base.model_copy(update={"path": _resolve(root, spec.base.path)}),
         "variants": [_resolve_variant(root, v) for v in spec.variants],
     })
@@ -220,7 +288,9 @@ def field_of(spec: Spec, model_name: str) -> str:
         return "base.path"
     for i, v in enumerate(spec.variants):
         if v.name == model_name:
-            return f"variants[{i}].{'path' if v.path is not None else 'adapter'}"
+            kind = "path" if v.path is not None else "adapter" if v.adapter is not None else \
+                "changes" if v.changes is not None else "lora"
+            return f"variants[{i}].{kind}"
     raise KeyError(model_name)
 
 

@@ -1,0 +1,261 @@
+"""cost: block groups and, for each, the candidate layouts with their time and memory on the target.
+
+Reads the models (and the chains, when dedupe ran) and writes `program.groups` and
+`program.plan_options`: per group, every (pipeline depth, tensor-parallel degree, decode batch)
+that fits a device and meets the SLO, with per-stage memory, device time per request and replica
+capacity from the cost model. Needs no weights: without chains, instances come from the spec's
+`changes`/`lora` descriptions.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from planc.cluster import Cluster, load_cluster
+from planc.cost import BlockCost, CostModel, arch_block_costs
+from planc.errors import SpecError
+from planc.pass_manager import Pass, PassContext
+from planc.plan import BlockGroup, LoraUse, groups_from_instances, parse_changes
+from planc.program import Program
+from planc.workload import load_workload
+
+_LAYER_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+_BATCHES = tuple(2 ** i for i in range(11))  # 1 .. 1024
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What the planner plans for: variant shares and mean lengths."""
+
+    shares: dict[str, float]
+    prompt_tokens: float
+    output_tokens: float
+    rate: Optional[float] = None
+    """Offered requests/s (from the workload or plan.rate)."""
+
+
+@dataclass(frozen=True)
+class GroupOption:
+    """One way to lay out one replica of a group."""
+
+    group: str
+    pp: int
+    tp: int
+    batch: int
+    stages: tuple[tuple[str, ...], ...]
+    memory: tuple[float, ...]
+    """Bytes per device, per stage."""
+    tau: tuple[float, ...]
+    """Device-seconds one request takes on each device of each stage (prefill + its decode share)."""
+    cap_rps: float
+    """Requests/s one replica sustains at this batch."""
+    tpot_s: float
+    ttft_s: float
+
+    @property
+    def num_devices(self) -> int:
+        return self.pp * self.tp
+
+
+def chain_block_names(num_layers: int) -> list[str]:
+    return ["embedding"] + [f"layer.{i}" for i in range(num_layers)] + ["head"]
+
+
+def traffic_for(program: Program) -> Traffic:
+    settings = program.spec.plan
+    names = program.model_names()
+    if settings.workload is None:
+        return Traffic({n: 1 / len(names) for n in names}, settings.prompt_tokens, settings.output_tokens,
+                       settings.rate)
+    requests = load_workload(settings.workload).requests(names)
+    counts = {n: 0 for n in names}
+    for r in requests:
+        counts[r.variant] += 1
+    span = requests[-1].arrival_s - requests[0].arrival_s
+    rate = settings.rate or ((len(requests) - 1) / span if span > 0 else None)
+    return Traffic({n: c / len(requests) for n, c in counts.items()},
+                   float(np.mean([r.prompt_tokens for r in requests])),
+                   float(np.mean([r.output_tokens for r in requests])), rate)
+
+
+def plan_groups(program: Program) -> list[BlockGroup]:
+    """Block groups from the compiled chains, or from the spec's descriptions when planning without weights."""
+    arch = program.base.checkpoint.arch
+    names = chain_block_names(arch.num_layers)
+    instances: dict[str, list[str]] = {}
+    lora: dict[str, LoraUse] = {}
+    for name, entry in program.models.items():
+        if program.chains is not None:
+            chain = program.chains[name]
+            instances[name] = chain.block_keys
+            if chain.kind == "lora":
+                lora[name] = _lora_from_adapter(program, name)
+            continue
+        declared = entry.declared
+        if entry.kind == "adapter":
+            instances[name] = [f"{program.spec.base.name}:{b}" for b in names]
+            lora[name] = _declared_lora(entry)
+        elif declared is None or declared.changes is None:
+            # the base, or a variant whose weights were not read: assume every block is its own
+            own = entry.kind != "base" and declared is not None
+            instances[name] = [f"{name if own else program.spec.base.name}:{b}" for b in names]
+        else:
+            changed = parse_changes(declared.changes, arch.num_layers, f"{program.spec.source}: {entry.field}")
+            instances[name] = [f"{name if b in changed else program.spec.base.name}:{b}" for b in names]
+    return groups_from_instances(names, instances, lora)
+
+
+def _lora_from_adapter(program: Program, variant: str) -> LoraUse:
+    adapter = program.models[variant].adapter
+    ranks = [m.rank for m in adapter.modules.values()]
+    modules = tuple(sorted({k.rsplit(".", 1)[-1] for k in adapter.modules}))
+    return LoraUse(variant, max(ranks) if ranks else 0, modules)
+
+
+def _declared_lora(entry) -> LoraUse:
+    decl = entry.declared
+    if decl.lora is not None:
+        return LoraUse(entry.name, decl.lora.r, tuple(decl.lora.target_modules))
+    cfg_path = decl.adapter / "adapter_config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        targets = cfg.get("target_modules") or ["q_proj", "v_proj"]
+        targets = [targets] if isinstance(targets, str) else targets
+        return LoraUse(entry.name, int(cfg.get("r", 8)), tuple(t for t in targets if t in _LAYER_LINEARS))
+    except (OSError, ValueError, TypeError):
+        raise SpecError(f"{entry.field}: cannot read {cfg_path} (to plan without the adapter, "
+                        "describe it with `lora: {r: 16, target_modules: [q_proj, v_proj]}`)") from None
+
+
+def _split_stages(blocks: tuple[str, ...], weights: list[float], pp: int) -> Optional[list[tuple[str, ...]]]:
+    """Contiguous split into `pp` stages with balanced weight bytes (None if too few blocks)."""
+    if pp > len(blocks):
+        return None
+    cumulative = np.cumsum(weights)
+    cuts = [0]
+    for k in range(1, pp):
+        target = cumulative[-1] * k / pp
+        cut = int(np.searchsorted(cumulative, target)) + 1
+        cut = min(max(cut, cuts[-1] + 1), len(blocks) - (pp - k))
+        cuts.append(cut)
+    cuts.append(len(blocks))
+    return [tuple(blocks[a:b]) for a, b in zip(cuts, cuts[1:])]
+
+
+def pareto(options: list[GroupOption]) -> list[GroupOption]:
+    """Drop layouts that another beats or ties on every count: devices per replica, memory on its
+    fullest device, capacity, TPOT and TTFT. The MIP has fewer choices and loses no optimum that
+    depends only on these (a dropped layout's stages could still pack differently: a heuristic)."""
+    def key(o: GroupOption) -> tuple:
+        return (o.num_devices, max(o.memory), -o.cap_rps, o.tpot_s, o.ttft_s)
+
+    kept = []
+    for o in options:
+        ko = key(o)
+        if not any(other is not o and all(a <= b for a, b in zip(key(other), ko)) and key(other) != ko
+                   for other in options):
+            kept.append(o)
+    return kept
+
+
+class OptionBuilder:
+    """Evaluates layouts of groups with the cost model (the planner's objective is a parameter:
+    swap this object to change how options are costed)."""
+
+    def __init__(self, costs: dict[str, BlockCost], cm: CostModel, cluster: Cluster, traffic: Traffic,
+                 tpot_budget_s: float, ttft_budget_s: float, chain_length: int, lora_in_out: float):
+        self.costs, self.cm, self.cluster, self.traffic = costs, cm, cluster, traffic
+        self.tpot_budget_s, self.ttft_budget_s, self.chain_length = tpot_budget_s, ttft_budget_s, chain_length
+        self.lora_in_out = lora_in_out
+
+    def options(self, group: BlockGroup) -> list[GroupOption]:
+        out = []
+        weights = [self.costs[b].weight_bytes for b in group.blocks]
+        for tp in self.cluster.tp_degrees():
+            for pp in (1, 2, 4, 8, 16):
+                if pp * tp > self.cluster.devices_per_node:
+                    continue
+                stages = _split_stages(group.blocks, weights, pp)
+                if stages is not None:
+                    out.extend(self._options_at(group, stages, tp))
+        return pareto(out)
+
+    def _stage_decode(self, stage, tp, batch, last) -> float:
+        ctx = batch * (self.traffic.prompt_tokens + self.traffic.output_tokens / 2)
+        t = sum(self.cm.block_time(self.costs[b], tp, decode_seqs=batch, context_tokens=ctx) for b in stage)
+        return t if last else t + self.cm.transfer_time(batch, self.costs[stage[-1]].hidden_size)
+
+    def _stage_prefill(self, stage, tp, last) -> float:
+        n = int(round(self.traffic.prompt_tokens))
+        t = sum(self.cm.block_time(self.costs[b], tp, prefill_tokens=n) for b in stage)
+        return t if last else t + self.cm.transfer_time(n, self.costs[stage[-1]].hidden_size)
+
+    def _memory(self, group, stage, tp, pp, batch) -> float:
+        lp, lo = self.traffic.prompt_tokens, self.traffic.output_tokens
+        weights = sum(self.costs[b].weight_bytes for b in stage)
+        kv = pp * batch * (lp + lo) * sum(self.costs[b].kv_bytes_per_token for b in stage)
+        act = max(lp, batch) * max(self.costs[b].act_bytes_per_token for b in stage)
+        layers = sum(b.startswith("layer.") for b in stage)
+        adapters = sum(u.rank * self.lora_in_out * len(u.modules) * layers * self.cm.dtype_bytes for u in group.lora)
+        return (weights + kv + act + adapters) / tp
+
+    def _options_at(self, group: BlockGroup, stages: list[tuple[str, ...]], tp: int) -> list[GroupOption]:
+        pp = len(stages)
+        share = group.num_positions / self.chain_length
+        prefill = [self._stage_prefill(s, tp, i == pp - 1) for i, s in enumerate(stages)]
+        if sum(prefill) > self.ttft_budget_s * share:
+            return []
+        feasible = []
+        for batch in _BATCHES:
+            decode = [self._stage_decode(s, tp, batch, i == pp - 1) for i, s in enumerate(stages)]
+            if sum(decode) > self.tpot_budget_s * share:
+                break
+            memory = tuple(self._memory(group, s, tp, pp, batch) for s in stages)
+            if max(memory) > self.cluster.device.usable_bytes:
+                break
+            feasible.append((batch, decode, memory))
+        # the largest SLO-feasible batch, and a quarter of it for when memory is tight
+        chosen = feasible[-1:] + ([feasible[-3]] if len(feasible) >= 3 else [])
+        out = []
+        lo = self.traffic.output_tokens
+        for batch, decode, memory in chosen:
+            tau = tuple(d / batch * lo + p for d, p in zip(decode, prefill))
+            e2e = sum(prefill) + lo * sum(decode)
+            cap = min(1.0 / max(tau), pp * batch / e2e)
+            out.append(GroupOption(group.id, pp, tp, batch, tuple(stages), memory, tau, cap,
+                                   tpot_s=sum(decode), ttft_s=sum(prefill)))
+        return out
+
+
+class CostPass(Pass):
+    """Options per block group on the plan's cluster (ctx option `cluster` overrides plan.cluster)."""
+
+    name = "cost"
+    provides = ("groups", "plan_options")
+
+    def run(self, program: Program, ctx: PassContext) -> bool:
+        settings = program.spec.plan
+        ref = ctx.options_for(self.name).get("cluster") or settings.cluster
+        if ref is None:
+            raise SpecError(f"{program.spec.source}: no cluster to plan for: give --cluster or `plan: {{cluster: ...}}`")
+        cluster = ref if isinstance(ref, Cluster) else load_cluster(_relative(program, ref))
+        arch = program.base.checkpoint.arch
+        dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}[arch.dtype]
+        costs = arch_block_costs(arch, dtype_bytes)
+        traffic = traffic_for(program)
+        names = chain_block_names(arch.num_layers)
+        builder = OptionBuilder(costs, CostModel.for_cluster(cluster, dtype_bytes), cluster, traffic,
+                                settings.slo.tpot_ms / 1e3, settings.slo.ttft_ms / 1e3, len(names),
+                                lora_in_out=2.0 * arch.hidden_size)
+        program.groups = plan_groups(program)
+        program.plan_options = {g.id: builder.options(g) for g in program.groups}
+        program.extras["plan_inputs"] = {"cluster": cluster, "traffic": traffic, "costs": costs}
+        return True
+
+
+def _relative(program: Program, ref: str) -> str:
+    path = program.spec.root / ref
+    return str(path) if path.suffix in (".yaml", ".yml") and path.is_file() else ref

@@ -1,0 +1,225 @@
+"""parallelize: choose TP/PP/DP and device placement for every block group (OR-Tools MIP).
+
+The model (passes/mip.py) picks, per block group, layouts from the cost pass's options (pipeline
+depth, tensor-parallel degree, decode batch), how many replicas of each on which node, which
+aligned device slots hold their stages (stages of different groups may share a device), and how
+the traffic is routed, under device memory and device time, one node per replica and chain
+locality, for the spec's objective. Small instances are solved exactly at slot level; larger ones
+solve a node-level relaxation (whose optimum bounds the exact one) and pack each node, retrying
+with less memory on a node that did not pack. The greedy packer's placement is the fallback and
+the baseline; every placement is scored by the same exact model (integers fixed, routing an LP).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from planc.errors import PlancError
+from planc.pass_manager import Pass, PassContext
+from planc.passes.greedy import greedy_copies, pack_replicas
+from planc.passes.mip import Instance, Solution, group_shares, slots, solve as solve_exact, solve_nodes
+from planc.plan import BlockGroup, Plan, StagePlacement
+from planc.program import Program
+
+EXACT_MAX_SLOT_VARIABLES = 600
+"""Instances with at most this many slot-level integer variables are solved exactly."""
+
+
+def slot_variables(inst: Instance) -> int:
+    return sum(o.pp * len(slots(inst.cluster, o.tp)) for opts in inst.options.values() for o in opts)
+
+
+def better(a: Optional[Solution], b: Optional[Solution], objective: str) -> Optional[Solution]:
+    if a is None or not a.copies:
+        return b
+    if b is None or not b.copies:
+        return a
+    return a if (a.objective >= b.objective if objective == "throughput" else a.objective <= b.objective) else b
+
+
+def _beat(best: Optional[Solution], objective: str, gap: float) -> Optional[float]:
+    """What the next relaxation must reach to be worth packing."""
+    if best is None or not best.copies:
+        return None
+    return best.lam * (1 + max(gap, 0.005)) if objective == "throughput" else len(best.used) - 1
+
+
+def plan_solve(inst: Instance, time_limit_s: float = 10.0, gap: float = 0.01, seed: int = 0,
+               solver: str = "scip", method: str = "auto") -> Solution:
+    """The best placement found within the time limit, its objective and a valid bound."""
+    import time
+
+    start = time.perf_counter()
+    greedy = greedy_copies(inst)
+    if method == "exact" or (method == "auto" and slot_variables(inst) <= EXACT_MAX_SLOT_VARIABLES):
+        sol = solve_exact(inst, time_limit_s, gap, seed, solver, hint=greedy)
+        sol.method = "exact"
+        return sol
+    best = solve_exact(inst, time_limit_s, 0.0, seed, solver, fixed=greedy) if greedy else None
+    if best is not None:
+        best.method = "greedy"
+    scale = [1.0] * inst.cluster.nodes
+    bound, floor = float("nan"), None  # the first relaxation runs without a floor: it gives the bound
+    while (left := time_limit_s - (time.perf_counter() - start)) > 0.3:
+        # short relaxations, each asked to beat the incumbent: several packings fit in the limit
+        replicas, node_bound, status = solve_nodes(inst, scale, min(left * 0.5, max(1.0, time_limit_s / 4)),
+                                                   gap, seed, solver, floor)
+        unscaled = all(x == 1.0 for x in scale)
+        if replicas is None:
+            if status == "infeasible" and unscaled and floor is not None and inst.objective == "throughput":
+                bound = floor  # nothing reaches the floor even with every node's full memory
+            break
+        if unscaled and math.isfinite(node_bound):
+            # the relaxation bounds the exact model (a floor only cuts off worse solutions)
+            bound = node_bound if math.isnan(bound) else (min(bound, node_bound) if inst.objective == "throughput"
+                                                           else max(bound, node_bound))
+        copies, failed = pack_replicas(inst, replicas)
+        if copies is None:
+            scale[failed] *= 0.95  # the node did not pack: ask the relaxation for less memory there
+            continue
+        sol = solve_exact(inst, max(time_limit_s - (time.perf_counter() - start), 1.0), 0.0, seed, solver,
+                          fixed=copies)
+        sol.method = "node-level"
+        best = better(sol, best, inst.objective)
+        if best is None:
+            break
+        floor = _beat(best, inst.objective, gap)
+        if inst.objective == "throughput" and not math.isnan(bound) and best.objective >= bound / (1 + gap):
+            break
+        if inst.objective == "devices" and floor < 1:
+            break
+    if best is None:
+        return Solution(status="infeasible", objective=float("nan"), bound=bound,
+                        seconds=time.perf_counter() - start, lam=0.0)
+    best.bound = bound if not math.isnan(bound) else (math.inf if inst.objective == "throughput" else 0.0)
+    best.seconds = time.perf_counter() - start
+    best.status = "optimal" if best.gap <= gap + 1e-9 else "feasible"  # the fixed LP's status says nothing
+    return best
+
+
+def to_plan(inst: Instance, sol: Solution, cluster_name: str, settings: dict) -> Plan:
+    """Expand stage copies into placements; pair copies on a node into replicas."""
+    placements: list[StagePlacement] = []
+    groups_out = []
+    by_id = {g.id: g for g in inst.groups}
+    for g in inst.groups:
+        chosen = []
+        for oi, opt in enumerate(inst.options[g.id]):
+            per_stage_node: dict[tuple[int, int], list[tuple[tuple[int, ...], float]]] = {}
+            for (gid, o, p, si), count in sorted(sol.copies.items()):
+                if gid != g.id or o != oi:
+                    continue
+                node, devices = slots(inst.cluster, opt.tp)[si]
+                per_copy = sol.load[(gid, o, p, si)] / count
+                per_stage_node.setdefault((node, p), []).extend([(devices, per_copy)] * count)
+            nodes = sorted({node for node, _ in per_stage_node})
+            replicas = 0
+            for node in nodes:
+                copies = [per_stage_node[(node, p)] for p in range(opt.pp)]
+                for copy_set in zip(*copies):
+                    for p, (devices, load) in enumerate(copy_set):
+                        placements.append(StagePlacement(
+                            group=g.id, replica=replicas, stage=p, blocks=opt.stages[p], devices=devices,
+                            node=node, tp=opt.tp, batch=opt.batch, memory_gb=opt.memory[p] / 1e9, load_rps=load))
+                    replicas += 1
+            if replicas:
+                chosen.append({"pp": opt.pp, "tp": opt.tp, "batch": opt.batch, "replicas": replicas,
+                               "tpot_ms": opt.tpot_s * 1e3, "ttft_ms": opt.ttft_s * 1e3,
+                               "cap_rps": opt.cap_rps})
+        groups_out.append({"id": g.id, "blocks": [g.blocks[0], g.blocks[-1]], "num_blocks": g.num_positions,
+                           "users": list(g.users), "share": inst.shares[g.id], "layouts": chosen,
+                           "lora": [u.variant for u in g.lora]})
+    predicted = _predict(inst, sol, groups_out, by_id)
+    solver = {"method": sol.method, "status": sol.status, "objective": sol.objective, "bound": sol.bound, "gap": sol.gap,
+              "seconds": sol.seconds, **settings}
+    return Plan(cluster=cluster_name, objective=inst.objective, groups=groups_out, placements=placements,
+                predicted=predicted, solver=solver, settings={})
+
+
+def _predict(inst: Instance, sol: Solution, groups_out: list[dict], by_id: dict[str, BlockGroup]) -> dict:
+    variants = sorted({v for g in inst.groups for v in g.users})
+    per_variant = {}
+    for v in variants:
+        tpot = ttft = 0.0
+        for gout in groups_out:
+            if v not in gout["users"]:
+                continue
+            total = sum(lay["replicas"] * lay["cap_rps"] for lay in gout["layouts"]) or 1.0
+            tpot += sum(lay["tpot_ms"] * lay["replicas"] * lay["cap_rps"] for lay in gout["layouts"]) / total
+            ttft += sum(lay["ttft_ms"] * lay["replicas"] * lay["cap_rps"] for lay in gout["layouts"]) / total
+        per_variant[v] = {"tpot_ms": tpot, "ttft_ms": ttft}
+    memory: dict[int, float] = {}
+    for (gid, oi, p, si), count in sol.copies.items():
+        opt = inst.options[gid][oi]
+        for d in slots(inst.cluster, opt.tp)[si][1]:
+            memory[d] = memory.get(d, 0.0) + count * opt.memory[p] / 1e9
+    return {"throughput_rps": sol.lam, "devices": len(sol.used), "variants": per_variant,
+            "memory_gb": {str(d): round(m, 3) for d, m in sorted(memory.items())}}
+
+
+def explain_infeasible(inst: Instance) -> str:
+    """What would make an infeasible instance fit."""
+    cluster = inst.cluster
+    dev = cluster.device
+    for g in inst.groups:
+        if not inst.options[g.id]:
+            return (f"block group {g.id} ({g.blocks[0]}..{g.blocks[-1]}, used by {', '.join(g.users[:4])}) has no "
+                    f"layout within one node of {cluster.devices_per_node} {dev.name} that meets the SLO and fits "
+                    f"{dev.memory_gb:g} GB per device: relax plan.slo, or use more or larger devices per node")
+    need = sum(min(sum(m * o.tp for m in o.memory) for o in inst.options[g.id]) for g in inst.groups)
+    devices = math.ceil(need / dev.usable_bytes)
+    if devices > cluster.num_devices:
+        widest = max(max(o.tp for o in inst.options[g.id]) for g in inst.groups)
+        return (f"one replica of every block group needs {need / 1e9:.0f} GB, at least {devices} {dev.name} "
+                f"devices ({dev.memory_gb:g} GB at {dev.memory_utilization:.0%} usable); the cluster has "
+                f"{cluster.num_devices}: needs {devices - cluster.num_devices} more, or larger devices "
+                f"(widest layout that meets the SLO: TP {widest})")
+    return (f"no placement of the {len(inst.groups)} block groups fits {cluster.num_devices} devices "
+            f"(memory packing or the rate): add devices or relax plan.slo/plan.rate")
+
+
+class ParallelizePass(Pass):
+    """The MIP over the cost pass's options; writes `program.plan`."""
+
+    name = "parallelize"
+    requires = ("groups", "plan_options")
+    provides = ("plan",)
+
+    def run(self, program: Program, ctx: PassContext) -> bool:
+        settings = program.spec.plan
+        inputs = program.extras["plan_inputs"]
+        cluster, traffic = inputs["cluster"], inputs["traffic"]
+        rate = settings.rate or traffic.rate
+        if settings.objective == "devices" and rate is None:
+            raise PlancError(f"{program.spec.source}: plan.objective `devices` needs plan.rate "
+                             "(requests/s) or a plan.workload with arrival times")
+        inst = Instance(program.groups, program.plan_options, group_shares(program.groups, traffic.shares),
+                        cluster, settings.objective, rate, settings.max_replicas)
+        opts = ctx.options_for(self.name)
+        params = {"solver": opts.get("solver", settings.solver), "seed": opts.get("seed", settings.seed),
+                  "time_limit_s": opts.get("time_limit_s", settings.time_limit_s),
+                  "gap_limit": opts.get("gap", settings.gap)}
+        if any(not o for o in inst.options.values()):
+            raise PlancError(f"plan: {explain_infeasible(inst)}")
+        sol = plan_solve(inst, params["time_limit_s"], params["gap_limit"], params["seed"], params["solver"],
+                         opts.get("method", "auto"))
+        if not sol.copies:
+            if sol.status in ("infeasible", "infeasible_or_unbounded"):
+                raise PlancError(f"plan: {self._why(inst, params)}")
+            raise PlancError(f"plan: the solver found no layout within {params['time_limit_s']:g} s "
+                             f"({sol.status}); raise plan.time_limit_s")
+        program.plan = to_plan(inst, sol, cluster.name or cluster.device.name, params)
+        program.plan.settings = {"slo": settings.slo.model_dump(), "rate": rate,
+                                 "prompt_tokens": traffic.prompt_tokens, "output_tokens": traffic.output_tokens,
+                                 "shares": traffic.shares, "max_replicas": settings.max_replicas}
+        return True
+
+    def _why(self, inst: Instance, params: dict) -> str:
+        if inst.objective == "devices":
+            best = plan_solve(Instance(inst.groups, inst.options, inst.shares, inst.cluster, "throughput", None,
+                                  inst.max_replicas), params["time_limit_s"], params["gap_limit"], params["seed"],
+                         params["solver"])
+            if best.copies:
+                return (f"the cluster serves at most {best.lam:.3g} requests/s within the SLO; plan.rate is "
+                        f"{inst.rate:g}: add devices or relax plan.slo")
+        return explain_infeasible(inst)

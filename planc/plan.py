@@ -1,0 +1,159 @@
+"""The plan IR: block groups, and the deployment the planner chose for them.
+
+A *block group* is a run of consecutive chain positions that the same set of variants runs through
+the same block instances: the shared trunk of a family of partial fine-tunes is one group, each
+fine-tune's private top layers another. Groups are what the planner lays out; a group's *stage* is
+a contiguous slice of it (pipeline parallelism) on `tp` devices of one node (tensor parallelism),
+and a group may have several *replicas* (data parallelism) for the combined load of its users.
+
+>>> from planc.plan import groups_from_instances
+>>> gs = groups_from_instances(["embedding", "layer.0", "layer.1", "head"],
+...     {"base": ["e", "l0", "l1", "h"], "legal": ["e", "l0", "x1", "xh"], "chat": ["e", "l0", "l1", "h"]})
+>>> [(g.id, g.blocks, g.users) for g in gs]
+[('g0', ('embedding', 'layer.0'), ('base', 'legal', 'chat')), ('g1', ('layer.1', 'head'), ('base', 'chat')), ('g2', ('layer.1', 'head'), ('legal',))]
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from planc.errors import SpecError
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """A LoRA variant riding on a group's base blocks."""
+
+    variant: str
+    rank: int
+    modules: tuple[str, ...]
+    """Linear names inside a decoder layer (q_proj, ...)."""
+
+
+@dataclass(frozen=True)
+class BlockGroup:
+    id: str
+    blocks: tuple[str, ...]
+    """Block names in chain order (``layer.3``)."""
+    first_position: int
+    instance_keys: tuple[str, ...]
+    """The block instance at each position (zoo key, or a label when planning without weights)."""
+    users: tuple[str, ...]
+    """Variants whose chains run through this group."""
+    predecessors: tuple[str, ...] = ()
+    """Groups that feed this one (the previous segment's groups sharing a user)."""
+    lora: tuple[LoraUse, ...] = ()
+
+    @property
+    def num_positions(self) -> int:
+        return len(self.blocks)
+
+
+def groups_from_instances(block_names: list[str], instances: dict[str, list[str]],
+                          lora: Optional[dict[str, LoraUse]] = None) -> list[BlockGroup]:
+    """Split chains into block groups: cut wherever the partition of variants by instance changes."""
+    variants = list(instances)
+    lora = lora or {}
+
+    def partition(pos: int) -> tuple[tuple[str, ...], ...]:
+        by_key: dict[str, list[str]] = {}
+        for v in variants:
+            by_key.setdefault(instances[v][pos], []).append(v)
+        return tuple(tuple(vs) for vs in by_key.values())
+
+    segments: list[tuple[int, int]] = []
+    start = 0
+    for pos in range(1, len(block_names) + 1):
+        if pos == len(block_names) or partition(pos) != partition(start):
+            segments.append((start, pos))
+            start = pos
+    groups: list[BlockGroup] = []
+    previous: list[BlockGroup] = []
+    for lo, hi in segments:
+        current = []
+        for users in partition(lo):
+            preds = tuple(g.id for g in previous if set(g.users) & set(users))
+            current.append(BlockGroup(
+                id=f"g{len(groups) + len(current)}", blocks=tuple(block_names[lo:hi]), first_position=lo,
+                instance_keys=tuple(instances[users[0]][lo:hi]), users=users, predecessors=preds,
+                lora=tuple(lora[v] for v in users if v in lora)))
+        groups.extend(current)
+        previous = current
+    return groups
+
+
+_RANGE = re.compile(r"^layers?\.(\d+)(?:-(\d+))?$")
+
+
+def parse_changes(changes: list[str], num_layers: int, where: str) -> set[str]:
+    """`embedding`, `head`, `layer.N`, `layers.A-B` (inclusive) -> block names."""
+    out: set[str] = set()
+    for item in changes:
+        item = item.strip()
+        if item in ("embedding", "head"):
+            out.add(item)
+            continue
+        m = _RANGE.match(item)
+        if not m:
+            raise SpecError(f"{where}: {item!r} is not a block (embedding, head, layer.N or layers.A-B)")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if not lo <= hi < num_layers:
+            raise SpecError(f"{where}: {item!r} is outside layers 0-{num_layers - 1}")
+        out.update(f"layer.{i}" for i in range(lo, hi + 1))
+    return out
+
+
+@dataclass
+class StagePlacement:
+    """One copy of one pipeline stage of a group, on `tp` devices of one node."""
+
+    group: str
+    replica: int
+    stage: int
+    blocks: tuple[str, ...]
+    devices: tuple[int, ...]
+    node: int
+    tp: int
+    batch: int
+    """Decode batch the stage runs at (the SLO's largest)."""
+    memory_gb: float
+    """Per device: weights/tp + KV + activations."""
+    load_rps: float
+    """Requests per second the solution routes through this copy."""
+
+
+@dataclass
+class Plan:
+    cluster: str
+    objective: str
+    groups: list[dict[str, Any]]
+    """Per group: id, blocks, users, pp, tp, batch, replicas, load share."""
+    placements: list[StagePlacement]
+    predicted: dict[str, Any]
+    """throughput_rps, tpot_ms and ttft_ms per variant, devices used, memory per device."""
+    solver: dict[str, Any]
+    """name, status, objective, bound, gap, seconds, seed, time_limit_s."""
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Plan":
+        data = dict(data)
+        data["placements"] = [StagePlacement(**{**p, "blocks": tuple(p["blocks"]), "devices": tuple(p["devices"])})
+                              for p in data["placements"]]
+        return cls(**data)
+
+    def devices_used(self) -> list[int]:
+        return sorted({d for p in self.placements for d in p.devices})
+
+    def block_batch_caps(self) -> dict[str, int]:
+        """Block name -> largest decode batch the plan runs it at (the runtime's per-block cap)."""
+        caps: dict[str, int] = {}
+        for p in self.placements:
+            for b in p.blocks:
+                caps[b] = max(caps.get(b, 0), p.batch)
+        return caps

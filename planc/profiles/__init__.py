@@ -1,0 +1,1 @@
+"""Shipped device profiles (YAML): datasheet figures, each file citing its source."""
