@@ -17,7 +17,6 @@ import contextlib
 import contextvars
 import functools
 import importlib
-import importlib.util
 import os
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -46,8 +45,13 @@ _TRITON_IMPLS = {
 
 @functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
-    """Whether Triton is installed; checked without importing it."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether Triton imports. Asked only where a Triton kernel could run (CUDA tensors, a forced
+    choice, tuning), never by ``import planc``; a broken install counts as absent."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001  (ImportError, or a Triton whose native parts fail to load)
+        return False
+    return True
 
 
 def interpreting() -> bool:

@@ -33,7 +33,7 @@ def add_rms_norm(rows: int, hidden: int, dtype, device, gen) -> tuple:
 
 
 def silu_mul(rows: int, dim: int, dtype, device, gen) -> tuple:
-    return (_randn(rows, dim, dtype=dtype, device=device, gen=gen), _randn(rows, dim, dtype=dtype, device=device, gen=gen))
+    return tuple(_randn(rows, dim, dtype=dtype, device=device, gen=gen) for _ in range(2))
 
 
 def apply_rotary(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype, device, gen) -> tuple:

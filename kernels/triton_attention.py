@@ -11,6 +11,7 @@ flash-decoding) so the GPU has enough programs; a second kernel merges the split
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -115,11 +116,16 @@ def _check(q, k_pages, v_pages, tables, context_lens) -> None:
         raise ValueError("decode_attention: tables and context_lens must be integer tensors")
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _num_splits(programs: int, max_ctx: int, block_n: int, device: torch.device) -> int:
     """Enough context splits to give every SM about two programs, each split >= 256 tokens."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     want = triton.cdiv(2 * sms, max(programs, 1))
     return max(1, min(want, triton.cdiv(max_ctx, max(block_n, 256))))
 

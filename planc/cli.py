@@ -91,7 +91,8 @@ def serve(
     threads: int = typer.Option(1, min=1, help="Engine intra-op threads."),
     shutdown_timeout: float = typer.Option(30.0, min=0, help="Seconds in-flight requests get after SIGTERM."),
     kernels: Optional[str] = typer.Option(None, help="Op implementations: auto, torch, triton, or op=impl pairs "
-                                          "(rms_norm=torch,decode_attention=triton). Default: $PLANC_KERNELS, else auto."),
+                                          "(rms_norm=torch,decode_attention=triton). Default: $PLANC_KERNELS, "
+                                          "else auto."),
 ) -> None:
     """Serve every variant of BUNDLE over an OpenAI-compatible HTTP API."""
     import socket

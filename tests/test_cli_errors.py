@@ -488,3 +488,21 @@ def test_edited_manifest_refused(cli_errors_bundle, tmp_path, capsys, edit):
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     rc, out, err = run_inprocess(["inspect", str(bundle)], capsys)
     assert_one_line_error(rc, out, err, "manifest.json")
+
+
+# ----------------------------------------------------- serve --kernels: refused at start, one line
+
+@pytest.mark.parametrize("flag, env, needles", [
+    (["--kernels", "bogus"], {}, ["--kernels", "'bogus'", "auto, torch, triton"]),
+    (["--kernels", "attention=triton"], {}, ["--kernels", "attention", "no implementation 'triton'"]),
+    ([], {"PLANC_KERNELS": "rms_norm=cuda"}, ["PLANC_KERNELS", "rms_norm", "'cuda'"]),
+    # "need a CUDA device", or "not installed" where Triton is absent
+    (["--kernels", "decode_attention=triton"], {"TRITON_INTERPRET": "0"}, ["kernels:", "Triton"]),
+])
+def test_serve_bad_kernel_choice(cli_errors_bundle, capsys, monkeypatch, flag, env, needles):
+    if torch.cuda.is_available() and env.get("TRITON_INTERPRET") == "0":
+        pytest.skip("with a GPU, forcing Triton is allowed")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    rc, out, err = run_inprocess(["serve", str(cli_errors_bundle), "--port", "0", *flag], capsys)
+    assert_one_line_error(rc, out, err, *needles)

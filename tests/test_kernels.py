@@ -149,3 +149,23 @@ def test_paged_attention_matches_full_attention_for_the_last_queries():
     tail = K.paged_attention(q[0, :, 6:].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
                              torch.arange(6, 9), 4, 0.4)
     assert torch.allclose(tail.transpose(0, 1), full[0, :, 6:], atol=1e-6)
+
+
+def test_without_triton_planc_imports_and_runs_torch_and_refuses_a_forced_triton():
+    import subprocess
+    import sys
+
+    probe = """
+import sys
+sys.modules["triton"] = None  # import triton raises ImportError, as when it is not installed
+import torch, planc, planc.kernels as K, planc.passes.tune_kernels, planc.runtime.server
+assert not K.triton_available()
+assert K.rms_norm(torch.ones(1, 4), torch.ones(4), 1e-6).shape == (1, 4)
+try:
+    K.KernelSelection.parse("decode_attention=triton").check(torch.device("cpu"))
+except ValueError as exc:
+    print(exc)
+"""
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "Triton is not installed" in run.stdout

@@ -52,11 +52,12 @@ def kernel_selection(bundle: Bundle, options: ServeOptions) -> KernelSelection:
     """The --kernels choice over the bundle's tuned configs (kernels.json, when the bundle has one)."""
     tuned_file = bundle.root / "kernels.json"
     tuned = load_tuned(tuned_file) if tuned_file.is_file() else {}
+    source = "--kernels" if options.kernels is not None else KERNELS_ENV_VAR
     text = options.kernels if options.kernels is not None else os.environ.get(KERNELS_ENV_VAR, "")
     try:
         return KernelSelection.parse(text, tuned)
     except ValueError as exc:
-        raise PlancError(f"--kernels: {exc}") from None
+        raise PlancError(f"{source}: {exc}") from None
 
 
 def engine_config(bundle: Bundle, options: ServeOptions) -> EngineConfig:
