@@ -271,6 +271,20 @@ def load_workload(path: str | Path) -> Union[GammaWorkload, BurstGPTWorkload]:
     return workload
 
 
+def round_robin(variants: list[str], num_requests: int, prompt_tokens: int, output_tokens: int) -> list[Request]:
+    """Fixed-length requests cycling over `variants`, all arriving at t=0: the request list of a
+    closed-loop run (the clients pace themselves, so arrival times are not used).
+
+    >>> [(r.variant, r.prompt_tokens) for r in round_robin(["a", "b"], 3, 8, 4)]
+    [('a', 8), ('b', 8), ('a', 8)]
+    """
+    if not variants:
+        raise SpecError("no variants to send requests to")
+    if num_requests < 0 or prompt_tokens < 1 or output_tokens < 1:
+        raise SpecError("round_robin needs num_requests >= 0 and token counts >= 1")
+    return [Request(0.0, variants[i % len(variants)], prompt_tokens, output_tokens) for i in range(num_requests)]
+
+
 def summarize(requests: list[Request]) -> dict[str, float]:
     """Offered load of a request list: count, duration, rate and mean lengths."""
     if not requests:

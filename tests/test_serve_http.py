@@ -118,6 +118,7 @@ def test_stop_string_and_seed(client, expected):
     (json.dumps({"model": "base", "prompt": "x", "n": 2}).encode(), 400, "`n` must be 1"),
     (json.dumps({"model": "base", "prompt": "word " * 400}).encode(), 400, "context"),
     (json.dumps({"model": "base", "prompt": "x", "max_tokens": "many"}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "base", "prompt": "x", "ignore_eos": "yes"}).encode(), 400, "ignore_eos"),
 ])
 def test_bad_requests_get_openai_style_400(server, body, status, fragment):
     r = httpx.post(server.url + "/v1/completions", content=body, headers={"content-type": "application/json"})
