@@ -51,6 +51,8 @@ def plan_solve(inst: Instance, time_limit_s: float = 10.0, gap: float = 0.01, se
 
     start = time.perf_counter()
     greedy = greedy_copies(inst)
+    if method not in ("auto", "exact", "node-level"):
+        raise PlancError(f"plan: unknown method {method!r} (auto, exact, node-level)")
     if method == "exact" or (method == "auto" and slot_variables(inst) <= EXACT_MAX_SLOT_VARIABLES):
         sol = solve_exact(inst, time_limit_s, gap, seed, solver, hint=greedy)
         sol.method = "exact"

@@ -1,0 +1,187 @@
+"""parallelize: the MIP against brute-force enumeration on small instances, and its guarantees."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from ortools.math_opt.python import mathopt
+
+from planc.cluster import Cluster, DeviceProfile, Links
+from planc.passes.cost import GroupOption
+from planc.passes.greedy import greedy_copies
+from planc.passes.mip import DEVICE_TIE_BREAK, Instance, slots
+from planc.passes.parallelize import plan_solve
+from planc.plan import groups_from_instances
+
+
+def _cluster(nodes: int, per_node: int, memory_gb: float = 10.0) -> Cluster:
+    device = DeviceProfile(name="toy", memory_gb=memory_gb, memory_utilization=1.0, peak_tflops={"bf16": 1.0},
+                           mem_bw_gbps=1.0)
+    return Cluster(nodes=nodes, devices_per_node=per_node, device=device, links=Links())
+
+
+def _opt(gid, pp, tp, mem_gb, tau, cap, blocks=("b",)):
+    stages = tuple((f"{b}{i}",) for i, b in enumerate(blocks * pp))[:pp]
+    return GroupOption(gid, pp, tp, 1, stages, tuple([mem_gb * 1e9] * pp), tuple([tau] * pp), cap, 0.01, 0.1)
+
+
+def _instance(cluster, objective="throughput", rate=None, max_replicas=2, shares=(0.5, 0.5)):
+    """A trunk shared by two variants, and a private top for each."""
+    groups = groups_from_instances(["embedding", "layer.0", "head"],
+                                   {"a": ["e", "l", "ha"], "b": ["e", "l", "hb"]})
+    trunk, top_a, top_b = (g.id for g in groups)
+    options = {
+        trunk: [_opt(trunk, 1, 1, 6.0, 0.10, 8.0), _opt(trunk, 1, 2, 3.5, 0.06, 14.0),
+                _opt(trunk, 2, 1, 3.2, 0.05, 16.0)],
+        top_a: [_opt(top_a, 1, 1, 3.0, 0.04, 20.0), _opt(top_a, 1, 2, 1.6, 0.03, 30.0)],
+        top_b: [_opt(top_b, 1, 1, 4.5, 0.05, 15.0)],
+    }
+    share = {trunk: 1.0, top_a: shares[0], top_b: shares[1]}
+    return Instance(groups, options, share, cluster, objective, rate, max_replicas)
+
+
+def _route(inst: Instance, copies: dict) -> float:
+    """Best objective for a fixed placement: an LP over the routed load (written independently of the MIP)."""
+    m = mathopt.Model()
+    lam = m.add_variable(lb=0.0)
+    busy = {d: [] for d in range(inst.cluster.num_devices)}
+    for g in inst.groups:
+        stage_loads = {}
+        for (gid, oi, p, si), count in copies.items():
+            if gid != g.id or not count:
+                continue
+            opt = inst.options[gid][oi]
+            z = m.add_variable(lb=0.0, ub=opt.cap_rps * count)
+            stage_loads.setdefault((oi, p), []).append(z)
+            for d in slots(inst.cluster, opt.tp)[si][1]:
+                busy[d].append(opt.tau[p] * z)
+        by_option = {}
+        for (oi, p), zs in stage_loads.items():
+            by_option.setdefault(oi, []).append(sum(zs))
+        y_terms = []
+        for oi, per_stage in by_option.items():
+            for other in per_stage[1:]:
+                m.add_linear_constraint(other == per_stage[0])
+            y_terms.append(per_stage[0])
+        m.add_linear_constraint(sum(y_terms) == inst.shares[g.id] * lam)
+    for terms in busy.values():
+        if terms:
+            m.add_linear_constraint(sum(terms) <= 1.0)
+    used = {d for key, c in copies.items() if c for d in slots(inst.cluster, inst.options[key[0]][key[1]].tp)[key[3]][1]}
+    if inst.objective == "devices":
+        m.add_linear_constraint(lam == inst.rate)
+    m.maximize(lam)
+    result = mathopt.solve(m, mathopt.SolverType.GLOP)
+    if result.termination.reason != mathopt.TerminationReason.OPTIMAL:
+        return None
+    if inst.objective == "devices":
+        return len(used)
+    return result.objective_value() - DEVICE_TIE_BREAK * len(used)
+
+
+def _valid(inst: Instance, copies: dict) -> bool:
+    cluster = inst.cluster
+    memory = [0.0] * cluster.num_devices
+    nodes_of = {g.id: set() for g in inst.groups}
+    for g in inst.groups:
+        total = 0
+        for oi, opt in enumerate(inst.options[g.id]):
+            for node in range(cluster.nodes):
+                per_stage = [sum(c for (gid, o, p, si), c in copies.items() if gid == g.id and o == oi and p == s
+                                 and slots(cluster, opt.tp)[si][0] == node) for s in range(opt.pp)]
+                if len(set(per_stage)) > 1:
+                    return False  # a replica's stages must all sit on one node
+                total += per_stage[0]
+                if per_stage[0]:
+                    nodes_of[g.id].add(node)
+        if not 1 <= total <= inst.max_replicas:
+            return False
+    for (gid, oi, p, si), count in copies.items():
+        opt = inst.options[gid][oi]
+        for d in slots(cluster, opt.tp)[si][1]:
+            memory[d] += count * opt.memory[p]
+    if any(mem > cluster.device.usable_bytes + 1e-6 for mem in memory):
+        return False
+    return all(nodes_of[g.id] <= nodes_of[p] for g in inst.groups for p in g.predecessors)
+
+
+def brute_force(inst: Instance) -> float:
+    keys = [(g.id, oi, p, si) for g in inst.groups for oi, opt in enumerate(inst.options[g.id])
+            for p in range(opt.pp) for si in range(len(slots(inst.cluster, opt.tp)))]
+    best = None
+    for counts in itertools.product(range(inst.max_replicas + 1), repeat=len(keys)):
+        copies = {k: c for k, c in zip(keys, counts) if c}
+        if not _valid(inst, copies):
+            continue
+        value = _route(inst, copies)
+        if value is None:
+            continue
+        if best is None or (value > best if inst.objective == "throughput" else value < best):
+            best = value
+    return best
+
+
+def _options_subset(inst: Instance, keep: dict[str, list[int]]) -> Instance:
+    return Instance(inst.groups, {g: [inst.options[g][i] for i in keep[g]] for g in inst.options}, inst.shares,
+                    inst.cluster, inst.objective, inst.rate, inst.max_replicas)
+
+
+CASES = {
+    "1x2 devices": (_cluster(1, 2), {"g0": [0, 1], "g1": [0, 1], "g2": [0]}),
+    "1x2 devices, pipeline": (_cluster(1, 2), {"g0": [0, 2], "g1": [0], "g2": [0]}),
+    "2 nodes x1, locality": (_cluster(2, 1, memory_gb=11.0), {"g0": [0], "g1": [0], "g2": [0]}),
+    "1x4 devices": (_cluster(1, 4, memory_gb=8.0), {"g0": [1], "g1": [0], "g2": [0]}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_mip_objective_equals_brute_force(case):
+    cluster, keep = CASES[case]
+    inst = _options_subset(_instance(cluster), keep)
+    expected = brute_force(inst)
+    sol = plan_solve(inst, time_limit_s=30, gap=0.0, method="exact")
+    assert expected is not None and sol.copies
+    assert sol.objective == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    assert sol.status == "optimal"
+
+
+def test_many_groups_on_few_devices_equal_brute_force():
+    """Six block groups (a trunk and five private tops with uneven traffic) packed onto two devices."""
+    names = "abcde"
+    groups = groups_from_instances(["embedding", "layer.0", "head"], {v: ["e", "l", f"h{v}"] for v in names})
+    options = {groups[0].id: [_opt(groups[0].id, 1, 1, 4.0, 0.05, 30.0)]}
+    shares = {groups[0].id: 1.0}
+    for g, share, tau in zip(groups[1:], (0.4, 0.3, 0.15, 0.1, 0.05), (0.02, 0.03, 0.05, 0.04, 0.06)):
+        options[g.id] = [_opt(g.id, 1, 1, 1.5, tau, 25.0)]
+        shares[g.id] = share
+    inst = Instance(groups, options, shares, _cluster(1, 2, memory_gb=9.0), "throughput", None, 1)
+    sol = plan_solve(inst, time_limit_s=30, gap=0.0, method="exact")
+    assert sol.objective == pytest.approx(brute_force(inst), rel=1e-6)
+
+
+def test_fewest_devices_objective_equals_brute_force():
+    cluster, keep = CASES["1x4 devices"]
+    inst = _options_subset(_instance(cluster, objective="devices", rate=9.0), keep)
+    expected = brute_force(inst)
+    sol = plan_solve(inst, time_limit_s=30, gap=0.0, method="exact")
+    assert expected is not None and len(sol.used) == expected
+    # more traffic needs more devices
+    busier = _options_subset(_instance(cluster, objective="devices", rate=14.0), keep)
+    assert len(plan_solve(busier, time_limit_s=30, gap=0.0, method="exact").used) > expected
+
+
+def test_solution_is_deterministic_and_never_below_the_greedy_packer():
+    inst = _instance(_cluster(1, 4, memory_gb=8.0), max_replicas=3)
+    first = plan_solve(inst, time_limit_s=30, gap=0.0, seed=3)
+    again = plan_solve(inst, time_limit_s=30, gap=0.0, seed=3)
+    assert first.copies == again.copies and first.objective == again.objective
+    greedy = greedy_copies(inst)
+    assert greedy is not None and first.objective >= _route(inst, greedy) - 1e-9
+
+
+def test_node_level_method_gives_a_valid_placement_and_bound():
+    inst = _instance(_cluster(2, 4, memory_gb=8.0), max_replicas=3)
+    exact = plan_solve(inst, time_limit_s=30, gap=0.0, method="exact")
+    nodes = plan_solve(inst, time_limit_s=3, gap=0.0, method="node-level")
+    assert _valid(inst, nodes.copies)
+    assert nodes.objective <= exact.objective + 1e-9 <= nodes.bound + 1e-6
