@@ -45,6 +45,41 @@ def compile_cmd(
     compile_summary(out, program, bundle, time.perf_counter() - start)
 
 
+@app.command("plan")
+def plan_cmd(
+    spec: Path = typer.Argument(..., help="model.yaml"),
+    cluster: Optional[str] = typer.Option(None, help="Cluster file or name (8xH100-80GB, 4x8xA100-80GB, local); "
+                                                     "default: model.yaml's plan.cluster."),
+    workload: Optional[Path] = typer.Option(None, help="Workload file (variant mix, lengths, rate)."),
+    objective: Optional[str] = typer.Option(None, help="throughput | devices (default: model.yaml's)."),
+    time_limit: Optional[float] = typer.Option(None, min=0.1, help="Solver seconds (default: plan.time_limit_s)."),
+    seed: Optional[int] = typer.Option(None, min=0, help="Solver seed."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON instead of tables."),
+    svg: Optional[Path] = typer.Option(None, help="Also write a picture of the placement (SVG)."),
+    compare: bool = typer.Option(True, help="Also score a greedy packer and one replica per variant."),
+) -> None:
+    """Choose TP/PP/DP and placement for SPEC on a cluster, without reading weights."""
+    import json
+
+    from planc.plan_report import placement_svg, print_plan
+    from planc.planner import baselines, plan
+
+    if objective not in (None, "throughput", "devices"):
+        raise PlancError(f"--objective: expected throughput or devices, got {objective!r}")
+    with err.status("planning"):
+        program = plan(spec, cluster, workload, objective, time_limit, seed)
+        base = baselines(program) if compare else None
+    result = program.plan
+    cluster_obj = program.extras["plan_inputs"]["cluster"]
+    usable = cluster_obj.device.usable_bytes / 1e9
+    if svg is not None:
+        svg.write_text(placement_svg(result, usable), encoding="utf-8")
+    if as_json:
+        out.print_json(json.dumps({**result.to_json(), "baselines": base}))
+        return
+    print_plan(out, result, cluster_obj.describe(), usable, base)
+
+
 @app.command()
 def inspect(bundle: Path = typer.Argument(..., help="Bundle directory"),
             verify: bool = typer.Option(True, help="Check every file's sha256 first.")) -> None:

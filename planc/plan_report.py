@@ -1,0 +1,109 @@
+"""`planc plan` output: the layout as tables, the solver's figures, and a placement picture (SVG)."""
+from __future__ import annotations
+
+import html
+from typing import Optional
+
+from rich.console import Console
+from rich.table import Table
+
+from planc.plan import Plan
+
+
+def _users(users: list[str], limit: int = 4) -> str:
+    return ", ".join(users[:limit]) + (f" +{len(users) - limit}" if len(users) > limit else "")
+
+
+def group_table(plan: Plan) -> Table:
+    t = Table(title="Block groups: layout (TP x PP), decode batch, replicas", title_justify="left")
+    for col in ("group", "blocks", "users", "share", "layouts (pp x tp @ batch x replicas)", "TPOT ms", "TTFT ms"):
+        t.add_column(col, justify="right" if col in ("share", "TPOT ms", "TTFT ms") else "left")
+    for g in plan.groups:
+        layouts = ", ".join(f"{x['pp']}x{x['tp']} @{x['batch']} x{x['replicas']}" for x in g["layouts"])
+        tpot = max((x["tpot_ms"] for x in g["layouts"]), default=0.0)
+        ttft = max((x["ttft_ms"] for x in g["layouts"]), default=0.0)
+        t.add_row(g["id"], f"{g['blocks'][0]}..{g['blocks'][1]} ({g['num_blocks']})", _users(g["users"]),
+                  f"{g['share']:.2f}", layouts, f"{tpot:.1f}", f"{ttft:.1f}")
+    return t
+
+
+def device_table(plan: Plan, usable_gb: Optional[float] = None) -> Table:
+    t = Table(title="Devices: stages placed, memory", title_justify="left")
+    for col in ("device", "node", "stages (group/replica/stage)", "memory GB", "load req/s"):
+        t.add_column(col, justify="right" if col in ("memory GB", "load req/s") else "left")
+    per_device: dict[int, list] = {}
+    for p in plan.placements:
+        for d in p.devices:
+            per_device.setdefault(d, []).append(p)
+    for d in sorted(per_device):
+        ps = per_device[d]
+        mem = sum(p.memory_gb for p in ps)
+        label = ", ".join(f"{p.group}/{p.replica}/{p.stage}" + (f" tp{p.tp}" if p.tp > 1 else "") for p in ps)
+        mem_s = f"{mem:.1f}" + (f" / {usable_gb:.0f}" if usable_gb else "")
+        t.add_row(str(d), str(ps[0].node), label, mem_s, f"{sum(p.load_rps for p in ps):.2f}")
+    return t
+
+
+def variant_table(plan: Plan) -> Table:
+    t = Table(title="Predicted per variant (cost model)", title_justify="left")
+    for col in ("variant", "TPOT ms", "TTFT ms"):
+        t.add_column(col, justify="left" if col == "variant" else "right")
+    for name, v in plan.predicted["variants"].items():
+        t.add_row(name, f"{v['tpot_ms']:.1f}", f"{v['ttft_ms']:.1f}")
+    return t
+
+
+def solver_line(plan: Plan) -> str:
+    s = plan.solver
+    bound = s["bound"]
+    return (f"solver {s['solver']} ({s['method']}): {s['status']}, objective {s['objective']:.4g}, "
+            f"bound {bound:.4g}, gap {s['gap']:.1%}, {s['seconds']:.1f} s (limit {s['time_limit_s']:g} s, "
+            f"seed {s['seed']})")
+
+
+def print_plan(console: Console, plan: Plan, cluster_desc: str, usable_gb: float,
+               baselines: Optional[dict] = None) -> None:
+    p = plan.predicted
+    console.print(f"[bold]plan[/bold] for {cluster_desc}; objective: {plan.objective}")
+    console.print(group_table(plan))
+    console.print(device_table(plan, usable_gb))
+    if len(p["variants"]) <= 24:
+        console.print(variant_table(plan))
+    console.print(f"predicted throughput {p['throughput_rps']:.3g} req/s on {p['devices']} devices "
+                  f"(SLO TPOT {plan.settings['slo']['tpot_ms']:g} ms, TTFT {plan.settings['slo']['ttft_ms']:g} ms; "
+                  f"mean prompt {plan.settings['prompt_tokens']:.0f}, output {plan.settings['output_tokens']:.0f} tokens)")
+    console.print(solver_line(plan), markup=False)
+    if baselines:
+        parts = [f"{name.replace('_', ' ')} {b['throughput_rps']:.3g} req/s" + ("" if b["fits"] else " (does not fit)")
+                 for name, b in baselines.items()]
+        console.print("baselines, same cost model: " + "; ".join(parts), markup=False)
+
+
+_COLORS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
+           "#bab0ac"]
+
+
+def placement_svg(plan: Plan, usable_gb: float) -> str:
+    """Devices as columns, stages stacked by memory, one colour per block group."""
+    per_device: dict[int, list] = {}
+    for p in plan.placements:
+        for d in p.devices:
+            per_device.setdefault(d, []).append(p)
+    devices = sorted(per_device)
+    width, height, col = 60 + 70 * max(len(devices), 1), 320, 70
+    scale = 240 / max(usable_gb, 1e-9)
+    colour = {g["id"]: _COLORS[i % len(_COLORS)] for i, g in enumerate(plan.groups)}
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             f'font-size="10">', f'<text x="10" y="14">memory per device (of {usable_gb:.0f} GB usable)</text>']
+    for i, d in enumerate(devices):
+        x, y = 40 + i * col, 280
+        parts.append(f'<rect x="{x}" y="{280 - 240}" width="50" height="240" fill="none" stroke="#999"/>')
+        for p in per_device[d]:
+            h = p.memory_gb * scale
+            y -= h
+            label = html.escape(f"{p.group}/{p.replica}/{p.stage}: {', '.join(p.blocks[:1])}.. {p.memory_gb:.1f} GB")
+            parts.append(f'<rect x="{x}" y="{y:.1f}" width="50" height="{h:.1f}" fill="{colour[p.group]}" '
+                         f'stroke="white"><title>{label}</title></rect>')
+        parts.append(f'<text x="{x + 25}" y="295" text-anchor="middle">d{d}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)

@@ -1,0 +1,85 @@
+"""`planc plan` as a library call, and the baselines a plan is compared with.
+
+>>> import planc.planner as planner
+>>> program = planner.plan("examples/tiny/model.yaml", cluster="local")   # doctest: +SKIP
+>>> program.plan.predicted["throughput_rps"]                               # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from planc.api import compile as compile_program, load
+from planc.pass_manager import PassContext
+from planc.passes import CostPass, ParallelizePass
+from planc.passes.cost import OptionBuilder, chain_block_names
+from planc.passes.greedy import greedy_copies
+from planc.passes.mip import Instance, solve as solve_fixed
+from planc.plan import groups_from_instances
+from planc.program import Program
+
+
+def plan(spec_path: str | Path, cluster: Optional[str] = None, workload: Optional[str | Path] = None,
+         objective: Optional[str] = None, time_limit_s: Optional[float] = None, seed: Optional[int] = None,
+         ctx: Optional[PassContext] = None) -> Program:
+    """Plan the spec without reading weights (config.json and the variant descriptions only)."""
+    program = load(spec_path, weights=False)
+    update: dict[str, Any] = {}
+    if workload is not None:
+        update["workload"] = Path(workload)
+    if objective is not None:
+        update["objective"] = objective
+    if update:
+        spec = program.spec.model_copy(update={"plan": program.spec.plan.model_copy(update=update)})
+        program.spec = spec
+    ctx = ctx or PassContext()
+    if cluster is not None:
+        ctx.options.setdefault("cost", {})["cluster"] = cluster
+    solver_opts = {k: v for k, v in (("time_limit_s", time_limit_s), ("seed", seed)) if v is not None}
+    ctx.options.setdefault("parallelize", {}).update(solver_opts)
+    return compile_program(program, passes=[CostPass(), ParallelizePass()], ctx=ctx)
+
+
+def instance_of(program: Program) -> Instance:
+    """The MIP instance the parallelize pass solved (rebuilt from the program's annotations)."""
+    from planc.passes.mip import group_shares
+
+    inputs = program.extras["plan_inputs"]
+    settings = program.spec.plan
+    return Instance(program.groups, program.plan_options, group_shares(program.groups, inputs["traffic"].shares),
+                    inputs["cluster"], "throughput", None, settings.max_replicas)
+
+
+def _throughput(inst: Instance, copies: Optional[dict]) -> float:
+    if not copies:
+        return 0.0
+    sol = solve_fixed(inst, 30.0, 0.0, fixed=copies)
+    return sol.lam if sol.copies else 0.0
+
+
+def baselines(program: Program) -> dict[str, dict[str, Any]]:
+    """Throughput (requests/s within the SLO, same cost model and traffic) of two ways to deploy
+    without planc's planner: a greedy packer over the same block groups, and one full model replica
+    per variant (no block sharing; LoRA variants as merged copies)."""
+    inst = instance_of(program)
+    greedy = greedy_copies(inst)
+    out = {"greedy": {"throughput_rps": _throughput(inst, greedy), "fits": greedy is not None}}
+    names = program.model_names()
+    arch = program.base.checkpoint.arch
+    blocks = chain_block_names(arch.num_layers)
+    groups = groups_from_instances(blocks, {v: [f"{v}:{b}" for b in blocks] for v in names})
+    inputs = program.extras["plan_inputs"]
+    cluster, traffic, costs = inputs["cluster"], inputs["traffic"], inputs["costs"]
+    settings = program.spec.plan
+    from planc.cost import CostModel
+
+    dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}[arch.dtype]
+    builder = OptionBuilder(costs, CostModel.for_cluster(cluster, dtype_bytes), cluster, traffic,
+                            settings.slo.tpot_ms / 1e3, settings.slo.ttft_ms / 1e3, len(blocks),
+                            lora_in_out=2.0 * arch.hidden_size)
+    per_variant = Instance(groups, {g.id: builder.options(g) for g in groups},
+                           {g.id: traffic.shares.get(g.users[0], 0.0) for g in groups}, cluster, "throughput",
+                           None, 1)
+    copies = greedy_copies(per_variant, grow=False) if all(per_variant.options.values()) else None
+    out["replica_per_variant"] = {"throughput_rps": _throughput(per_variant, copies), "fits": copies is not None}
+    return out
