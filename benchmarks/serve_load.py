@@ -5,10 +5,14 @@
   a pass giving each block its own tensors): each variant its own full model, batched only within itself;
 - transformers: `generate` per request, one at a time, in a child process; LoRA via peft merge.
 Servers are real subprocesses on 127.0.0.1 (`--threads 1`, OMP_NUM_THREADS=1, the same
-`--kv-cache-mb`). Closed loop per concurrency: streaming /v1/completions, --prompt-len token ids,
+`--kv-cache-mb`), started and driven by `planc bench`'s library (planc.bench: LocalServer, the
+closed-loop load generator, its metrics). Closed loop per concurrency: streaming /v1/completions,
+--prompt-len token ids from bench's seeded generator (the transformers child uses the same ids),
 temperature 0, ignore_eos, fixed max_tokens, round-robin over the variants, after one untimed
-request per variant. TTFT = first SSE chunk with text; TPOT = (last - first) / (tokens - 1). Peak
-RSS = the server's own VmHWM (/proc/PID/status; reset by exec, unlike ru_maxrss).
+request per variant. TTFT = first SSE chunk with text; TPOT = (last - first) / (tokens - 1), as
+planc bench defines them. Each level's bench result goes to out/serve_results/<model>-<system>-c<N>.json
+(transformers: <model>-transformers.json), so `planc bench --compare A.json B.json` overlays any two.
+Peak RSS = the server's own VmHWM (/proc/PID/status; reset by exec, unlike ru_maxrss).
 
 Models: the tiny example (4 variants: base, partial, full, LoRA) and a ~100M Llama (hidden 768, 12
 layers, 12/4 heads, intermediate 2048, vocab 16000, random weights) whose 8 variants (requests go
@@ -20,11 +24,11 @@ and gets an SSE chunk (the tiny example's 512-token one decodes ids >= 512 to no
 """
 from __future__ import annotations
 
-import argparse, asyncio, datetime, hashlib, json, os, platform, random, re, shutil, subprocess, sys, time  # noqa: E401
+import argparse, datetime, hashlib, json, os, platform, shutil, subprocess, sys, time  # noqa: E401
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "out"
-INPUTS, BUNDLES = OUT / "serve_inputs", OUT / "serve_bundles"
+INPUTS, BUNDLES, RESULTS = OUT / "serve_inputs", OUT / "serve_bundles", OUT / "serve_results"
 SHAPE_100M = dict(vocab_size=16000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                   num_attention_heads=12, num_key_value_heads=4, bos_token_id=0, eos_token_id=1, pad_token_id=2)
 PARTIAL_100M, LORA_100M = [f"ft{i}" for i in range(1, 7)], ["lora1", "lora2"]
@@ -118,106 +122,70 @@ def vm(pid: int, key: str) -> float:
     return int(line.split()[1]) * 1024 / MB
 
 
-def start_server(path: Path, kv_mb: float) -> tuple[subprocess.Popen, str]:
-    import httpx
-    proc = subprocess.Popen([sys.executable, "-m", "planc.cli", "serve", str(path), "--port", "0", "--threads", "1",
-                             "--kv-cache-mb", str(kv_mb)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=ENV)
-    url = next((m.group(1) for line in proc.stdout if (m := re.search(r"listening on (http://\S+:\d+)", line))), None)
-    for _ in range(300 if url else 0):
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"planc serve {path} did not start (exit status {proc.wait()})")
+def bench_config(url: str, args, concurrency: int, requests: int, label: str):
+    """The `planc bench` settings of one closed-loop level: ids prompts from bench's seeded generator,
+    greedy, ignore_eos, a fixed max_tokens (so every system gets the same requests)."""
+    from planc.bench.config import make_config
+    return make_config(url=url, mode="closed", concurrency=concurrency, max_requests=requests, duration_s=args.cap_s,
+                       request_timeout_s=600, prompt="ids", label=label, seed=0, scrape_metrics=False)
 
 
-async def one_request(client, url: str, variant: str, prompt: list[int], max_tokens: int) -> dict:
-    body = {"model": variant, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
-    t0, times, usage = time.perf_counter(), [], None
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if line.startswith("data: {"):
-                chunk = json.loads(line[6:])
-                if chunk["choices"] and chunk["choices"][0]["text"]:
-                    times.append(time.perf_counter())
-                usage = chunk.get("usage") or usage
-    n = usage["completion_tokens"]
-    return {"ttft": times[0] - t0, "tpot": (times[-1] - times[0]) / (n - 1) if n > 1 else None, "tokens": n,
-            "chunks": len(times), "end": times[-1]}
+def level_figures(result: dict) -> dict:
+    """The figures this script reports, from a bench result (latencies back in seconds)."""
+    g = result["summary"]["overall"]
+    if g["failed"]:
+        raise SystemExit(f"{result['meta']['label']}: {g['failed']} requests failed: {g['errors']}")
+    seconds = {f"{key}_{q}": g[f"{key}_ms"][q] / 1e3 for key in ("ttft", "tpot") for q in ("p50", "p95")}
+    return {"requests": g["completed"], "tokens": g["output_tokens"], "wall_s": result["duration_s"],
+            "tok_s": g["output_tokens_per_s"], **seconds,
+            # tokens that decode to no text have no SSE chunk of their own
+            "chunk_mismatch": sum(len(r.itl_s) + 1 != r.output_tokens for r in result["records"])}
 
 
-async def closed_loop(url: str, variants: list[str], prompts: list[list[int]], concurrency: int, requests: int,
-                      max_tokens: int, cap_s: float) -> dict:
-    """`concurrency` clients, each sending its next request when the last one ends; none after cap_s."""
-    import httpx
-    results, counter = [], iter(range(requests))
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        t0 = time.perf_counter()
+def bench_server(path: Path, variants: list[str], args, levels: list[int], tag: str) -> dict:
+    """Closed-loop levels against `planc serve` on `path`, driven by `planc bench`'s load generator;
+    each level's bench result is kept in out/serve_results/ for `planc bench --compare`."""
+    from planc.bench.result import write_result
+    from planc.bench.run import BenchPlan, run_bench
+    from planc.bench.server import LocalServer
+    from planc.workload import round_robin
 
-        async def worker():
-            for i in counter:
-                if time.perf_counter() - t0 > cap_s:
-                    return
-                results.append(await one_request(client, url, variants[i % len(variants)], prompts[i % len(prompts)],
-                                                 max_tokens))
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return summarize(results, max(r["end"] for r in results) - t0)
-
-
-def pct(xs: list, q: float) -> float:
-    xs = sorted(x for x in xs if x is not None)
-    k = (len(xs) - 1) * q
-    lo = int(k)
-    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (k - lo)
-
-
-def summarize(results: list[dict], wall: float) -> dict:
-    tokens, ttft, tpot = sum(r["tokens"] for r in results), [r["ttft"] for r in results], [r["tpot"] for r in results]
-    return {"requests": len(results), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
-            "ttft_p50": pct(ttft, .5), "ttft_p95": pct(ttft, .95), "tpot_p50": pct(tpot, .5), "tpot_p95": pct(tpot, .95),
-            "chunk_mismatch": sum(r["chunks"] != r["tokens"] for r in results)}
-
-
-def prompts_for(n: int, length: int) -> list[list[int]]:
-    rng = random.Random(0)  # ids < 500 are valid for both tokenizers
-    return [[rng.randrange(3, 500) for _ in range(length)] for _ in range(n)]
-
-
-def bench_server(path: Path, variants: list[str], args, levels: list[int]) -> dict:
-    prompts = prompts_for(16, args.prompt_len)
-    proc, url = start_server(path, args.kv_cache_mb)
-    try:
-        out = {"rss_after_start_mb": vm(proc.pid, "VmRSS"), "levels": {}}
-        asyncio.run(closed_loop(url, variants, prompts, len(variants), len(variants), 4, 60))  # warm-up
+    server = LocalServer(path, f"--threads 1 --kv-cache-mb {args.kv_cache_mb}", env=ENV)
+    with server as url:
+        pid = server.proc.pid
+        out = {"rss_after_start_mb": vm(pid, "VmRSS"), "levels": {}}
+        warm = round_robin(variants, len(variants), args.prompt_len, 4)  # one untimed request per variant
+        run_bench(BenchPlan(bench_config(url, args, len(variants), len(variants), "warm-up"), requests=warm))
         for c in levels:
-            cpu, t0 = cpu_now(proc.pid), time.perf_counter()
-            r = asyncio.run(closed_loop(url, variants, prompts, c, max(2 * c, args.min_requests), args.max_tokens,
-                                        args.cap_s))
-            out["levels"][c] = {**r, "vmhwm_mb": vm(proc.pid, "VmHWM"), "other_cores": other_load(cpu, proc.pid, time.perf_counter() - t0)}
+            n = max(2 * c, args.min_requests)
+            cpu, t0 = cpu_now(pid), time.perf_counter()
+            result = run_bench(BenchPlan(bench_config(url, args, c, n, f"{tag} c={c}"),
+                                         requests=round_robin(variants, n, args.prompt_len, args.max_tokens),
+                                         meta={"bundle": str(path)}))
+            write_result(RESULTS / f"{tag}-c{c}.json", result)
+            r = level_figures(result)
+            out["levels"][c] = {**r, "vmhwm_mb": vm(pid, "VmHWM"), "other_cores": other_load(cpu, pid, time.perf_counter() - t0)}
             print(f"  {path.name} c={c}: {r['tok_s']:.1f} tok/s, TPOT p50 {r['tpot_p50'] * 1e3:.1f} ms",
                   file=sys.stderr, flush=True)
-        out["peak_rss_mb"] = vm(proc.pid, "VmHWM")
-    finally:
-        proc.terminate()
-        proc.wait(60)
+        out["peak_rss_mb"] = vm(pid, "VmHWM")
     return out
 
 
 # ---------------------------------------------------------------- transformers generate (child process)
-def hf_child(spec: str, names: list[str], requests: int, prompt_len: int, max_tokens: int) -> None:
+def hf_child(spec: str, names: list[str], requests: int, prompt_len: int, max_tokens: int, out: str) -> None:
+    """transformers `generate`, one request after another, recorded as `planc bench` request records
+    (same prompts as bench sends; requests laid end to end, model loading not counted)."""
     import torch, yaml  # noqa: E401
     from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
+    from planc.bench.client import prompt_ids
+    from planc.bench.metrics import summarize_result
+    from planc.bench.result import SCHEMA, RequestRecord, write_result
     torch.set_num_threads(1)
     s, root = yaml.safe_load(Path(spec).read_text()), Path(spec).parent
     models = {s["base"]["name"]: (s["base"]["path"], None), **{v["name"]: (v.get("path"), v.get("adapter"))
                                                               for v in s["variants"]}}
+    config = bench_config("http://transformers", argparse.Namespace(cap_s=86_400), 1, requests, "transformers")
 
     class Clock(BaseStreamer):  # put() gets the prompt, then each new token
         def __init__(self): self.times = []  # noqa: E704
@@ -230,32 +198,42 @@ def hf_child(spec: str, names: list[str], requests: int, prompt_len: int, max_to
             model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                            streamer=clock, pad_token_id=0)
 
-    prompts, results = prompts_for(16, prompt_len), []
+    records, clock_s = [], 0.0
     for vi, name in enumerate(names):
         path, adapter = models[name]
         model = AutoModelForCausalLM.from_pretrained(root / (path or s["base"]["path"]), dtype=torch.float32)
         if adapter:
             from peft import PeftModel
             model = PeftModel.from_pretrained(model, root / adapter).merge_and_unload()
-        generate(model.eval(), prompts[0], 4)  # untimed warm-up, as the servers get
-        for i in range(vi, requests, len(names)):
+        generate(model.eval(), prompt_ids(0, prompt_len, config), 4)  # untimed warm-up, as the servers get
+        for i in range(vi, requests, len(names)):  # request i goes to variant i % len(names), as round_robin
             clock, t0 = Clock(), time.perf_counter()
-            generate(model, prompts[i % len(prompts)], max_tokens, clock)
+            generate(model, prompt_ids(i, prompt_len, config), max_tokens, clock)
             t = clock.times[1:]
-            results.append({"ttft": t[0] - t0, "tpot": (t[-1] - t[0]) / (len(t) - 1), "tokens": len(t),
-                            "chunks": len(t), "end": t[-1] - t0})
+            records.append(RequestRecord(id=i, variant=name, tenant=None, arrival_s=0.0, start_s=clock_s,
+                                         prompt_tokens=prompt_len, max_tokens=max_tokens, http_status=200,
+                                         output_tokens=len(t), ttft_s=t[0] - t0, tpot_s=(t[-1] - t[0]) / (len(t) - 1),
+                                         e2e_s=t[-1] - t0, itl_s=[b - a for a, b in zip(t, t[1:])]))
+            clock_s += t[-1] - t0
         del model
-    print(json.dumps(summarize(results, sum(r["end"] for r in results))))  # back to back; loading not counted
+    records.sort(key=lambda r: r.start_s)
+    result = {"schema": SCHEMA, "meta": {"label": "transformers", "source": "measured", "mode": "sequential"},
+              "slo": {}, **summarize_result(records, {}), "records": records,
+              "counts": {"workload": len(records), "sent": len(records), "completed": len(records), "failed": 0,
+                         "not_sent": 0}}
+    write_result(Path(out), result)
 
 
-def bench_hf(spec: Path, variants: list[str], args) -> dict:
+def bench_hf(spec: Path, variants: list[str], args, tag: str) -> dict:
+    from planc.bench.result import load_result
     n = max(args.min_requests, 2 * len(variants))
     cpu, t0 = cpu_now(), time.perf_counter()
+    path = RESULTS / f"{tag}.json"
     proc = subprocess.run([sys.executable, __file__, "--hf-child", str(spec), ",".join(variants), str(n),
-                           str(args.prompt_len), str(args.max_tokens)], capture_output=True, text=True, env=ENV)
+                           str(args.prompt_len), str(args.max_tokens), str(path)], capture_output=True, text=True, env=ENV)
     if proc.returncode:
         raise SystemExit(f"transformers baseline failed:\n{proc.stderr}")
-    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "other_cores": other_load(cpu, 0, time.perf_counter() - t0)}
+    return {**level_figures(load_result(path)), "other_cores": other_load(cpu, 0, time.perf_counter() - t0)}
 
 
 # ---------------------------------------------------------------- report
@@ -314,9 +292,9 @@ def run_model(model: str, args, levels: list[int]) -> dict:
          "per_model_weight_mb": json.loads((per / "manifest.json").read_text())["totals"]["unique_param_bytes"] / MB}
     for key, path in (("planc", shared), ("per_model", per)):
         print(f"{model}: {key}", file=sys.stderr, flush=True)
-        r[key] = bench_server(path, variants, args, levels)
+        r[key] = bench_server(path, variants, args, levels, f"{model}-{key}")
     print(f"{model}: transformers", file=sys.stderr, flush=True)
-    r["transformers"] = bench_hf(spec, variants, args)
+    r["transformers"] = bench_hf(spec, variants, args, f"{model}-transformers")
     r["targets"] = targets(r, levels)
     return r
 
@@ -332,11 +310,11 @@ def main() -> None:
     ap.add_argument("--cap-s", type=float, default=120, help="no new request after this many seconds of a level")
     ap.add_argument("--kv-cache-mb", type=float, default=64, help="KV budget of both servers (MiB)")
     ap.add_argument("--out", type=Path, default=OUT / "serve_load.json")
-    ap.add_argument("--hf-child", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--hf-child", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.hf_child:
-        spec, names, n, plen, mt = args.hf_child
-        return hf_child(spec, names.split(","), int(n), int(plen), int(mt))
+        spec, names, n, plen, mt, out = args.hf_child
+        return hf_child(spec, names.split(","), int(n), int(plen), int(mt), out)
     models = ["tiny"] if args.quick else [m for m in args.models.split(",") if m]
     levels = [int(c) for c in args.levels.split(",")]
     t0 = time.perf_counter()

@@ -117,6 +117,7 @@ def bench_cmd(
     label: Optional[str] = typer.Option(None, help="Name of this run in reports."),
     compare: Optional[tuple[Path, Path]] = typer.Option(None, help="Compare two result files (no run): A.json B.json."),
     serve_args: str = typer.Option("", help="Extra `planc serve` flags with --bundle, e.g. '--max-running 8'."),
+    scrape_metrics: bool = typer.Option(True, help="Sample the server's queue from its /metrics during the run."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Replay a workload against a server and report TTFT, TPOT, throughput, errors and SLOs per variant and tenant."""
@@ -143,7 +144,8 @@ def bench_cmd(
     settings = dict(mode="closed" if concurrency else "open", concurrency=concurrency or 1, max_requests=num_requests,
                     duration_s=duration, request_timeout_s=request_timeout, max_connections=max_connections,
                     endpoint=endpoint.value, prompt=prompt.value, ignore_eos=ignore_eos, temperature=temperature,
-                    tenants=tenants, slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, warmup=warmup, seed=seed)
+                    tenants=tenants, slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, warmup=warmup, seed=seed,
+                    scrape_metrics=scrape_metrics)
     meta = {"workload": str(workload) if workload else f"fixed {prompt_tokens}+{output_tokens} tokens"}
     chosen = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
     label = label or (bundle.name if bundle else url)

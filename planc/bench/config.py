@@ -99,6 +99,9 @@ class BenchConfig(BaseModel):
     slo_tpot_ms: Optional[float] = Field(None, gt=0)
     sample_interval_s: float = Field(0.5, gt=0)
     """How often in-flight counts (and the server's queue, when it exports one) are sampled."""
+    scrape_metrics: bool = True
+    """Sample the server's queue gauges from its /metrics (planc's or vLLM's names); each scrape costs
+    the server a few ms, so throughput benchmarks may turn it off."""
     warmup: int = Field(0, ge=0, le=1000)
     """Untimed requests sent first, one variant after another (not part of the result)."""
     seed: int = 0

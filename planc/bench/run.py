@@ -125,7 +125,7 @@ async def _run(plan: BenchPlan, on_start: Callable[[int], None],
     if not jobs:
         raise PlancError("the workload has no requests to send")
     kind = await probe_prompt_kind(config, jobs[0])
-    scrape = await server_exports_queue(config.url)
+    scrape = config.scrape_metrics and await server_exports_queue(config.url)
     on_start(len(jobs))
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     load = await run_load(jobs, config, kind, scrape_queue=scrape, on_done=on_done)
