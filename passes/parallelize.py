@@ -126,9 +126,11 @@ def to_plan(inst: Instance, sol: Solution, cluster_name: str, settings: dict) ->
                     replicas += 1
             if replicas:
                 chosen.append({"pp": opt.pp, "tp": opt.tp, "batch": opt.batch, "replicas": replicas,
+                               "stage_blocks": [len(st) for st in opt.stages],
                                "tpot_ms": opt.tpot_s * 1e3, "ttft_ms": opt.ttft_s * 1e3,
                                "cap_rps": opt.cap_rps})
         groups_out.append({"id": g.id, "blocks": [g.blocks[0], g.blocks[-1]], "num_blocks": g.num_positions,
+                           "first_position": g.first_position, "instance_keys": list(g.instance_keys),
                            "users": list(g.users), "share": inst.shares[g.id], "layouts": chosen,
                            "lora": [u.variant for u in g.lora]})
     predicted = _predict(inst, sol, groups_out, by_id)

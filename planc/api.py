@@ -18,7 +18,7 @@ from planc.bundle_write import (build_manifest, write_adapters, write_blocks, wr
                                 write_tokenizers)
 from planc.errors import PlancError, SpecError
 from planc.pass_manager import Pass, PassContext, PassManager
-from planc.passes import default_pipeline
+from planc.passes import default_pipeline, plan_pipeline
 from planc.program import Program, open_models
 from planc.spec import load_spec
 from planc.store import staging_dir
@@ -35,8 +35,12 @@ def load(spec_path: str | Path, weights: bool = True) -> Program:
 
 def compile(program: Program, passes: Optional[Sequence[Pass]] = None,
             ctx: Optional[PassContext] = None) -> Program:
-    """Run `passes` (default: :func:`default_pipeline`) plus the spec's `passes:` entries."""
+    """Run `passes` (default: :func:`default_pipeline`, then the planner's cost and parallelize passes
+    when a cluster is named in `plan.cluster` or the `cost` pass options) plus the spec's `passes:`."""
+    ctx = ctx or PassContext()
     pipeline = list(passes) if passes is not None else default_pipeline()
+    if passes is None and (program.spec.plan.cluster or ctx.options_for("cost").get("cluster")):
+        pipeline += plan_pipeline()
     names = {p.name for p in pipeline}
     for i, ref in enumerate(program.spec.passes):
         where = f"{program.spec.source}: passes[{i}]"
@@ -45,7 +49,7 @@ def compile(program: Program, passes: Optional[Sequence[Pass]] = None,
             raise SpecError(f"{where}: a pass named {p.name!r} is already in the pipeline")
         pipeline.append(p)
         names.add(p.name)
-    return PassManager(pipeline).run(program, ctx or PassContext())
+    return PassManager(pipeline).run(program, ctx)
 
 
 def emit(program: Program, backend: Optional[str] = None, out: str | Path = "bundle",

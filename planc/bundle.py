@@ -20,6 +20,7 @@ from planc.errors import BundleError
 from planc.jsonfile import read_json_object
 from planc.manifest import validate_manifest
 from planc.models.config import ArchConfig
+from planc.plan import Plan
 from planc.store import verify_file
 
 
@@ -31,6 +32,8 @@ class Bundle:
         self.blocks = {b["key"]: b for b in manifest["blocks"]}
         self.adapters = {a["key"]: a for a in manifest["adapters"]}
         self.variants = {v["name"]: v for v in manifest["variants"]}
+        self.plan = Plan.from_json(manifest["plan"]) if manifest.get("plan") else None
+        """The deployment `planc compile --cluster` chose (None when compiled without a cluster)."""
         self._modules: dict[str, nn.Module] = {}
         self._files: dict[str, dict[str, torch.Tensor]] = {}
 

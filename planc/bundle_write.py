@@ -133,6 +133,7 @@ def build_manifest(program: Program, backend: str, blocks: dict, adapters: dict,
         "annotations": _annotations(program),
         "serving": program.spec.serving.model_dump(),
         "tenants": [t.model_dump() for t in program.spec.tenants],
+        "plan": program.plan.to_json() if program.plan is not None else None,
         "totals": {
             "logical_bytes": logical,
             "unique_param_bytes": unique_param_bytes,

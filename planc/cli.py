@@ -27,8 +27,11 @@ def compile_cmd(
     spec: Path = typer.Argument(..., help="model.yaml"),
     out_dir: Path = typer.Option(Path("bundle"), "--out", "-o", help="Bundle directory to write (replaced atomically)."),
     backend: Optional[str] = typer.Option(None, help="Backend to emit for (default: model.yaml's `backend`)."),
+    cluster: Optional[str] = typer.Option(None, help="Plan for this cluster and embed the plan (default: "
+                                                     "model.yaml's plan.cluster; none: no plan)."),
 ) -> None:
-    """Trace, partition, fingerprint and dedupe the models of SPEC; write a verified bundle."""
+    """Trace, partition, fingerprint and dedupe the models of SPEC; plan it when a cluster is named;
+    write a verified bundle."""
     import planc
     from planc.report import CompileProgress, compile_summary
 
@@ -38,8 +41,11 @@ def compile_cmd(
     start = time.perf_counter()
     with CompileProgress(err) as progress:
         program = planc.load(spec)
-        progress.start(program)
-        program = planc.compile(program, ctx=progress.context())
+        ctx = progress.context()
+        if cluster is not None:
+            ctx.options.setdefault("cost", {})["cluster"] = cluster
+        progress.start(program, planned=bool(cluster or program.spec.plan.cluster))
+        program = planc.compile(program, ctx=ctx)
         progress.writing(len(program.zoo) + len(program.adapter_zoo))
         bundle = planc.emit(program, backend=backend, out=out_dir, ctx=progress.context(), progress=progress.wrote)
     compile_summary(out, program, bundle, time.perf_counter() - start)

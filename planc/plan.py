@@ -151,9 +151,26 @@ class Plan:
         return sorted({d for p in self.placements for d in p.devices})
 
     def block_batch_caps(self) -> dict[str, int]:
-        """Block name -> largest decode batch the plan runs it at (the runtime's per-block cap)."""
+        """Block instance key -> largest decode batch the plan runs it at (the runtime's per-block cap)."""
         caps: dict[str, int] = {}
-        for p in self.placements:
-            for b in p.blocks:
-                caps[b] = max(caps.get(b, 0), p.batch)
+        for g in self.groups:
+            batch = max((lay["batch"] for lay in g["layouts"]), default=0)
+            for key in g["instance_keys"]:
+                caps[key] = max(caps.get(key, 0), batch)
         return caps
+
+    def stage_ranges(self, chain_length: int) -> list[range]:
+        """Chain positions cut where groups end and where the busiest layout of a group cuts its pipeline:
+        the stages an in-process runtime builds (a distributed backend places each on its devices)."""
+        cuts = {0, chain_length}
+        for g in self.groups:
+            cuts.add(g["first_position"])
+            cuts.add(g["first_position"] + g["num_blocks"])
+            if g["layouts"]:
+                main = max(g["layouts"], key=lambda lay: lay["replicas"] * lay["cap_rps"])
+                position = g["first_position"]
+                for n in main["stage_blocks"][:-1]:
+                    position += n
+                    cuts.add(position)
+        bounds = sorted(c for c in cuts if 0 <= c <= chain_length)
+        return [range(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]

@@ -45,10 +45,10 @@ class CompileProgress:
     def context(self) -> PassContext:
         return self._ctx
 
-    def start(self, program: Program) -> None:
-        from planc.passes import default_pipeline
+    def start(self, program: Program, planned: bool = False) -> None:
+        from planc.passes import default_pipeline, plan_pipeline
 
-        total = len(default_pipeline()) + len(program.spec.passes)
+        total = len(default_pipeline()) + len(program.spec.passes) + (len(plan_pipeline()) if planned else 0)
         self._passes = self.progress.add_task(f"compiling {len(program.models)} models", total=total)
 
     def before_pass(self, p, program: Program) -> None:
@@ -81,6 +81,12 @@ def compile_summary(console: Console, program: Program, bundle: Path, seconds: f
         f"{len(program.zoo)} unique blocks, {len(program.adapter_zoo)} adapter deltas; "
         f"stored {human_bytes(t['stored_bytes'])} for {human_bytes(t['logical_bytes'])} of chains "
         f"(dedupe {t['dedupe_ratio']:.2f}x) in {seconds:.1f} s", markup=False)
+    if b.plan is not None:
+        from planc.plan_report import solver_line
+
+        p = b.plan.predicted
+        console.print(f"plan for {b.plan.cluster}: {len(b.plan.groups)} block groups on {p['devices']} devices, "
+                      f"predicted {p['throughput_rps']:.3g} req/s; " + solver_line(b.plan), markup=False)
 
 
 def _block_labels(bundle: Bundle) -> dict[str, str]:

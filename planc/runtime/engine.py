@@ -38,6 +38,10 @@ class EngineConfig:
     max_queue: int = 256
     """Waiting requests before new ones are refused (HTTP 429)."""
     max_model_len: int = 2048
+    block_caps: dict[str, int] = field(default_factory=dict)
+    """Block instance key -> its own batch cap (from the bundle's plan); others use block_batch_cap."""
+    stage_positions: Optional[list[range]] = None
+    """Chain positions of each in-process stage (from the bundle's plan); default: one stage."""
 
 
 @dataclass
@@ -86,7 +90,7 @@ class Engine:
         self.bundle, self.config = bundle, config or EngineConfig()
         self.stats = stats or StepStats()
         self.stages = stages or local_stages(bundle, self.config.kv_cache_bytes, self.config.page_size,
-                                             kernels=kernels)
+                                             positions=self.config.stage_positions, kernels=kernels)
         self.stage_of = {p: stage for stage in self.stages for p in stage.positions}
         self.chains = {name: [(link["block"], link["adapter"]) for link in v["chain"]]
                        for name, v in bundle.variants.items()}
@@ -239,7 +243,7 @@ class Engine:
             for s in work:
                 groups.setdefault(self.chains[s.variant][position][0], []).append(s)
             for key, members in groups.items():
-                cap = self.config.block_batch_cap
+                cap = self.config.block_caps.get(key, self.config.block_batch_cap)
                 for i in range(0, len(members), cap):
                     self._run_group(position, key, members[i:i + cap], hidden, pending, logits)
         return logits

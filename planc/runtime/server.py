@@ -66,10 +66,14 @@ def engine_config(bundle: Bundle, options: ServeOptions) -> EngineConfig:
         if getattr(options, key) is not None:
             s[key] = getattr(options, key)
     max_len = s.get("max_model_len") or min(bundle.arch.max_position_embeddings, 4096)
+    caps, stages = {}, None
+    if bundle.plan is not None:  # the runtime follows the plan: per-block batch caps, stage boundaries
+        caps = {k: min(c, s.get("block_batch_cap", 256)) for k, c in bundle.plan.block_batch_caps().items()}
+        stages = bundle.plan.stage_ranges(len(next(iter(bundle.variants.values()))["chain"]))
     return EngineConfig(kv_cache_bytes=int(float(s.get("kv_cache_mb", 64)) * 2**20), page_size=s.get("page_size", 16),
                         max_running=s.get("max_running", 64), max_batch_tokens=s.get("max_batch_tokens", 2048),
                         block_batch_cap=s.get("block_batch_cap", 256), max_queue=s.get("max_queue", 256),
-                        max_model_len=max_len)
+                        max_model_len=max_len, block_caps=caps, stage_positions=stages)
 
 
 def tenant_keys(bundle: Bundle, environ=os.environ) -> Optional[dict[str, tuple[str, Optional[set[str]]]]]:
