@@ -149,18 +149,21 @@ def bench_cmd(
     meta = {"workload": str(workload) if workload else f"fixed {prompt_tokens}+{output_tokens} tokens"}
     chosen = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
     label = label or (bundle.name if bundle else url)
+    make_config(url=url or "http://127.0.0.1", label=label, **settings)  # bad settings fail before a server starts
+
+    def run_against(target: str) -> dict:
+        plan = BenchPlan(make_config(url=target, label=label, **settings), wl, None, (prompt_tokens, output_tokens),
+                         chosen, meta)
+        return _run_and_show(plan, progress)
+
     if bundle is not None:
         from planc.bench.server import LocalServer
 
         meta["bundle"] = str(bundle)
         with LocalServer(bundle, serve_args) as served_url:
-            plan = BenchPlan(make_config(url=served_url, label=label, **settings), wl, None,
-                             (prompt_tokens, output_tokens), chosen, meta)
-            result = _run_and_show(plan, progress)
+            result = run_against(served_url)
     else:
-        plan = BenchPlan(make_config(url=url, label=label, **settings), wl, None, (prompt_tokens, output_tokens),
-                         chosen, meta)
-        result = _run_and_show(plan, progress)
+        result = run_against(url)
     _write(result, out_path, html or out_path.with_suffix(".html"))
 
 

@@ -1,8 +1,12 @@
 """One bench run from start to result: find the variants, build the requests, send them, summarize.
 
->>> # against a server already running on 127.0.0.1:8000 (closed loop, 8 clients, 32 requests):
->>> # result = run_bench(BenchPlan(make_config(url="http://127.0.0.1:8000", mode="closed", concurrency=8,
->>> #                                          max_requests=32)))
+Against a server already running on 127.0.0.1:8000, closed loop, 8 clients, 32 requests::
+
+    from planc.bench.config import make_config
+    from planc.bench.run import BenchPlan, run_bench
+    result = run_bench(BenchPlan(make_config(url="http://127.0.0.1:8000", mode="closed", concurrency=8,
+                                             max_requests=32)))
+    result["summary"]["overall"]["ttft_ms"]["p95"]
 """
 from __future__ import annotations
 
