@@ -28,12 +28,14 @@ from planc.profile_calibrate import calibration_bundle, fit_overheads, with_thre
 
 
 def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Best CPU seconds of this thread over `repeats` calls: CPU time, not wall time, so that other
+    processes sharing the cores (tests, builds) do not inflate the figures."""
     fn()  # first call pays allocation and code paths
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.thread_time()
         fn()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, time.thread_time() - start)
     return best
 
 

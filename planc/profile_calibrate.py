@@ -4,13 +4,16 @@ A small random Llama with the tiny example's shape is compiled into a bundle wit
 (base, a partial fine-tune of the top layers and head, a full fine-tune, a LoRA adapter), so
 steps differ in how many block calls they make as well as in how many sequences they carry. Its
 steps are timed on planc's own engine, and the part of each step that the roofline does not
-explain is fitted, by least squares, as step_us + block_call_us * calls + per_seq_us * sequences,
-where the counts are those the simulator charges (`planc.simulate.step_time` is linear in them).
+explain is fitted, by least squares, as step_us + block_call_us * calls + per_seq_us * sequences in
+block calls, where the calls are the batched block calls, the adapter delta calls and the attention
+calls of one sequence (a prefill, or a lone decode), exactly as the simulator counts them
+(`planc.simulate.step_time` is linear in the three overheads, so probing it with each one set to
+1 us gives the counts). On this machine's first measurement that model left a median error of ~7%
+per step, against ~14% when the per-sequence term counted attention calls instead.
 """
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +34,7 @@ VARIANTS = ("base", "top", "full", "lora")
 class Fit:
     overheads: Overheads
     num_steps: int
-    """Measured step kinds (each the median of its repeats)."""
+    """Measured step kinds (each the fastest of its repeats)."""
     rel_error: float
     """Median |predicted - measured| / measured over them, after the fit."""
     samples: list[tuple[str, float, float]]
@@ -63,16 +66,16 @@ def calibration_bundle(root: Path) -> Path:
 
 def batches(quick: bool) -> list[list[str]]:
     """Variant of each sequence, per measured batch: sizes and mixes chosen so calls and sequences vary apart."""
-    sizes = (1, 4, 16) if quick else (1, 2, 4, 8, 16, 32)
-    mixes = [("base",), VARIANTS, ("base", "full")]
+    sizes = (1, 4, 16) if quick else (1, 2, 4, 8, 16)
+    mixes = [("base",), VARIANTS, ("base", "full"), ("base", "top")]
     return [[mix[i % len(mix)] for i in range(n * len(mix))] for mix in mixes for n in sizes
             if n * len(mix) <= 64]
 
 
-def time_steps(engine, variants: list[str], prompt_len: int, repeats: int) -> list[tuple[list, float]]:
-    """Time one batch on `engine`: its prefill step (median of `repeats` fresh batches), then its decode
-    steps (median of `repeats`). Returns (batch state before the step, seconds) for each kind, where a
-    state lists (variant, tokens, cached) per sequence, as `planc.simulate.step_time` takes it.
+def time_steps(engine, variants: list[str], prompt_len: int, decode_steps: int) -> list[tuple[list, float]]:
+    """Time one batch of `variants` on `engine`: a prefill step, and the fastest of `decode_steps` decode
+    steps. Returns (batch state before the step, seconds) for each, where a state lists (variant,
+    tokens, cached) per sequence, as `planc.simulate.step_time` takes it.
     """
     from planc.runtime.sampling import SamplingParams
 
@@ -84,26 +87,44 @@ def time_steps(engine, variants: list[str], prompt_len: int, repeats: int) -> li
         for v, prompt in zip(variants, prompts):
             engine.submit(v, prompt, params, lambda _event: None)
 
-    prefill = []
-    for _ in range(repeats):  # max_tokens 1: each batch ends after its prefill step
-        submit(1)
-        prefill.append(_timed(engine.step))
-    submit(repeats + 2)
+    submit(1)  # max_tokens 1: the batch ends with its prefill step
+    prefill = _timed(engine.step)
+    submit(decode_steps + 2)
     engine.step()
     engine.step()  # the first decode after a prefill runs with colder caches: not timed
     state = [(s.variant, len(s.all_ids), s.num_computed) for s in engine.running]
-    decode = [_timed(engine.step) for _ in range(repeats)]
+    decode = min(_timed(engine.step) for _ in range(decode_steps))
     while engine.has_work():
         engine.step()
-    # decode contexts grow by one token per step: the middle step stands for the median
-    mid = [(v, n + repeats // 2, c + repeats // 2) for v, n, c in state]
-    return [([(v, prompt_len, 0) for v in variants], statistics.median(prefill)), (mid, statistics.median(decode))]
+    # contexts grow by a token per step (a few tokens change nothing here): the middle step stands for all
+    mid = [(v, n + decode_steps // 2, c + decode_steps // 2) for v, n, c in state]
+    return [([(v, prompt_len, 0) for v in variants], prefill), (mid, decode)]
+
+
+def time_batches(engine, quick: bool, progress: Callable[[str], None]) -> list[tuple[str, list, float]]:
+    """(label, state, seconds) of every batch's prefill and decode step, each the fastest over rounds.
+
+    The rounds go over all batches in turn, so a burst of load from other processes spoils one
+    round of each batch rather than every repeat of one; load only ever adds time, so the fastest
+    round is the best estimate of the step itself.
+    """
+    best: dict[str, tuple[list, float]] = {}
+    rounds = 2 if quick else 3
+    for r in range(rounds):
+        progress(f"timing engine steps, round {r + 1} of {rounds}")
+        for variants in batches(quick):
+            for kind, (state, seconds) in zip(("prefill", "decode"), time_steps(engine, variants, 16, 4)):
+                label = f"{kind} {len(variants)} x {'+'.join(sorted(set(variants)))}"
+                if label not in best or seconds < best[label][1]:
+                    best[label] = (state, seconds)
+    return [(label, state, seconds) for label, (state, seconds) in best.items()]
 
 
 def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+    """CPU seconds of this thread (the engine steps in it): robust to other processes on the machine."""
+    start = time.thread_time()
     fn()
-    return time.perf_counter() - start
+    return time.thread_time() - start
 
 
 def fit_overheads(device: DeviceProfile, bundle, quick: bool = False,
@@ -120,16 +141,12 @@ def fit_overheads(device: DeviceProfile, bundle, quick: bool = False,
 
     engine = Engine(bundle, EngineConfig(kv_cache_bytes=32 * 2**20, max_running=256, max_batch_tokens=1 << 16))
     rows, targets, rooflines, labels = [], [], [], []
-    repeats = 4 if quick else 8
-    for variants in batches(quick):
-        if progress:
-            progress(f"timing {len(variants)} sequences of {len(set(variants))} variants")
-        for kind, (state, measured) in zip(("prefill", "decode"), time_steps(engine, variants, 16, repeats)):
-            labels.append(f"{kind} {len(variants)} seqs / {len(set(variants))} variants")
-            roofline = step_time(model, CostModel(bare, 4), state)
-            rows.append([(step_time(model, p, state) - roofline) * 1e6 for p in probes])
-            targets.append((measured - roofline) * 1e6)
-            rooflines.append(roofline * 1e6)
+    for label, state, measured in time_batches(engine, quick, progress or (lambda _msg: None)):
+        labels.append(label)
+        roofline = step_time(model, CostModel(bare, 4), state)
+        rows.append([(step_time(model, p, state) - roofline) * 1e6 for p in probes])
+        targets.append((measured - roofline) * 1e6)
+        rooflines.append(roofline * 1e6)
     a, y = np.asarray(rows), np.asarray(targets)
     coef = _nonnegative_lstsq(a, y)
     overheads = Overheads(step_us=round(coef[0], 2), block_call_us=round(coef[1], 2), per_seq_us=round(coef[2], 2))

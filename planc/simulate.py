@@ -83,6 +83,7 @@ class _Engine:
         self._admissions = 0
         self._calls: dict[tuple, float] = {}
         self._positions = _Position.build_all(model)
+        self._call_overhead = cost_model.device.overheads.block_call_us * 1e-6
 
     def _reserve_kv(self, r: _Replica, seq: _Seq) -> bool:
         """Grow `seq` to hold all its tokens in every KV layer, or change nothing."""
@@ -227,16 +228,17 @@ class _Engine:
         if cost.kind == "head":
             # the runtime computes logits for each sequence's last token only
             prefill_tokens, prefill_pairs, decode_seqs, context = 0, 0.0, seqs, 0.0
-        # The per-sequence overhead is charged per attention call of its own: the executor runs one
-        # for each prefill segment and for a lone decode, while two or more decodes share one call.
-        # (`planc profile` fits per_seq_us with this count; plain bookkeeping per sequence is small.)
-        own_attention = 0 if adapter or cost.kv_bytes_per_token == 0 else prefill_seqs + (decode_seqs == 1)
         key = (id(cost), prefill_tokens, prefill_pairs, seqs, decode_seqs, context, adapter)
         t = self._calls.get(key)
         if t is None:
             t = self.cm.block_time(cost, prefill_tokens=int(prefill_tokens), decode_seqs=int(decode_seqs),
                                    context_tokens=context, attn_pairs=context + prefill_pairs,
-                                   num_seqs=int(own_attention))
+                                   num_seqs=0 if adapter else int(seqs))
+            if cost.kv_bytes_per_token > 0 and not adapter:
+                # The executor runs attention once per prefill segment and once for a lone decode (two or
+                # more decodes share one batched call); each such call costs about what a block call
+                # costs in fixed overhead (what `planc profile` fits with this count).
+                t += (prefill_seqs + (decode_seqs == 1)) * self._call_overhead
             if len(self._calls) < 100_000:
                 self._calls[key] = t
         return t

@@ -1,9 +1,10 @@
 """The serving simulator against hand-computed step times and the engine's scheduling rules.
 
 Most cases use a device whose roofline terms are negligible (huge peak and bandwidth) and whose
-overheads are round numbers, so every step lasts step_us + block_call_us per batched call +
-per_seq_us per attention call of one sequence (each prefill in a layer, or a lone decode; two or
-more decodes share one call), and the expected times can be written down by hand.
+overheads are round numbers, so every step lasts step_us + block_call_us per call + per_seq_us per
+sequence in a block call, where the calls are the batched block calls, the adapter delta calls and
+the attention calls of one sequence (each prefill in a layer, or a lone decode; two or more decodes
+share one), and the expected times can be written down by hand.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ ONE = model({"a": [("E", None), ("L0", None), ("L1", None), ("H", None)]})
 
 def test_one_request_ttft_is_the_prefill_step_and_tpot_the_decode_step():
     r = simulate(ONE, overhead_only(), [Request(0.0, "a", 20, 5)]).requests[0]
-    step = (STEP + 4 * CALL + 2 * SEQ) * US  # 4 block calls, 2 of them layers with the sequence's own attention
+    step = (STEP + 6 * CALL + 4 * SEQ) * US  # 4 block calls + 2 attention calls (one per layer); 4 slots
     assert r.status == "ok" and r.num_tokens == 5
     assert r.ttft_s == pytest.approx(step, rel=1e-6)
     assert r.tpot_s == pytest.approx(step, rel=1e-6)
@@ -55,12 +56,14 @@ def test_step_times_are_the_cost_models_block_times():
     cm = CostModel(load_device("A100-80GB"), dtype_bytes=2)
     r = simulate(ONE, cm, [Request(0.0, "a", 300, 2)]).requests[0]
     pairs = 300 * 301 / 2
-    prefill = cm.step_overhead() + cm.block_time(EMB, prefill_tokens=300, attn_pairs=pairs, num_seqs=0) + \
+    prefill = cm.step_overhead() + cm.block_time(EMB, prefill_tokens=300, attn_pairs=pairs, num_seqs=1) + \
         2 * cm.block_time(LAYER, prefill_tokens=300, attn_pairs=pairs, num_seqs=1) + \
-        cm.block_time(HEAD, decode_seqs=1, num_seqs=0)
-    decode = cm.step_overhead() + cm.block_time(EMB, decode_seqs=1, context_tokens=301, num_seqs=0) + \
+        cm.block_time(HEAD, decode_seqs=1, num_seqs=1)
+    decode = cm.step_overhead() + cm.block_time(EMB, decode_seqs=1, context_tokens=301, num_seqs=1) + \
         2 * cm.block_time(LAYER, decode_seqs=1, context_tokens=301, num_seqs=1) + \
-        cm.block_time(HEAD, decode_seqs=1, num_seqs=0)
+        cm.block_time(HEAD, decode_seqs=1, num_seqs=1)
+    attention = 2 * cm.device.overheads.block_call_us * 1e-6  # the sequence's own attention call in each layer
+    prefill, decode = prefill + attention, decode + attention
     assert r.ttft_s == pytest.approx(prefill, rel=1e-9)
     assert r.tpot_s == pytest.approx(decode, rel=1e-9)
 
@@ -71,16 +74,17 @@ def test_variants_sharing_blocks_batch_together():
     reqs = [Request(0.0, "a", 8, 1), Request(0.0, "b", 8, 1)]
     t_shared = simulate(shared, overhead_only(), reqs).requests[0].ttft_s
     t_separate = simulate(separate, overhead_only(), reqs).requests[0].ttft_s
-    # shared: E and L run once for both, each head once: 4 calls; 2 prefill attention calls either way
-    assert t_shared == pytest.approx((STEP + 4 * CALL + 2 * SEQ) * US, rel=1e-6)
-    assert t_separate == pytest.approx((STEP + 6 * CALL + 2 * SEQ) * US, rel=1e-6)
+    # shared: E and L run once for both, each head once: 4 block calls; 2 prefill attention calls either way
+    assert t_shared == pytest.approx((STEP + (4 + 2) * CALL + 6 * SEQ) * US, rel=1e-6)
+    assert t_separate == pytest.approx((STEP + (6 + 2) * CALL + 6 * SEQ) * US, rel=1e-6)
     assert t_shared < t_separate
 
 
 def test_block_batch_cap_splits_a_group():
     reqs = [Request(0.0, "a", 8, 1) for _ in range(5)]
     t = simulate(ONE, overhead_only(), reqs, EngineConfig(block_batch_cap=2)).requests[0].ttft_s
-    assert t == pytest.approx((STEP + 4 * 3 * CALL + 2 * 5 * SEQ) * US, rel=1e-6)  # 3 calls (2+2+1) per position
+    # 3 block calls (2+2+1) per position, 5 prefill attention calls per layer, 5 slots per position
+    assert t == pytest.approx((STEP + (4 * 3 + 2 * 5) * CALL + 4 * 5 * SEQ) * US, rel=1e-6)
 
 
 def test_lora_adds_one_delta_call_per_adapter_on_the_shared_base():
@@ -90,15 +94,16 @@ def test_lora_adds_one_delta_call_per_adapter_on_the_shared_base():
                            {"x": delta, "y": delta})
     reqs = [Request(0.0, v, 8, 1) for v in "abc"]
     t = simulate(m, overhead_only(), reqs).requests[0].ttft_s
-    assert t == pytest.approx((STEP + 3 * CALL + 3 * SEQ + 2 * CALL) * US, rel=1e-6)  # deltas add no per-seq term
+    # 3 block calls + 3 prefill attention calls + 2 adapter delta calls; deltas add no per-sequence term
+    assert t == pytest.approx((STEP + (3 + 3 + 2) * CALL + 9 * SEQ) * US, rel=1e-6)
     assert delta.linear_flops_per_token == 2 * 8 * 256
 
 
 def test_max_running_admits_in_waves():
     reqs = [Request(0.0, "a", 8, 4) for _ in range(6)]
     out = simulate(ONE, overhead_only(), reqs, EngineConfig(max_running=2)).requests
-    prefill = (STEP + 4 * CALL + 2 * 2 * SEQ) * US  # two prefill attention calls in each of 2 layers
-    decode = (STEP + 4 * CALL) * US  # the two decodes share one attention call
+    prefill = (STEP + (4 + 2 * 2) * CALL + 8 * SEQ) * US  # two prefill attention calls in each of 2 layers
+    decode = (STEP + 4 * CALL + 8 * SEQ) * US  # the two decodes share the layer's batched attention
     waves = [(k + 1) * prefill + 3 * k * decode for k in range(3)]
     assert [r.first_token_s for r in out] == pytest.approx([w for w in waves for _ in range(2)], rel=1e-6)
     assert out[-1].finish_s == pytest.approx(3 * prefill + 9 * decode, rel=1e-6)
@@ -158,9 +163,9 @@ def test_two_replicas_halve_queueing_under_overload():
 def test_summary_percentiles_and_slo():
     reqs = [Request(0.0, "a", 8, 3), Request(10.0, "a", 8, 3)]
     s = simulate(ONE, overhead_only(), reqs).summary(slo_ttft_ms=1.0, slo_tpot_ms=0.1)
-    step_ms = (STEP + 4 * CALL + 2 * SEQ) * 1e-3
+    step_ms = (STEP + 6 * CALL + 4 * SEQ) * 1e-3
     assert s["ttft_ms"]["p50"] == pytest.approx(step_ms) and s["tpot_ms"]["p99"] == pytest.approx(step_ms)
-    assert s["slo"]["attainment"] == 0.0  # TPOT 0.142 ms > 0.1 ms
+    assert s["slo"]["attainment"] == 0.0  # TPOT 0.164 ms > 0.1 ms
     assert s["throughput"]["output_tokens_per_s"] == pytest.approx(6 / (10.0 + 3 * step_ms * 1e-3))
     assert set(s["per_variant"]) == {"a"}
 
@@ -193,7 +198,7 @@ def test_bench_result_is_planc_bench_schema(tmp_path):
     assert back["schema"] == SCHEMA and back["meta"]["source"] == "simulated"
     overall = back["summary"]["overall"]
     assert (overall["completed"], overall["failed"], overall["status_codes"]) == (2, 1, {"200": 2, "400": 1})
-    step_ms = (STEP + 4 * CALL + 2 * SEQ) * 1e-3
+    step_ms = (STEP + 6 * CALL + 4 * SEQ) * 1e-3
     assert overall["ttft_ms"]["p50"] == pytest.approx(step_ms, rel=1e-4)
     assert overall["slo_attainment"] == pytest.approx(2 / 3)
     assert back["counts"]["completed"] == 2
