@@ -1,0 +1,144 @@
+"""planc plan: cluster specs, the cost model, planning without weights, and the plan in a bundle."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from planc.cli import main
+from planc.cluster import load_cluster, load_device
+from planc.cost import CostModel, arch_block_costs
+from planc.errors import PlancError, SpecError
+from planc.models.config import parse_arch
+from planc.planner import baselines, plan
+
+LLAMA70B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
+            "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
+            "rope_theta": 500000.0, "torch_dtype": "bfloat16", "max_position_embeddings": 8192}
+
+
+def _spec(tmp_path: Path, num_full: int, num_lora: int, plan_yaml: str) -> Path:
+    (tmp_path / "base").mkdir(exist_ok=True)
+    (tmp_path / "base" / "config.json").write_text(json.dumps(LLAMA70B))
+    lines = ["base: {name: base, path: ./base}", "variants:"]
+    lines += [f"  - {{name: ft{i}, changes: [layers.72-79, head]}}" for i in range(num_full)]
+    lines += [f"  - {{name: lora{i}, lora: {{r: 16, target_modules: [q_proj, v_proj]}}}}" for i in range(num_lora)]
+    lines.append(f"plan: {plan_yaml}")
+    path = tmp_path / "model.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_cluster_names_files_and_errors(tmp_path):
+    c = load_cluster("4x8xA100-80GB")
+    assert (c.nodes, c.devices_per_node, c.num_devices, c.device.memory_gb) == (4, 8, 32, 80)
+    assert load_cluster("H200").device.memory_gb == 141
+    f = tmp_path / "cluster.yaml"
+    f.write_text("nodes: 2\ndevices_per_node: 4\ndevice: {name: mine, memory_gb: 24, peak_tflops: {bf16: 100},"
+                 " mem_bw_gbps: 900}\nlinks: {intra_node_gbps: 64, inter_node_gbps: 25}\n")
+    c = load_cluster(f)
+    assert (c.num_devices, c.links.inter_node_gbps, c.device.name) == (8, 25, "mine")
+    with pytest.raises(SpecError, match="unknown device 'B300'"):
+        load_cluster("8xB300")
+    f.write_text("nodes: 2\ndevices_per_node: 4\ndevice: H100-80GB\nlinks: {intra_node_gbps: -1}\n")
+    with pytest.raises(SpecError, match="cluster.yaml: links.intra_node_gbps"):
+        load_cluster(f)
+
+
+def test_cost_model_counts_match_the_architecture():
+    arch = parse_arch(LLAMA70B, "config.json")
+    costs = arch_block_costs(arch, 2)
+    h, i, kv, hd = 8192, 28672, 8, 128
+    linear_params = h * h * 2 + 2 * h * kv * hd + 3 * h * i  # q, o, k, v, gate, up, down
+    layer = costs["layer.0"]
+    assert layer.linear_flops_per_token == 2 * linear_params
+    assert layer.attn_flops_per_pair == 4 * 64 * hd
+    assert layer.kv_bytes_per_token == 2 * kv * hd * 2
+    assert layer.weight_bytes == (linear_params + 2 * h) * 2
+    assert costs["head"].linear_flops_per_token == 2 * h * 128256
+    assert set(costs) == {"embedding", "head", *(f"layer.{n}" for n in range(80))}
+    cm = CostModel(load_device("H100-80GB"), 2)
+    one = cm.block_time(layer, decode_seqs=1, context_tokens=1000)
+    assert one == pytest.approx(layer.weight_bytes / (3350e9 * 0.8), rel=0.05)  # decode is weight-bound
+    big = cm.block_time(layer, prefill_tokens=4096)
+    assert big == pytest.approx(4096 * 2 * linear_params / (989.4e12 * 0.7), rel=0.25)  # prefill is compute-bound
+    assert cm.block_time(layer, tp=4, prefill_tokens=4096) < big / 3
+
+
+def test_llama70b_16_variants_on_8_h100(tmp_path):
+    spec = _spec(tmp_path, 12, 4, "{cluster: 8xH100-80GB, time_limit_s: 3, slo: {tpot_ms: 100, ttft_ms: 3000}}")
+    program = plan(spec)
+    p = program.plan
+    assert len(program.groups) == 14  # one trunk, the base's top (with the 4 LoRAs) and 12 private tops
+    trunk = program.groups[0]
+    assert trunk.num_positions == 73 and len(trunk.users) == 17
+    assert all(g["layouts"] for g in p.groups), "every block group, so every chain, is served"
+    usable = program.extras["plan_inputs"]["cluster"].device.usable_bytes / 1e9
+    per_device = {}
+    for pl in p.placements:
+        for d in pl.devices:
+            per_device[d] = per_device.get(d, 0.0) + pl.memory_gb
+    assert max(per_device.values()) <= usable + 1e-6 and set(per_device) <= set(range(8))
+    assert p.solver["bound"] >= p.solver["objective"] - 1e-6
+    base = baselines(program)
+    assert p.predicted["throughput_rps"] >= base["greedy"]["throughput_rps"] - 1e-9
+    assert not base["replica_per_variant"]["fits"]  # 17 full 70B copies need far more than 8 GPUs
+
+
+def test_fewest_devices_for_a_rate_and_infeasible_messages(tmp_path):
+    spec = _spec(tmp_path, 2, 1, "{cluster: 8xH100-80GB, objective: devices, rate: 2, time_limit_s: 3}")
+    small = plan(spec).plan
+    assert small.objective == "devices" and small.predicted["devices"] < 8
+    assert small.predicted["throughput_rps"] == pytest.approx(2.0)
+    too_much = _spec(tmp_path, 2, 1, "{cluster: 8xH100-80GB, objective: devices, rate: 100000, time_limit_s: 2}")
+    with pytest.raises(PlancError, match="serves at most .* requests/s"):
+        plan(too_much)
+    with pytest.raises(PlancError, match=r"needs \d+ more"):
+        plan(_spec(tmp_path, 2, 1, "{cluster: 2xA100-80GB, time_limit_s: 2}"))
+
+
+def test_plan_cli_json_and_errors(tmp_path, capsys):
+    spec = _spec(tmp_path, 3, 1, "{cluster: 8xH100-80GB, time_limit_s: 2}")
+    assert main(["plan", str(spec), "--json", "--svg", str(tmp_path / "p.svg"), "--cluster", "4xH200"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["cluster"] == "4xH200" and data["solver"]["solver"] == "scip"
+    assert {"greedy", "replica_per_variant"} <= set(data["baselines"])
+    assert (tmp_path / "p.svg").read_text().startswith("<svg")
+    assert main(["plan", str(spec)]) == 0
+    text = capsys.readouterr().out
+    assert "Block groups" in text and "gap" in text and "baselines" in text
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: {path: ./base}\nvariants:\n  - {name: x, changes: [layers.70-90]}\n"
+                   "plan: {cluster: 8xH100-80GB}\n")
+    assert main(["plan", str(bad)]) == 1
+    assert "layers.70-90' is outside layers 0-79" in capsys.readouterr().err
+    nocluster = tmp_path / "nocluster.yaml"
+    nocluster.write_text("base: {path: ./base}\n")
+    assert main(["plan", str(nocluster)]) == 1
+    assert "no cluster to plan for" in capsys.readouterr().err
+
+
+def test_workload_sets_the_mix_and_lengths(tmp_path):
+    (tmp_path / "w.yaml").write_text("kind: gamma\nrate: 3\nnum_requests: 400\nvariants: {ft0: 9, base: 1}\n"
+                                     "prompt_tokens: {dist: fixed, value: 100}\noutput_tokens: {dist: fixed, value: 50}\n")
+    spec = _spec(tmp_path, 2, 0, "{cluster: 8xH100-80GB, time_limit_s: 2, workload: w.yaml}")
+    p = plan(spec).plan
+    assert p.settings["prompt_tokens"] == 100 and p.settings["output_tokens"] == 50
+    assert p.settings["shares"]["ft0"] > 0.8 and p.settings["shares"]["ft1"] == 0.0
+    assert p.settings["rate"] == pytest.approx(3.0, rel=0.15)
+
+
+def test_compiled_bundle_embeds_the_plan_and_the_engine_follows_it(tiny_example, tmp_path):
+    from planc.bundle import Bundle
+    from planc.runtime.server import ServeOptions, engine_config
+
+    out = tmp_path / "bundle"
+    assert main(["compile", str(tiny_example), "-o", str(out), "--cluster", "H100-80GB"]) == 0
+    b = Bundle.open(out)
+    assert b.plan is not None and b.plan.cluster == "H100-80GB"
+    cfg = engine_config(b, ServeOptions(None, None, None, None, 1))
+    chain_len = len(next(iter(b.variants.values()))["chain"])
+    assert [p for r in cfg.stage_positions for p in r] == list(range(chain_len))
+    assert len(cfg.stage_positions) >= 2  # the shared trunk and the private tops are separate stages
+    assert set(cfg.block_caps) <= set(b.blocks) and cfg.block_caps
