@@ -74,6 +74,11 @@ def test_closed_loop_keeps_concurrency_and_compares(server, tmp_path, capsys):
     result = run_bench(BenchPlan(config, requests=round_robin(["base", "support"], 6, 8, 8)))
     assert result["counts"]["completed"] == 6 and max(result["timeline"]["in_flight"]) <= 2
     assert all(r.output_tokens == 8 for r in result["records"])
+    # text prompts (servers without token-id prompts) and the chat endpoint: lengths as the server counted them
+    for endpoint in ("completions", "chat"):
+        config = make_config(url=server.url, mode="closed", max_requests=2, prompt="text", endpoint=endpoint)
+        records = run_bench(BenchPlan(config, requests=round_robin(["chat"], 2, 6, 4)))["records"]
+        assert all(r.ok and r.output_tokens == 4 and r.prompt_tokens >= 6 for r in records), records
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     assert _bench("--url", server.url, "-c", "1", "-n", "2", "--prompt-tokens", "4", "--output-tokens", "4",
                   "--out", str(a), "--label", "c1") == 0
