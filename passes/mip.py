@@ -46,6 +46,8 @@ class Instance:
     objective: str = "throughput"
     rate: Optional[float] = None
     max_replicas: int = 8
+    variant_shares: dict[str, float] = field(default_factory=dict)
+    """Variant -> share of all requests (what `shares` was summed from)."""
 
 
 @dataclass
@@ -314,3 +316,15 @@ def solve_nodes(inst: Instance, memory_scale: list[float], time_limit_s: float, 
     values = result.variable_values()
     replicas = {k: int(round(values[v])) for k, v in b.r.items() if values[v] > 0.5}
     return replicas, result.termination.objective_bounds.dual_bound, status
+
+
+def relaxation_bound(inst: Instance) -> float:
+    """The node-level model's LP relaxation (integrality dropped): a quick, looser valid bound."""
+    b = _NodeBuilder(inst, [1.0] * inst.cluster.nodes)
+    b.build()
+    for var in b.model.variables():
+        var.integer = False
+    result = mathopt.solve(b.model, mathopt.SolverType.GLOP)
+    if result.termination.reason != mathopt.TerminationReason.OPTIMAL:
+        return math.inf if inst.objective == "throughput" else 0.0
+    return result.objective_value()

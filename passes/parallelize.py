@@ -12,16 +12,18 @@ the baseline; every placement is scored by the same exact model (integers fixed,
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Optional
 
 from planc.errors import PlancError
 from planc.pass_manager import Pass, PassContext
 from planc.passes.greedy import greedy_copies, pack_replicas
-from planc.passes.mip import Instance, Solution, group_shares, slots, solve as solve_exact, solve_nodes
+from planc.passes.mip import (Instance, Solution, group_shares, relaxation_bound, slots, solve as solve_exact,
+                              solve_nodes)
 from planc.plan import BlockGroup, Plan, StagePlacement
 from planc.program import Program
 
-EXACT_MAX_SLOT_VARIABLES = 600
+EXACT_MAX_SLOT_VARIABLES = 150
 """Instances with at most this many slot-level integer variables are solved exactly."""
 
 
@@ -60,6 +62,8 @@ def plan_solve(inst: Instance, time_limit_s: float = 10.0, gap: float = 0.01, se
     best = solve_exact(inst, time_limit_s, 0.0, seed, solver, fixed=greedy) if greedy else None
     if best is not None:
         best.method = "greedy"
+    if inst.cluster.nodes > 1 and inst.variant_shares and method == "auto":
+        return _per_node(inst, best, time_limit_s, gap, seed, solver, start)
     scale = [1.0] * inst.cluster.nodes
     bound, floor = float("nan"), None  # the first relaxation runs without a floor: it gives the bound
     while (left := time_limit_s - (time.perf_counter() - start)) > 0.3:
@@ -93,10 +97,68 @@ def plan_solve(inst: Instance, time_limit_s: float = 10.0, gap: float = 0.01, se
     if best is None:
         return Solution(status="infeasible", objective=float("nan"), bound=bound,
                         seconds=time.perf_counter() - start, lam=0.0)
-    best.bound = bound if not math.isnan(bound) else (math.inf if inst.objective == "throughput" else 0.0)
+    best.bound = bound if not math.isnan(bound) else relaxation_bound(inst)
     best.seconds = time.perf_counter() - start
     best.status = "optimal" if best.gap <= gap + 1e-9 else "feasible"  # the fixed LP's status says nothing
     return best
+
+
+def assign_variants(inst: Instance) -> list[list[str]]:
+    """Variants per node: the ones with private blocks spread by memory, then traffic (longest first)."""
+    private = {v: 0.0 for v in inst.variant_shares}
+    for g in inst.groups:
+        if len(g.users) == 1 and inst.options[g.id]:
+            private[g.users[0]] += min(sum(m * o.tp for m in o.memory) for o in inst.options[g.id])
+    nodes = inst.cluster.nodes
+    load = [[0.0, 0.0] for _ in range(nodes)]
+    out: list[list[str]] = [[] for _ in range(nodes)]
+    total_mem = sum(private.values()) or 1.0
+    for v in sorted(private, key=lambda v: (-private[v], -inst.variant_shares[v], v)):
+        k = min(range(nodes), key=lambda k: (load[k][0] / total_mem + load[k][1], k))
+        out[k].append(v)
+        load[k][0] += private[v]
+        load[k][1] += inst.variant_shares[v]
+    return out
+
+
+def _per_node(inst: Instance, best: Optional[Solution], time_limit_s: float, gap: float, seed: int,
+              solver: str, start: float) -> Solution:
+    """Multi-node clusters: give each node a set of variants, plan each node on its own (the groups its
+    variants need, their traffic), then score the union exactly. A chain never leaves its node."""
+    import time
+
+    cluster = inst.cluster
+    one_node = cluster.model_copy(update={"nodes": 1})
+    per = cluster.devices_per_node
+    copies: dict[tuple, int] = {}
+    parts = [vs for vs in assign_variants(inst) if vs]
+    for k, variants in enumerate(parts):
+        budget = (time_limit_s - (time.perf_counter() - start)) / (len(parts) - k) * 0.9
+        mine = set(variants)
+        groups = [g for g in inst.groups if mine & set(g.users)]
+        ids = {g.id for g in groups}
+        total = sum(inst.variant_shares[v] for v in variants) or 1.0
+        sub = Instance([replace(g, predecessors=tuple(p for p in g.predecessors if p in ids)) for g in groups],
+                       {g.id: inst.options[g.id] for g in groups},
+                       {g.id: sum(inst.variant_shares[v] for v in g.users if v in mine) / total for g in groups},
+                       one_node, inst.objective, (inst.rate or 0.0) * total if inst.rate else None,
+                       max(1, inst.max_replicas // len(parts)),
+                       {v: inst.variant_shares[v] / total for v in variants})
+        sol = plan_solve(sub, max(budget, 0.5), gap, seed, solver)
+        if not sol.copies:
+            return best or sol
+        for (gid, oi, p, si), count in sol.copies.items():
+            tp = inst.options[gid][oi].tp
+            key = (gid, oi, p, k * (per // tp) + si)
+            copies[key] = copies.get(key, 0) + count
+    whole = solve_exact(inst, max(time_limit_s - (time.perf_counter() - start), 1.0), 0.0, seed, solver,
+                        fixed=copies)
+    whole.method = "per-node"
+    chosen = better(whole, best, inst.objective) or whole
+    chosen.bound = relaxation_bound(inst)
+    chosen.seconds = time.perf_counter() - start
+    chosen.status = "feasible"
+    return chosen
 
 
 def to_plan(inst: Instance, sol: Solution, cluster_name: str, settings: dict) -> Plan:
@@ -198,10 +260,10 @@ class ParallelizePass(Pass):
             raise PlancError(f"{program.spec.source}: plan.objective `devices` needs plan.rate "
                              "(requests/s) or a plan.workload with arrival times")
         inst = Instance(program.groups, program.plan_options, group_shares(program.groups, traffic.shares),
-                        cluster, settings.objective, rate, settings.max_replicas)
+                        cluster, settings.objective, rate, settings.max_replicas, dict(traffic.shares))
         opts = ctx.options_for(self.name)
         params = {"solver": opts.get("solver", settings.solver), "seed": opts.get("seed", settings.seed),
-                  "time_limit_s": opts.get("time_limit_s", settings.time_limit_s),
+                  "time_limit_s": opts.get("time_limit_s") or settings.time_limit_s or min(5.0 * cluster.nodes, 45.0),
                   "gap_limit": opts.get("gap", settings.gap)}
         if any(not o for o in inst.options.values()):
             raise PlancError(f"plan: {explain_infeasible(inst)}")
@@ -221,7 +283,7 @@ class ParallelizePass(Pass):
     def _why(self, inst: Instance, params: dict) -> str:
         if inst.objective == "devices":
             best = plan_solve(Instance(inst.groups, inst.options, inst.shares, inst.cluster, "throughput", None,
-                                  inst.max_replicas), params["time_limit_s"], params["gap_limit"], params["seed"],
+                                  inst.max_replicas, inst.variant_shares), params["time_limit_s"], params["gap_limit"], params["seed"],
                          params["solver"])
             if best.copies:
                 return (f"the cluster serves at most {best.lam:.3g} requests/s within the SLO; plan.rate is "

@@ -134,8 +134,9 @@ class PlanSettings(_Strict):
     """Mean completion length when no workload is given."""
     max_replicas: int = Field(8, ge=1, le=1024)
     """Most replicas of one block group."""
-    time_limit_s: float = Field(5.0, gt=0)
-    """Wall-clock seconds the solver may search (the best placement so far is kept)."""
+    time_limit_s: Optional[float] = Field(None, gt=0)
+    """Wall-clock seconds the solver may search (the best placement so far is kept); default 5 s per
+    node of the cluster, at most 45 s."""
     gap: float = Field(0.01, ge=0, le=1)
     """Relative MIP gap at which the solver may stop."""
     seed: int = Field(0, ge=0)
