@@ -60,6 +60,8 @@ def plan_solve(inst: Instance, time_limit_s: float = 10.0, gap: float = 0.01, se
         sol.method = "exact"
         return sol
     best = solve_exact(inst, time_limit_s, 0.0, seed, solver, fixed=greedy) if greedy else None
+    if best is not None and not best.copies:
+        best = None  # the greedy placement cannot carry the required rate
     if best is not None:
         best.method = "greedy"
     if inst.cluster.nodes > 1 and inst.variant_shares and method == "auto":
