@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from planc.backends import get_backend
-from planc.bundle_write import (build_manifest, write_adapters, write_blocks, write_manifest,
-                                write_tokenizers)
+from planc.bundle_write import (build_manifest, write_adapters, write_blocks, write_kernel_configs,
+                                write_manifest, write_tokenizers)
 from planc.errors import PlancError, SpecError
 from planc.pass_manager import Pass, PassContext, PassManager
 from planc.passes import default_pipeline, plan_pipeline
@@ -66,10 +66,24 @@ def emit(program: Program, backend: Optional[str] = None, out: str | Path = "bun
         adapters = write_adapters(program, root, progress)
         tokenizers, tokenizer_of = write_tokenizers(program, root)
         entry_points = target.emit(program, root, ctx)
-        settings = {"passes": [r.name for r in program.log], "options": ctx.options}
+        kernels = write_kernel_configs(program, root)
+        settings = {"passes": [r.name for r in program.log], "options": _plain(ctx.options)}
         manifest = build_manifest(program, target.name, blocks, adapters, tokenizers, tokenizer_of,
                                   entry_points, settings)
+        manifest["kernels"] = kernels
         write_manifest(root, manifest)
+    return out
+
+
+def _plain(options: dict) -> dict:
+    """Pass options as JSON (a Cluster object given in place of its name is recorded by name)."""
+    import json
+
+    out = {}
+    for name, opts in options.items():
+        out[name] = {k: (v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else
+                         getattr(v, "name", None) or type(v).__name__) for k, v in opts.items()}
+    json.dumps(out)
     return out
 
 

@@ -58,6 +58,8 @@ class Bundle:
         for tok in self.manifest["tokenizers"].values():
             for name, digest in tok["files"].items():
                 verify_file(self.root / tok["dir"] / name, digest)
+        if self.manifest.get("kernels"):
+            verify_file(self.root / self.manifest["kernels"]["file"], self.manifest["kernels"]["sha256"])
 
     def variant(self, name: str) -> dict[str, Any]:
         if name not in self.variants:

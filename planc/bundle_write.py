@@ -143,16 +143,32 @@ def build_manifest(program: Program, backend: str, blocks: dict, adapters: dict,
     }
 
 
+_OWN_EXTRAS = {"kernel_configs", "plan_inputs"}
+"""Extras planc's own passes write and the manifest stores elsewhere (kernels.json, the plan)."""
+
+
 def _annotations(program: Program) -> dict[str, Any]:
     """Results of user passes (Program.extras) that are plain JSON values, kept in the manifest."""
     out = {}
     for name, value in sorted(program.extras.items()):
+        if name in _OWN_EXTRAS:
+            continue
         try:
             json.dumps(value, sort_keys=True)
         except (TypeError, ValueError):
             continue
         out[name] = value
     return out
+
+
+def write_kernel_configs(program: Program, root: Path) -> Optional[dict]:
+    """kernels.json from the tune_kernels pass (op -> shape class -> config), when it ran."""
+    configs = program.extras.get("kernel_configs")
+    if configs is None:
+        return None
+    path = root / "kernels.json"
+    path.write_text(json.dumps(configs, indent=2, sort_keys=True) + "\n")
+    return {"file": "kernels.json", "sha256": file_sha256(path)}
 
 
 def write_manifest(root: Path, manifest: dict) -> None:

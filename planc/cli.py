@@ -29,6 +29,8 @@ def compile_cmd(
     backend: Optional[str] = typer.Option(None, help="Backend to emit for (default: model.yaml's `backend`)."),
     cluster: Optional[str] = typer.Option(None, help="Plan for this cluster and embed the plan (default: "
                                                      "model.yaml's plan.cluster; none: no plan)."),
+    tune_kernels: bool = typer.Option(False, help="Time the Triton kernels' configs on this machine's GPU and "
+                                                  "write the winners to kernels.json (CPU: records the torch path)."),
 ) -> None:
     """Trace, partition, fingerprint and dedupe the models of SPEC; plan it when a cluster is named;
     write a verified bundle."""
@@ -44,8 +46,20 @@ def compile_cmd(
         ctx = progress.context()
         if cluster is not None:
             ctx.options.setdefault("cost", {})["cluster"] = cluster
-        progress.start(program, planned=bool(cluster or program.spec.plan.cluster))
-        program = planc.compile(program, ctx=ctx)
+        planned = bool(cluster or program.spec.plan.cluster)
+        progress.start(program, planned=planned, extra=int(tune_kernels))
+        passes = None
+        if tune_kernels:
+            from planc.passes import default_pipeline, plan_pipeline
+            from planc.passes.tune_kernels import TuneKernelsPass
+
+            passes = default_pipeline() + (plan_pipeline() if planned else []) + [TuneKernelsPass()]
+            if planned:  # tune for the plan's device kind: a GPU cluster needs its GPU here
+                from planc.cluster import load_cluster
+
+                kind = load_cluster(cluster or program.spec.plan.cluster).device.kind
+                ctx.options.setdefault("tune_kernels", {})["target"] = kind
+        program = planc.compile(program, passes=passes, ctx=ctx)
         progress.writing(len(program.zoo) + len(program.adapter_zoo))
         bundle = planc.emit(program, backend=backend, out=out_dir, ctx=progress.context(), progress=progress.wrote)
     compile_summary(out, program, bundle, time.perf_counter() - start)

@@ -45,10 +45,10 @@ class CompileProgress:
     def context(self) -> PassContext:
         return self._ctx
 
-    def start(self, program: Program, planned: bool = False) -> None:
+    def start(self, program: Program, planned: bool = False, extra: int = 0) -> None:
         from planc.passes import default_pipeline, plan_pipeline
 
-        total = len(default_pipeline()) + len(program.spec.passes) + (len(plan_pipeline()) if planned else 0)
+        total = len(default_pipeline()) + len(program.spec.passes) + (len(plan_pipeline()) if planned else 0) + extra
         self._passes = self.progress.add_task(f"compiling {len(program.models)} models", total=total)
 
     def before_pass(self, p, program: Program) -> None:
