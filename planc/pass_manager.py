@@ -20,8 +20,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Optional, Protocol, Sequence
 
-import networkx as nx
-
 from planc.errors import PassError, PlancError
 from planc.program import PassRecord, Program
 
@@ -106,6 +104,8 @@ def order_passes(passes: Iterable[Pass], available: Iterable[str] = ()) -> list[
         for artifact in p.provides:
             providers.setdefault(artifact, []).append(p.name)
     have = set(available)
+    import networkx as nx  # only when a pipeline is ordered: servers never pay for it
+
     graph = nx.DiGraph()
     graph.add_nodes_from(names)
     for p in passes:

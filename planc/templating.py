@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from importlib import resources
 
-import jinja2
 
+def _environment():
+    import jinja2  # only when a bundle is written: the server never renders
 
-def _environment() -> jinja2.Environment:
     root = resources.files("planc.templates")
     return jinja2.Environment(loader=jinja2.FileSystemLoader(str(root)), undefined=jinja2.StrictUndefined,
                               keep_trailing_newline=True, autoescape=False)
