@@ -276,11 +276,40 @@ class ParallelizePass(Pass):
                 raise PlancError(f"plan: {self._why(inst, params)}")
             raise PlancError(f"plan: the solver found no layout within {params['time_limit_s']:g} s "
                              f"({sol.status}); raise plan.time_limit_s")
-        program.plan = to_plan(inst, sol, cluster.name or cluster.device.name, params)
-        program.plan.settings = {"slo": settings.slo.model_dump(), "rate": rate,
-                                 "prompt_tokens": traffic.prompt_tokens, "output_tokens": traffic.output_tokens,
-                                 "shares": traffic.shares, "max_replicas": settings.max_replicas}
+        plan_settings = {"slo": settings.slo.model_dump(), "rate": rate, "prompt_tokens": traffic.prompt_tokens,
+                         "output_tokens": traffic.output_tokens, "shares": traffic.shares,
+                         "max_replicas": settings.max_replicas}
+        name = cluster.name or cluster.device.name
+        program.plan = to_plan(inst, sol, name, params)
+        program.plan.settings = plan_settings
+        if opts.get("simulate", settings.simulate) and settings.objective == "throughput":
+            program.plan = self._rank_by_simulation(program, inst, program.plan, name, params, plan_settings)
         return True
+
+    def _rank_by_simulation(self, program: Program, inst: Instance, best: Plan, name: str, params: dict,
+                            plan_settings: dict) -> Plan:
+        """Re-rank the MIP's plan and the greedy packer's by the simulator's capacity within the SLO."""
+        from planc.cost import CostModel
+        from planc.passes.greedy import greedy_copies
+        from planc.plan_sim import simulated_capacity
+
+        dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}[program.base.checkpoint.arch.dtype]
+        cm = CostModel.for_cluster(inst.cluster, dtype_bytes)
+        candidates = [best]
+        greedy = greedy_copies(inst)
+        if greedy:
+            sol = solve_exact(inst, 30.0, 0.0, fixed=greedy)
+            if sol.copies:
+                sol.method = "greedy"
+                alt = to_plan(inst, sol, name, params)
+                alt.settings = plan_settings
+                candidates.append(alt)
+        for c in candidates:
+            c.predicted["simulated_capacity_rps"] = simulated_capacity(program, c, cm)
+        chosen = max(candidates, key=lambda c: c.predicted["simulated_capacity_rps"])
+        chosen.solver["ranked_by_simulation"] = {c.solver["method"]: c.predicted["simulated_capacity_rps"]
+                                                 for c in candidates}
+        return chosen
 
     def _why(self, inst: Instance, params: dict) -> str:
         if inst.objective == "devices":

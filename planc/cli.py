@@ -77,6 +77,9 @@ def plan_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON instead of tables."),
     svg: Optional[Path] = typer.Option(None, help="Also write a picture of the placement (SVG)."),
     compare: bool = typer.Option(True, help="Also score a greedy packer and one replica per variant."),
+    simulate: Optional[bool] = typer.Option(None, "--simulate/--no-simulate",
+                                            help="Rank the best candidates and the baselines by simulating planc's "
+                                                 "runtime (default: model.yaml's plan.simulate)."),
 ) -> None:
     """Choose TP/PP/DP and placement for SPEC on a cluster, without reading weights."""
     import json
@@ -87,8 +90,9 @@ def plan_cmd(
     if objective not in (None, "throughput", "devices"):
         raise PlancError(f"--objective: expected throughput or devices, got {objective!r}")
     with err.status("planning"):
-        program = plan(spec, cluster, workload, objective, time_limit, seed)
-        base = baselines(program) if compare else None
+        program = plan(spec, cluster, workload, objective, time_limit, seed, simulate=simulate)
+        simulated = simulate if simulate is not None else program.spec.plan.simulate
+        base = baselines(program, simulate=simulated and objective != "devices") if compare else None
     result = program.plan
     cluster_obj = program.extras["plan_inputs"]["cluster"]
     usable = cluster_obj.device.usable_bytes / 1e9

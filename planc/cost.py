@@ -55,6 +55,9 @@ class BlockCost:
     num_allreduce: int = 0
     """All-reduces per call under tensor parallelism (Megatron: one after attention, one after MLP)."""
     window: Optional[int] = None
+    tp: int = 1
+    """Tensor-parallel degree the block runs at (a plan's layout); block_time uses the larger of this and
+    its own `tp` argument, so a simulator that knows nothing of TP still sees the plan's."""
 
     def with_lora(self, rank: int, num_modules: int, in_out: float, dtype_bytes: int) -> "BlockCost":
         """The block plus a LoRA delta of `rank` on `num_modules` Linears of average in+out `in_out`."""
@@ -153,6 +156,7 @@ class CostModel:
         tokens = prefill_tokens + decode_seqs
         if tokens == 0:
             return 0.0
+        tp = max(tp, cost.tp)
         if attn_pairs is None:
             attn_pairs = context_tokens + prefill_tokens * (prefill_tokens + 1) / 2
         if cost.window is not None:

@@ -73,9 +73,16 @@ def print_plan(console: Console, plan: Plan, cluster_desc: str, usable_gb: float
                   f"(SLO TPOT {plan.settings['slo']['tpot_ms']:g} ms, TTFT {plan.settings['slo']['ttft_ms']:g} ms; "
                   f"mean prompt {plan.settings['prompt_tokens']:.0f}, output {plan.settings['output_tokens']:.0f} tokens)")
     console.print(solver_line(plan), markup=False)
+    if "simulated_capacity_rps" in p:
+        console.print(f"simulated on planc's runtime: {p['simulated_capacity_rps']:.3g} req/s with 90% of requests "
+                      "within the SLO", markup=False)
     if baselines:
-        parts = [f"{name.replace('_', ' ')} {b['throughput_rps']:.3g} req/s" + ("" if b["fits"] else " (does not fit)")
-                 for name, b in baselines.items()]
+        parts = []
+        for name, b in baselines.items():
+            text = f"{name.replace('_', ' ')} {b['throughput_rps']:.3g} req/s"
+            if "simulated_capacity_rps" in b:
+                text += f" (simulated {b['simulated_capacity_rps']:.3g})"
+            parts.append(text + ("" if b["fits"] else " (does not fit)"))
         console.print("baselines, same cost model: " + "; ".join(parts), markup=False)
 
 

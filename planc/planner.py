@@ -21,7 +21,7 @@ from planc.program import Program
 
 def plan(spec_path: str | Path, cluster: Optional[str] = None, workload: Optional[str | Path] = None,
          objective: Optional[str] = None, time_limit_s: Optional[float] = None, seed: Optional[int] = None,
-         ctx: Optional[PassContext] = None) -> Program:
+         ctx: Optional[PassContext] = None, simulate: Optional[bool] = None) -> Program:
     """Plan the spec without reading weights (config.json and the variant descriptions only)."""
     program = load(spec_path, weights=False)
     update: dict[str, Any] = {}
@@ -35,7 +35,8 @@ def plan(spec_path: str | Path, cluster: Optional[str] = None, workload: Optiona
     ctx = ctx or PassContext()
     if cluster is not None:
         ctx.options.setdefault("cost", {})["cluster"] = cluster
-    solver_opts = {k: v for k, v in (("time_limit_s", time_limit_s), ("seed", seed)) if v is not None}
+    solver_opts = {k: v for k, v in (("time_limit_s", time_limit_s), ("seed", seed), ("simulate", simulate))
+                   if v is not None}
     ctx.options.setdefault("parallelize", {}).update(solver_opts)
     return compile_program(program, passes=[CostPass(), ParallelizePass()], ctx=ctx)
 
@@ -50,20 +51,30 @@ def instance_of(program: Program) -> Instance:
                     inputs["cluster"], "throughput", None, settings.max_replicas)
 
 
-def _throughput(inst: Instance, copies: Optional[dict]) -> float:
+def _score(program: Program, inst: Instance, copies: Optional[dict], simulate: bool) -> dict[str, Any]:
     if not copies:
-        return 0.0
+        return {"throughput_rps": 0.0, "fits": False}
     sol = solve_fixed(inst, 30.0, 0.0, fixed=copies)
-    return sol.lam if sol.copies else 0.0
+    out = {"throughput_rps": sol.lam if sol.copies else 0.0, "fits": True}
+    if simulate and sol.copies:
+        from planc.cost import CostModel
+        from planc.passes.parallelize import to_plan
+        from planc.plan_sim import simulated_capacity
+
+        p = to_plan(inst, sol, "baseline", {})
+        p.settings = program.plan.settings
+        dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}[program.base.checkpoint.arch.dtype]
+        out["simulated_capacity_rps"] = simulated_capacity(program, p, CostModel.for_cluster(inst.cluster, dtype_bytes))
+    return out
 
 
-def baselines(program: Program) -> dict[str, dict[str, Any]]:
+def baselines(program: Program, simulate: bool = False) -> dict[str, dict[str, Any]]:
     """Throughput (requests/s within the SLO, same cost model and traffic) of two ways to deploy
     without planc's planner: a greedy packer over the same block groups, and one full model replica
-    per variant (no block sharing; LoRA variants as merged copies)."""
+    per variant (no block sharing; LoRA variants as merged copies). With `simulate`, also the
+    simulator's capacity within the SLO on planc's runtime (planc.plan_sim)."""
     inst = instance_of(program)
-    greedy = greedy_copies(inst)
-    out = {"greedy": {"throughput_rps": _throughput(inst, greedy), "fits": greedy is not None}}
+    out = {"greedy": _score(program, inst, greedy_copies(inst), simulate)}
     names = program.model_names()
     arch = program.base.checkpoint.arch
     blocks = chain_block_names(arch.num_layers)
@@ -81,5 +92,5 @@ def baselines(program: Program) -> dict[str, dict[str, Any]]:
                            {g.id: traffic.shares.get(g.users[0], 0.0) for g in groups}, cluster, "throughput",
                            None, 1)
     copies = greedy_copies(per_variant, grow=False) if all(per_variant.options.values()) else None
-    out["replica_per_variant"] = {"throughput_rps": _throughput(per_variant, copies), "fits": copies is not None}
+    out["replica_per_variant"] = _score(program, per_variant, copies, simulate)
     return out

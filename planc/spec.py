@@ -141,6 +141,9 @@ class PlanSettings(_Strict):
     """Relative MIP gap at which the solver may stop."""
     seed: int = Field(0, ge=0)
     solver: Literal["scip", "highs"] = "scip"
+    simulate: bool = False
+    """Also simulate the best candidates (the MIP's and the greedy packer's) on planc's runtime and keep
+    the one that sustains the highest rate within the SLO (slower: seconds per candidate)."""
 
 
 class Tenant(_Strict):

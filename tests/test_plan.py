@@ -142,3 +142,22 @@ def test_compiled_bundle_embeds_the_plan_and_the_engine_follows_it(tiny_example,
     assert [p for r in cfg.stage_positions for p in r] == list(range(chain_len))
     assert len(cfg.stage_positions) >= 2  # the shared trunk and the private tops are separate stages
     assert set(cfg.block_caps) <= set(b.blocks) and cfg.block_caps
+
+
+def test_simulation_ranks_candidates_and_predicts_the_plans_latency(tmp_path):
+    from planc.cost import CostModel
+    from planc.plan_sim import simulate_plan
+
+    spec = _spec(tmp_path, 3, 1, "{cluster: 8xH100-80GB, time_limit_s: 2, simulate: true, "
+                                 "slo: {tpot_ms: 100, ttft_ms: 3000}}")
+    program = plan(spec)
+    p = program.plan
+    ranked = p.solver["ranked_by_simulation"]
+    assert "greedy" in ranked and p.predicted["simulated_capacity_rps"] == max(ranked.values()) > 0
+    cm = CostModel.for_cluster(program.extras["plan_inputs"]["cluster"], 2)
+    light = simulate_plan(program, p, cm, rate=0.5, num_requests=40)
+    assert light["requests"]["ok"] == 40 and light["slo"]["attainment"] == 1.0
+    predicted = max(v["tpot_ms"] for v in p.predicted["variants"].values())
+    assert 0.3 * predicted < light["tpot_ms"]["p50"] < 2.0 * predicted
+    heavy = simulate_plan(program, p, cm, rate=50 * p.predicted["simulated_capacity_rps"], num_requests=200)
+    assert heavy["slo"]["attainment"] < 0.9  # far past capacity the SLO breaks

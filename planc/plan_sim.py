@@ -1,0 +1,115 @@
+"""Simulate a plan: every group replica runs planc's engine over its own blocks, on its own devices.
+
+Each block group with replicas in the plan becomes one simulated engine: its blocks sharded at
+the layout's TP degree (the cost model sees the plan's `tp`), as many data-parallel replicas as the
+plan gives it, its layout's batch cap, and KV for that many sequences. Every request runs through
+each group of its variant's chain (the same arrivals); a token's time is the sum of the times
+through its groups, since it passes them one after another. Groups on different devices run
+concurrently, as on a real cluster; a pipeline's stages run one after another within a step, as
+planc's runtime runs them (no micro-batching), and groups that share a device are simulated as if
+each had it alone (the plan's device-time constraint keeps their sum under the device's time).
+`simulated_capacity` finds the highest arrival rate whose requests still meet the SLO.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from planc.cost import CostModel
+from planc.plan import Plan
+from planc.program import Program
+from planc.runtime.engine import EngineConfig
+from planc.sim_model import SimModel
+from planc.sim_report import RequestRecord, summarize_records
+from planc.simulate import simulate
+from planc.workload import Fixed, GammaWorkload, Request
+
+
+@dataclass
+class GroupEngine:
+    group: str
+    users: tuple[str, ...]
+    model: SimModel
+    config: EngineConfig
+    replicas: int
+
+
+def group_engines(program: Program, plan: Plan) -> list[GroupEngine]:
+    inputs = program.extras["plan_inputs"]
+    costs, traffic = inputs["costs"], inputs["traffic"]
+    engines = []
+    context = traffic.prompt_tokens + traffic.output_tokens
+    for g in plan.groups:
+        if not g["layouts"]:
+            continue
+        tp = max(lay["tp"] for lay in g["layouts"])
+        batch = max(lay["batch"] for lay in g["layouts"])
+        replicas = sum(lay["replicas"] for lay in g["layouts"])
+        block_costs = {key: dataclasses.replace(costs[name], tp=tp)
+                       for name, key in zip(_names(g, costs), g["instance_keys"])}
+        chain = [(key, None) for key in g["instance_keys"]]
+        model = SimModel.from_data({v: chain for v in g["users"]}, block_costs)
+        kv = int(model.kv_bytes_per_token * max(model.num_kv_layers, 1) * context * batch * 1.25) + 1
+        config = EngineConfig(kv_cache_bytes=kv, max_running=batch, block_batch_cap=batch,
+                              max_batch_tokens=max(2048, int(traffic.prompt_tokens) * 2), max_queue=1 << 30,
+                              max_model_len=int(context * 4))
+        engines.append(GroupEngine(g["id"], tuple(g["users"]), model, config, max(1, replicas)))
+    return engines
+
+
+def _names(group: dict, costs: dict) -> list[str]:
+    """Block names of a group in chain order (costs are keyed by block name)."""
+    names = list(costs)
+    start = names.index(group["blocks"][0])
+    return names[start:start + group["num_blocks"]]
+
+
+def simulate_plan(program: Program, plan: Plan, cost_model: CostModel, rate: float, num_requests: int = 400,
+                  seed: int = 0) -> dict:
+    """Serve a Gamma workload at `rate` with the plan's traffic mix and mean lengths; overall summary."""
+    traffic = program.extras["plan_inputs"]["traffic"]
+    workload = GammaWorkload(rate=rate, cv=1.0, num_requests=num_requests, seed=seed,
+                             variants={v: s for v, s in traffic.shares.items() if s > 0},
+                             prompt_tokens=Fixed(value=max(1, round(traffic.prompt_tokens))),
+                             output_tokens=Fixed(value=max(1, round(traffic.output_tokens))))
+    requests = workload.requests(list(traffic.shares))
+    through: dict[int, list[RequestRecord]] = {i: [] for i in range(len(requests))}
+    for engine in group_engines(program, plan):
+        mine = [i for i, r in enumerate(requests) if r.variant in engine.users]
+        if not mine:
+            continue
+        result = simulate(engine.model, cost_model, [requests[i] for i in mine], engine.config, engine.replicas)
+        for i, rec in zip(mine, result.requests):
+            through[i].append(rec)
+    records = [_combine(i, requests[i], recs) for i, recs in through.items()]
+    slo = plan.settings["slo"]
+    return summarize_records(records, slo["ttft_ms"], slo["tpot_ms"])
+
+
+def _combine(index: int, request: Request, parts: list[RequestRecord]) -> RequestRecord:
+    """One request's record from its passes through each group: times add up along the chain."""
+    out = RequestRecord(index, request.variant, request.arrival_s, request.prompt_tokens, request.output_tokens)
+    if not parts or any(p.status != "ok" for p in parts):
+        out.status = next((p.status for p in parts if p.status != "ok"), "error")
+        return out
+    ttft = sum(p.first_token_s - p.arrival_s for p in parts)
+    decode = sum(p.last_token_s - p.first_token_s for p in parts)
+    out.first_token_s = request.arrival_s + ttft
+    out.last_token_s = out.finish_s = out.first_token_s + decode
+    out.num_tokens = min(p.num_tokens for p in parts)
+    out.num_preemptions = sum(p.num_preemptions for p in parts)
+    out.status = "ok"
+    return out
+
+
+def simulated_capacity(program: Program, plan: Plan, cost_model: CostModel, attainment: float = 0.9,
+                       num_requests: int = 300, steps: int = 6) -> float:
+    """Highest rate (requests/s) at which `attainment` of the requests meet the SLO, by bisection
+    between 0 and twice the plan's predicted throughput."""
+    hi = max(plan.predicted["throughput_rps"], 1e-6) * 2
+    lo = 0.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        got = simulate_plan(program, plan, cost_model, mid, num_requests)["slo"]["attainment"] or 0.0
+        lo, hi = (mid, hi) if got >= attainment else (lo, mid)
+    return lo
