@@ -20,34 +20,48 @@ from pathlib import Path
 LLAMA70B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
             "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
             "rope_theta": 500000.0, "torch_dtype": "bfloat16", "max_position_embeddings": 8192}
-CASES = [(4, "8xH100-80GB"), (16, "8xH100-80GB"), (16, "2x8xH100-80GB"), (32, "2x8xH100-80GB"),
-         (64, "4x8xH100-80GB")]
+LLAMA3_8B = {**LLAMA70B, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+             "num_attention_heads": 32}
+CASES = [("70b", 4, "8xH100-80GB"), ("70b", 16, "8xH100-80GB"), ("70b", 16, "2x8xH100-80GB"),
+         ("70b", 32, "2x8xH100-80GB"), ("70b", 64, "4x8xH100-80GB"), ("8b", 8, "8xH100-80GB"),
+         ("8b", 32, "8xH100-80GB")]
+SIMULATED = {("70b", 16, "8xH100-80GB"), ("8b", 8, "8xH100-80GB"), ("8b", 32, "8xH100-80GB")}
+"""Cases whose plan and baselines are also simulated on planc's runtime (capacity within the SLO)."""
 
 _ONE = """
 import json, sys, time
 t0 = time.perf_counter()
 from planc.planner import baselines, plan
 t1 = time.perf_counter()
+simulate = sys.argv[2] == "1"
 program = plan(sys.argv[1])
 t2 = time.perf_counter()
-b = baselines(program)
+if simulate:
+    from planc.cost import CostModel
+    from planc.plan_sim import simulated_capacity
+    cm = CostModel.for_cluster(program.extras["plan_inputs"]["cluster"], 2)
+    program.plan.predicted["simulated_capacity_rps"] = simulated_capacity(program, program.plan, cm)
+b = baselines(program, simulate=simulate)
 p = program.plan
 print(json.dumps({"import_s": t1 - t0, "plan_s": t2 - t1, "groups": len(program.groups),
+                  "simulated_capacity_rps": p.predicted.get("simulated_capacity_rps"),
                   "throughput_rps": p.predicted["throughput_rps"], "devices": p.predicted["devices"],
                   "solver": p.solver, "baselines": b,
                   "pass_seconds": {r.name: r.seconds for r in program.log}}))
 """
 
 
-def write_spec(root: Path, num_variants: int, cluster: str) -> Path:
+def write_spec(root: Path, model: str, num_variants: int, cluster: str) -> Path:
+    config = LLAMA70B if model == "70b" else LLAMA3_8B
+    top = config["num_hidden_layers"] - 8
     (root / "base").mkdir(parents=True, exist_ok=True)
-    (root / "base" / "config.json").write_text(json.dumps(LLAMA70B))
+    (root / "base" / "config.json").write_text(json.dumps(config))
     lines = ["base: {name: base, path: ./base}", "variants:"]
     for i in range(num_variants):
         if i % 4 == 3:
             lines.append(f"  - {{name: lora{i}, lora: {{r: 16}}}}")
         else:
-            lines.append(f"  - {{name: ft{i}, changes: [layers.72-79, head]}}")
+            lines.append(f"  - {{name: ft{i}, changes: [layers.{top}-{top + 7}, head]}}")
     lines.append(f"plan: {{cluster: {cluster}, slo: {{tpot_ms: 100, ttft_ms: 3000}}}}")
     spec = root / "model.yaml"
     spec.write_text("\n".join(lines) + "\n")
@@ -59,24 +73,31 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="only the two cases the issue names")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/plan_scaling.json"))
     args = ap.parse_args()
-    cases = [(16, "8xH100-80GB"), (64, "4x8xH100-80GB")] if args.quick else CASES
+    cases = [("70b", 16, "8xH100-80GB"), ("70b", 64, "4x8xH100-80GB")] if args.quick else CASES
     rows = []
-    for num_variants, cluster in cases:
+    for model, num_variants, cluster in cases:
+        simulate = (model, num_variants, cluster) in SIMULATED
         with tempfile.TemporaryDirectory() as tmp:
-            spec = write_spec(Path(tmp), num_variants, cluster)
+            spec = write_spec(Path(tmp), model, num_variants, cluster)
             start = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-c", _ONE, str(spec)], capture_output=True, text=True, check=True)
+            proc = subprocess.run([sys.executable, "-c", _ONE, str(spec), "1" if simulate else "0"],
+                                  capture_output=True, text=True, check=True)
             wall = time.perf_counter() - start
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        r.update(variants=num_variants, cluster=cluster, process_wall_s=wall)
+        r.update(model=model, variants=num_variants, cluster=cluster, process_wall_s=wall)
         rows.append(r)
         s = r["solver"]
-        print(f"{num_variants:>3} variants {cluster:<15} groups {r['groups']:>3}  plan {r['plan_s']:5.1f} s "
+        sim = ""
+        if simulate:
+            sim = (f"\n      simulated capacity: plan {r['simulated_capacity_rps']:.2f}, greedy "
+                   f"{r['baselines']['greedy'].get('simulated_capacity_rps', 0):.2f}, per-variant "
+                   f"{r['baselines']['replica_per_variant'].get('simulated_capacity_rps', 0):.2f} req/s")
+        print(f"{model:>3} x{num_variants:<3} {cluster:<15} groups {r['groups']:>3}  plan {r['plan_s']:5.1f} s "
               f"(process {wall:5.1f} s)  {r['throughput_rps']:7.2f} req/s on {r['devices']:>2} dev  "
               f"bound {s['bound']:7.2f} gap {s['gap']:6.1%} [{s['method']}]  greedy "
               f"{r['baselines']['greedy']['throughput_rps']:7.2f}  per-variant "
               f"{r['baselines']['replica_per_variant']['throughput_rps']:.2f}"
-              f"{'' if r['baselines']['replica_per_variant']['fits'] else ' (does not fit)'}", flush=True)
+              f"{'' if r['baselines']['replica_per_variant']['fits'] else ' (does not fit)'}{sim}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2))
 
