@@ -64,12 +64,13 @@ def calibration_bundle(root: Path) -> Path:
     return out
 
 
-def batches(quick: bool) -> list[list[str]]:
-    """Variant of each sequence, per measured batch: sizes and mixes chosen so calls and sequences vary apart."""
+def batches(quick: bool) -> list[tuple[list[str], int]]:
+    """(variant of each sequence, prompt tokens) per measured batch: sizes and mixes chosen so calls and
+    sequences vary apart, at a short and a typical context (attention and KV reads grow with it)."""
     sizes = (1, 4, 16) if quick else (1, 2, 4, 8, 16)
-    mixes = [("base",), VARIANTS, ("base", "full"), ("base", "top")]
-    return [[mix[i % len(mix)] for i in range(n * len(mix))] for mix in mixes for n in sizes
-            if n * len(mix) <= 64]
+    mixes = [("base",), VARIANTS, ("base", "full")]
+    return [([mix[i % len(mix)] for i in range(n * len(mix))], ctx) for ctx in (16, 128) for mix in mixes
+            for n in sizes if n * len(mix) <= 64]
 
 
 def time_steps(engine, variants: list[str], prompt_len: int, decode_steps: int) -> list[tuple[list, float]]:
@@ -109,12 +110,12 @@ def time_batches(engine, quick: bool, progress: Callable[[str], None]) -> list[t
     round is the best estimate of the step itself.
     """
     best: dict[str, tuple[list, float]] = {}
-    rounds = 2 if quick else 3
+    rounds = 2
     for r in range(rounds):
         progress(f"timing engine steps, round {r + 1} of {rounds}")
-        for variants in batches(quick):
-            for kind, (state, seconds) in zip(("prefill", "decode"), time_steps(engine, variants, 16, 4)):
-                label = f"{kind} {len(variants)} x {'+'.join(sorted(set(variants)))}"
+        for variants, prompt_len in batches(quick):
+            for kind, (state, seconds) in zip(("prefill", "decode"), time_steps(engine, variants, prompt_len, 3)):
+                label = f"{kind} {len(variants)} x {'+'.join(sorted(set(variants)))}, {prompt_len}-token prompts"
                 if label not in best or seconds < best[label][1]:
                     best[label] = (state, seconds)
     return [(label, state, seconds) for label, (state, seconds) in best.items()]

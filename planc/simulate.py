@@ -5,9 +5,12 @@ admission order and limits (max_running, max_batch_tokens, max_queue), the same 
 page reservation per sequence (page_size, the KV budget, pages per layer of the chain), the same
 preemption by recompute of the most recently admitted sequence, and the same per-step walk over
 chain positions in which the sequences whose block there is the same block instance run as one
-batched call (split at block_batch_cap). A step lasts `CostModel.step_overhead()` plus the
-`CostModel.block_time` of every batched call; nothing else advances the clock. Data-parallel
-replicas are independent engines; each request goes to the least-loaded one when it arrives.
+batched call (split at block_batch_cap), plus one delta call per LoRA adapter in the group. A step
+lasts `CostModel.step_overhead()` plus the `CostModel.block_time` of every call (num_seqs = the
+sequences in it; the head computes one row per sequence, as the runtime does), plus the profile's
+block_call_us for every attention call a sequence makes on its own (each prefill in a layer, or a
+lone decode); nothing else advances the clock. Data-parallel replicas are independent engines; each
+request goes to the least-loaded one (waiting + running) when it arrives.
 
 >>> from planc.cluster import load_device
 >>> from planc.cost import BlockCost, CostModel
@@ -319,7 +322,7 @@ def simulate(model: SimModel, cost_model: CostModel, requests: Sequence[Request]
     index = {name: i for i, name in enumerate(model.variants)}
     unknown = sorted({r.variant for r in requests} - set(index))
     if unknown:
-        raise ValueError(f"requests name variants the model does not serve: {unknown}")
+        raise ValueError(f"requests name unknown variants {unknown}; the model serves {list(index)}")
     sim = _Engine(model, cost_model, cfg)
     page_bytes = cfg.page_size * model.kv_bytes_per_token
     num_pages = max(1, int(cfg.kv_cache_bytes // page_bytes)) if page_bytes else 1 << 62

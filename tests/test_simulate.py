@@ -202,3 +202,12 @@ def test_bench_result_is_planc_bench_schema(tmp_path):
     assert overall["ttft_ms"]["p50"] == pytest.approx(step_ms, rel=1e-4)
     assert overall["slo_attainment"] == pytest.approx(2 / 3)
     assert back["counts"]["completed"] == 2
+
+
+def test_bad_inputs_are_refused_with_a_clear_message():
+    with pytest.raises(ValueError, match="same length"):
+        SimModel.from_data({"a": [("E", None), ("L", None)], "b": [("E", None)]}, {"E": EMB, "L": LAYER})
+    with pytest.raises(ValueError, match="no cost for block 'X'"):
+        SimModel.from_data({"a": [("X", None)]}, {"E": EMB})
+    with pytest.raises(ValueError, match="unknown"):
+        simulate(ONE, overhead_only(), [Request(0.0, "nope", 8, 2)])

@@ -1,0 +1,360 @@
+"""Simulator fidelity (issue 4): planc's serving simulator vs what planc's runtime measures, same workload.
+
+For each model (the tiny example, 4 variants; the ~100M Llama with 8 variants of serve_load.py) one
+seeded Gamma workload (open loop) is
+- simulated: `planc.simulate` on `SimModel.from_bundle` with the local CPU profile (`planc profile`);
+- measured on the engine in this process (requests submitted at their arrival times, tokens timed
+  in the engine's sink): the runtime alone, what the simulator models;
+- measured over HTTP: `planc serve` in a child process driven by `planc bench`'s load generator
+  (streaming /v1/completions, token-id prompts, ignore_eos): what a client sees.
+Both use the server's engine settings (`--kv-cache-mb 64`, one thread). Compared: TPOT p50/p95,
+TTFT p50/p95 and output tokens/s; error = simulated / measured - 1.
+
+    OMP_NUM_THREADS=1 python benchmarks/sim_fidelity.py [--models tiny,100m] [--modes engine,http]
+        [--profile PATH | --reprofile] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serve_load as sl  # noqa: E402  (its builders make the inputs and bundles)
+
+OUT = sl.OUT
+# Per model: Gamma arrivals (rate req/s, cv) and lengths. Rates keep each engine busy with batches of
+# several sequences from several variants, below saturation, for one to two minutes.
+WORKLOADS = {
+    "tiny": dict(rate=6.0, cv=2.0, num_requests=400, prompt_tokens={"dist": "uniform", "low": 16, "high": 96},
+                 output_tokens={"dist": "uniform", "low": 16, "high": 96}),
+    "100m": dict(rate=0.5, cv=2.0, num_requests=60, prompt_tokens={"dist": "uniform", "low": 16, "high": 96},
+                 output_tokens={"dist": "uniform", "low": 16, "high": 64}),
+}
+VARIANTS = {"tiny": None, "100m": sl.PARTIAL_100M + sl.LORA_100M}
+KV_MB = 64
+FIGURES = (("tpot_ms", "p50"), ("tpot_ms", "p95"), ("ttft_ms", "p50"), ("ttft_ms", "p95"),
+           ("output_tokens_per_s", None))
+
+
+def workload(model: str, quick: bool):
+    from planc.workload import GammaWorkload
+
+    w = dict(WORKLOADS[model])
+    if quick:
+        w["num_requests"] = max(10, w["num_requests"] // 6)
+    return GammaWorkload(seed=0, **w)
+
+
+def engine_settings(bundle):
+    from planc.runtime.server import ServeOptions, engine_config
+
+    return engine_config(bundle, ServeOptions(kv_cache_mb=KV_MB, threads=1))
+
+
+# ---------------------------------------------------------------- the three runs
+def simulated(bundle, requests, cost_model, label: str = "simulated") -> dict:
+    from planc.sim_model import SimModel
+    from planc.sim_report import bench_result
+    from planc.simulate import simulate
+
+    start = time.perf_counter()
+    result = simulate(SimModel.from_bundle(bundle), cost_model, requests, engine_settings(bundle))
+    return bench_result(result, label, meta={"simulate_s": time.perf_counter() - start})
+
+
+def measured_engine(bundle, requests) -> dict:
+    """The runtime alone: requests submitted at their arrival times from this thread, tokens timed in the sink."""
+    import torch
+    from planc.bench.client import prompt_ids
+    from planc.bench.config import make_config
+    from planc.bench.metrics import summarize_result
+    from planc.bench.result import SCHEMA, RequestRecord
+    from planc.runtime.engine import Engine
+    from planc.runtime.sampling import SamplingParams
+
+    torch.set_num_threads(1)
+    engine, ids_config = Engine(bundle, engine_settings(bundle)), make_config(url="http://unused")
+    # untimed warm-up, one request per variant, as bench sends
+    _wait_all(engine, [engine_submit(engine, name, list(range(3, 19)), 4, lambda e: None) for name in bundle.variants])
+    steps = record_steps(engine)
+    stop = threading.Event()
+    thread = threading.Thread(target=engine.run, args=(stop,), daemon=True)
+    thread.start()
+    times: dict[int, list[float]] = {i: [] for i in range(len(requests))}
+    done = threading.Event()
+    left = [len(requests)]
+
+    def sink_for(i: int):
+        def sink(event) -> None:
+            if event.token_id is not None:
+                times[i].append(time.perf_counter())
+            if event.finished:
+                left[0] -= 1
+                if not left[0]:
+                    done.set()
+        return sink
+
+    t0 = time.perf_counter()
+    for i, r in enumerate(requests):
+        time.sleep(max(0.0, t0 + r.arrival_s - time.perf_counter()))
+        engine.submit(r.variant, prompt_ids(i, r.prompt_tokens, ids_config),
+                      SamplingParams(max_tokens=r.output_tokens, temperature=0.0, ignore_eos=True), sink_for(i))
+    done.wait(600)
+    stop.set()
+    thread.join(10)
+    records = []
+    for i, r in enumerate(requests):
+        ts = times[i]
+        ok = len(ts) == r.output_tokens
+        records.append(RequestRecord(
+            id=i, variant=r.variant, tenant=None, arrival_s=r.arrival_s, start_s=r.arrival_s,
+            prompt_tokens=r.prompt_tokens, max_tokens=r.output_tokens, status="ok" if ok else "5xx",
+            output_tokens=len(ts), ttft_s=ts[0] - t0 - r.arrival_s if ts else None,
+            tpot_s=(ts[-1] - ts[0]) / (len(ts) - 1) if len(ts) > 1 else None,
+            e2e_s=ts[-1] - t0 - r.arrival_s if ts else None))
+    return {"schema": SCHEMA, "meta": {"label": "engine", "source": "measured"}, "slo": {},
+            **summarize_result(records, {}), "records": records, "steps": steps}
+
+
+def record_steps(engine) -> list:
+    """Log every step of `engine` (wrapping its instance's methods; the runtime is not changed): wall and
+    CPU seconds, and the batch it ran as (variant, tokens, cached) per sequence."""
+    log, batch = [], []
+    forward, step = engine._forward, engine.step
+
+    def logged_forward(work):
+        batch[:] = [(s.variant, len(s.all_ids), s.num_computed) for s in work]
+        return forward(work)
+
+    def logged_step():
+        batch.clear()
+        w0, c0 = time.perf_counter(), time.thread_time()
+        busy = step()
+        if batch:
+            log.append((time.perf_counter() - w0, time.thread_time() - c0, list(batch)))
+        return busy
+    engine._forward, engine.step = logged_forward, logged_step
+    return log
+
+
+def step_errors(bundle, steps: list, cost_model) -> dict:
+    """Predicted vs measured time of the engine's own steps, for the same batches: the step-time model
+    alone, apart from scheduling and queueing. Per kind (with a prefill or decode only) and batch size."""
+    import numpy as np
+    from planc.sim_model import SimModel
+    from planc.simulate import step_time
+
+    model = SimModel.from_bundle(bundle)
+    pred = np.array([step_time(model, cost_model, b) for _, _, b in steps])
+    wall, cpu = np.array([w for w, _, _ in steps]), np.array([c for _, c, _ in steps])
+    size = np.array([len(b) for _, _, b in steps])
+    prefill = np.array([any(n - c > 1 for _, n, c in b) for _, _, b in steps])
+    out = {"all": _bin(pred, wall, cpu, np.ones_like(prefill))}
+    for name, kind in (("decode only", ~prefill), ("with prefill", prefill)):
+        for lo, hi in ((1, 1), (2, 4), (5, 12), (13, 10_000)):
+            m = kind & (size >= lo) & (size <= hi)
+            if m.any():
+                out[f"{name}, {lo}-{hi} seqs" if hi < 10_000 else f"{name}, {lo}+ seqs"] = _bin(pred, wall, cpu, m)
+    return out
+
+
+def _bin(pred, wall, cpu, m) -> dict:
+    return {"steps": int(m.sum()), "measured_wall_ms": float(wall[m].mean() * 1e3),
+            "measured_cpu_ms": float(cpu[m].mean() * 1e3), "predicted_ms": float(pred[m].mean() * 1e3),
+            "error_vs_cpu": float(pred[m].sum() / cpu[m].sum() - 1)}
+
+
+def engine_submit(engine, variant, ids, max_tokens, sink):
+    from planc.runtime.sampling import SamplingParams
+
+    finished = threading.Event()
+
+    def wrapped(event):
+        sink(event)
+        if event.finished:
+            finished.set()
+    engine.submit(variant, ids, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), wrapped)
+    return finished
+
+
+def _wait_all(engine, events) -> None:
+    while not all(e.is_set() for e in events):
+        engine.step()
+
+
+def measured_http(bundle_dir: Path, requests, variants) -> tuple[dict, float]:
+    """`planc serve` in a child process, `planc bench`'s open-loop load generator here; also the cores
+    that other processes kept busy meanwhile."""
+    from planc.bench.config import make_config
+    from planc.bench.run import BenchPlan, run_bench
+    from planc.bench.server import LocalServer
+
+    env = {"OMP_NUM_THREADS": "1"}
+    server = LocalServer(bundle_dir, f"--threads 1 --kv-cache-mb {KV_MB}", env=env)
+    with server as url:
+        config = make_config(url=url, mode="open", max_requests=len(requests), duration_s=900,
+                             request_timeout_s=600, prompt="ids", ignore_eos=True, warmup=len(variants),
+                             label="planc serve")
+        cpu, t0 = sl.cpu_now(server.proc.pid), time.perf_counter()
+        result = run_bench(BenchPlan(config, requests=requests, variants=variants))
+        return result, sl.other_load(cpu, server.proc.pid, time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- compare and report
+def wait_quiet(max_wait_s: float, limit: float = 0.15) -> float:
+    """Wait (at most `max_wait_s`) until other processes keep fewer than `limit` cores busy over two
+    5-second windows in a row; returns the last window's figure. This VM is shared: runs made while
+    others' tests run measure the contention, not planc."""
+    deadline, calm, other = time.monotonic() + max_wait_s, 0, 0.0
+    while time.monotonic() < deadline:
+        before = sl.cpu_now()
+        time.sleep(5)
+        other = sl.other_load(before, 0, 5.0)
+        calm = calm + 1 if other < limit else 0
+        if calm >= 2:
+            break
+    return other
+
+
+def figure(result: dict, name: str, q) -> float:
+    g = result["summary"]["overall"]
+    return g[name] if q is None else (g[name] or {}).get(q)
+
+
+def compare(sim: dict, measured: dict) -> dict:
+    out = {}
+    for name, q in FIGURES:
+        s, m = figure(sim, name, q), figure(measured, name, q)
+        out[f"{name}.{q}" if q else name] = {"simulated": s, "measured": m,
+                                             "error": (s / m - 1) if s is not None and m else None}
+    return out
+
+
+def machine() -> dict:
+    import torch
+
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(), "torch": torch.__version__, "nproc": os.cpu_count(),
+            "cpu": _cpu(), "git": git, "command": " ".join([Path(sys.executable).name] + sys.argv)}
+
+
+def _cpu() -> str:
+    from planc.profile import cpu_name
+
+    return cpu_name()
+
+
+def print_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="simulator fidelity (error = simulated / measured - 1)")
+    for col in ("model", "measured on", "cost model", "figure", "measured", "simulated", "error", "other cores"):
+        t.add_column(col, justify="left" if col in ("model", "measured on", "cost model", "figure") else "right")
+    for row in rows:
+        for key, c in row["compare"].items():
+            err = "-" if c["error"] is None else f"{100 * c['error']:+.1f}%"
+            t.add_row(row["model"], row["mode"], row["cost"], key, _fmt(c["measured"]), _fmt(c["simulated"]), err,
+                      f"{row['other_cores']:.2f}")
+    Console().print(t)
+
+
+def print_steps(model: str, cost: str, bins: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{model}, {cost}: engine steps, predicted vs measured for the same batches")
+    for col in ("steps", "n", "measured wall ms", "measured CPU ms", "predicted ms", "error vs CPU"):
+        t.add_column(col, justify="left" if col == "steps" else "right")
+    for name, b in bins.items():
+        t.add_row(name, str(b["steps"]), f"{b['measured_wall_ms']:.1f}", f"{b['measured_cpu_ms']:.1f}",
+                  f"{b['predicted_ms']:.1f}", f"{100 * b['error_vs_cpu']:+.1f}%")
+    Console().print(t)
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", default="tiny,100m")
+    p.add_argument("--modes", default="engine,http")
+    p.add_argument("--profile", type=Path, default=None, help="device profile (default: the local one)")
+    p.add_argument("--reprofile", action="store_true", help="measure the local profile now (planc profile)")
+    p.add_argument("--quick", action="store_true", help="a sixth of the requests")
+    p.add_argument("--table", action="store_true",
+                   help="also simulate with a measured matmul table (benchmarks/matmul_table.py, an experiment)")
+    p.add_argument("--out", type=Path, default=OUT / "sim_fidelity.json")
+    p.add_argument("--wait-quiet", type=float, default=600, help="seconds to wait for a quiet machine before each run")
+    p.add_argument("--retries", type=int, default=2, help="runs repeated when others kept > 0.15 cores busy")
+    args = p.parse_args()
+    import torch
+    from planc.bench.result import write_result
+    from planc.bundle import Bundle
+    from planc.cluster import LOCAL_PROFILE, load_device
+
+    torch.set_num_threads(1)
+    if args.reprofile:
+        from planc.profile import measure_local, write_profile
+        print(f"profiling (others busy {wait_quiet(args.wait_quiet):.2f} cores before)", file=sys.stderr, flush=True)
+        write_profile(measure_local(), args.profile or LOCAL_PROFILE)
+    profile = load_device(str(args.profile) if args.profile else "local")
+    rows, tables = [], {}
+    for model in args.models.split(","):
+        spec = sl.tiny_spec() if model == "tiny" else sl.big_spec()
+        bundle_dir = sl.bundle(model, spec, shared=True)
+        bundle = Bundle.open(bundle_dir)
+        variants = VARIANTS[model] or list(bundle.variants)
+        requests = workload(model, args.quick).requests(variants)
+        from planc.cost import CostModel
+        cost_models = {"roofline": CostModel(profile, dtype_bytes=4)}
+        sims = {"roofline": simulated(bundle, requests, cost_models["roofline"])}
+        if args.table:
+            from matmul_table import measure_arch_table, table_cost_model
+            table = tables[model] = measure_arch_table(bundle.arch)
+            cost_models["matmul table"] = table_cost_model(profile, bundle.arch, table)(profile, 4)
+            sims["matmul table"] = simulated(bundle, requests, cost_models["matmul table"], "simulated (matmul table)")
+        for name, sim in sims.items():
+            write_result(OUT / f"sim_fidelity_{model}_simulated{'_table' if name != 'roofline' else ''}.json", sim)
+        for mode in args.modes.split(","):
+            for attempt in range(args.retries + 1):
+                before = wait_quiet(args.wait_quiet)
+                cpu, t0 = sl.cpu_now(), time.perf_counter()
+                print(f"{model}: measuring on the {mode} ({len(requests)} requests; others busy {before:.2f} "
+                      "cores before)", file=sys.stderr, flush=True)
+                if mode == "engine":
+                    measured = measured_engine(bundle, requests)
+                    other = sl.other_load(cpu, 0, time.perf_counter() - t0)
+                else:
+                    measured, other = measured_http(bundle_dir, requests, variants)
+                wall = time.perf_counter() - t0
+                print(f"  others kept {other:.2f} cores busy during the run", file=sys.stderr, flush=True)
+                if other <= 0.15:
+                    break
+            write_result(OUT / f"sim_fidelity_{model}_{mode}.json", measured)
+            steps = measured.pop("steps", None)
+            for name, sim in sims.items():
+                rows.append({"model": model, "mode": mode, "cost": name, "requests": len(requests), "wall_s": wall,
+                             "other_cores": other, "workload": WORKLOADS[model], "compare": compare(sim, measured),
+                             "simulate_s": sim["meta"]["simulate_s"],
+                             "steps": step_errors(bundle, steps, cost_models[name]) if steps else None})
+                if steps:
+                    print_steps(model, name, rows[-1]["steps"])
+            print_table(rows[-len(sims):])
+    out = {"machine": machine(), "profile": profile.model_dump(mode="json"), "matmul_tables": tables, "rows": rows}
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
