@@ -58,11 +58,13 @@ def test_cost_model_counts_match_the_architecture():
     assert layer.weight_bytes == (linear_params + 2 * h) * 2
     assert costs["head"].linear_flops_per_token == 2 * h * 128256
     assert set(costs) == {"embedding", "head", *(f"layer.{n}" for n in range(80))}
-    cm = CostModel(load_device("H100-80GB"), 2)
+    h100 = load_device("H100-80GB")
+    cm = CostModel(h100, 2)
     one = cm.block_time(layer, decode_seqs=1, context_tokens=1000)
-    assert one == pytest.approx(layer.weight_bytes / (3350e9 * 0.8), rel=0.05)  # decode is weight-bound
+    # decode is weight-bound, prefill compute-bound (at the profile's calibrated efficiencies)
+    assert one == pytest.approx(layer.weight_bytes / (3350e9 * h100.bw_efficiency), rel=0.05)
     big = cm.block_time(layer, prefill_tokens=4096)
-    assert big == pytest.approx(4096 * 2 * linear_params / (989.4e12 * 0.7), rel=0.25)  # prefill is compute-bound
+    assert big == pytest.approx(4096 * 2 * linear_params / (989.4e12 * h100.matmul_efficiency), rel=0.25)
     assert cm.block_time(layer, tp=4, prefill_tokens=4096) < big / 3
 
 
