@@ -63,6 +63,8 @@ class Solution:
     """(group, option index, stage, slot index) -> requests/s through those copies."""
     used: list[int] = field(default_factory=list)
     method: str = "exact"
+    time_limit_hit: bool = False
+    """The wall-clock limit stopped the search: another run may find a different plan."""
 
     @property
     def gap(self) -> float:

@@ -24,6 +24,8 @@ from planc.plan import BlockGroup, Plan, StagePlacement
 from planc.program import Program
 
 EXACT_MAX_SLOT_VARIABLES = 150
+MAX_ROUNDS = 6
+"""Relaxation + packing rounds per solve (each must beat the previous plan)."""
 """Instances with at most this many slot-level integer variables are solved exactly."""
 
 
@@ -58,6 +60,7 @@ def plan_solve(inst: Instance, time_limit_s: float = 10.0, gap: float = 0.01, se
     if method == "exact" or (method == "auto" and slot_variables(inst) <= EXACT_MAX_SLOT_VARIABLES):
         sol = solve_exact(inst, time_limit_s, gap, seed, solver, hint=greedy)
         sol.method = "exact"
+        sol.time_limit_hit = sol.status not in ("optimal", "infeasible")
         return sol
     best = solve_exact(inst, time_limit_s, 0.0, seed, solver, fixed=greedy) if greedy else None
     if best is not None and not best.copies:
@@ -68,10 +71,15 @@ def plan_solve(inst: Instance, time_limit_s: float = 10.0, gap: float = 0.01, se
         return _per_node(inst, best, time_limit_s, gap, seed, solver, start)
     scale = [1.0] * inst.cluster.nodes
     bound, floor = float("nan"), None  # the first relaxation runs without a floor: it gives the bound
-    while (left := time_limit_s - (time.perf_counter() - start)) > 0.3:
-        # short relaxations, each asked to beat the incumbent: several packings fit in the limit
-        replicas, node_bound, status = solve_nodes(inst, scale, min(left * 0.5, max(1.0, time_limit_s / 4)),
-                                                   gap, seed, solver, floor)
+    time_limit_hit = False
+    rounds = 0
+    while (left := time_limit_s - (time.perf_counter() - start)) > 0.3 and rounds < MAX_ROUNDS:
+        # relaxations asked to beat the incumbent, each run to its gap (the time limit is only a safety
+        # net): the same input and seed give the same rounds, so the same plan, unless the limit cuts in
+        rounds += 1
+        replicas, node_bound, status = solve_nodes(inst, scale, left, gap, seed, solver, floor)
+        if status == "time_limit" or (status == "feasible" and time.perf_counter() - start >= time_limit_s):
+            time_limit_hit = True
         unscaled = all(x == 1.0 for x in scale)
         if replicas is None:
             if status == "infeasible" and unscaled and floor is not None and inst.objective == "throughput":
@@ -102,6 +110,7 @@ def plan_solve(inst: Instance, time_limit_s: float = 10.0, gap: float = 0.01, se
     best.bound = bound if not math.isnan(bound) else relaxation_bound(inst)
     best.seconds = time.perf_counter() - start
     best.status = "optimal" if best.gap <= gap + 1e-9 else "feasible"  # the fixed LP's status says nothing
+    best.time_limit_hit = time_limit_hit
     return best
 
 
@@ -133,6 +142,7 @@ def _per_node(inst: Instance, best: Optional[Solution], time_limit_s: float, gap
     one_node = cluster.model_copy(update={"nodes": 1})
     per = cluster.devices_per_node
     copies: dict[tuple, int] = {}
+    hit = False
     parts = [vs for vs in assign_variants(inst) if vs]
     for k, variants in enumerate(parts):
         budget = (time_limit_s - (time.perf_counter() - start)) / (len(parts) - k) * 0.9
@@ -147,6 +157,7 @@ def _per_node(inst: Instance, best: Optional[Solution], time_limit_s: float, gap
                        max(1, inst.max_replicas // len(parts)),
                        {v: inst.variant_shares[v] / total for v in variants})
         sol = plan_solve(sub, max(budget, 0.5), gap, seed, solver)
+        hit = hit or sol.time_limit_hit
         if not sol.copies:
             return best or sol
         for (gid, oi, p, si), count in sol.copies.items():
@@ -160,6 +171,7 @@ def _per_node(inst: Instance, best: Optional[Solution], time_limit_s: float, gap
     chosen.bound = relaxation_bound(inst)
     chosen.seconds = time.perf_counter() - start
     chosen.status = "feasible"
+    chosen.time_limit_hit = hit
     return chosen
 
 
@@ -198,7 +210,8 @@ def to_plan(inst: Instance, sol: Solution, cluster_name: str, settings: dict) ->
                            "users": list(g.users), "share": inst.shares[g.id], "layouts": chosen,
                            "lora": [u.variant for u in g.lora]})
     predicted = _predict(inst, sol, groups_out, by_id)
-    solver = {"method": sol.method, "status": sol.status, "objective": sol.objective, "bound": sol.bound, "gap": sol.gap,
+    solver = {"method": sol.method, "status": sol.status, "time_limit_hit": sol.time_limit_hit,
+              "objective": sol.objective, "bound": sol.bound, "gap": sol.gap,
               "seconds": sol.seconds, **settings}
     return Plan(cluster=cluster_name, objective=inst.objective, groups=groups_out, placements=placements,
                 predicted=predicted, solver=solver, settings={})

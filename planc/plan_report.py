@@ -58,7 +58,8 @@ def solver_line(plan: Plan) -> str:
     bound = s["bound"]
     return (f"solver {s['solver']} ({s['method']}): {s['status']}, objective {s['objective']:.4g}, "
             f"bound {bound:.4g}, gap {s['gap']:.1%}, {s['seconds']:.1f} s (limit {s['time_limit_s']:g} s, "
-            f"seed {s['seed']})")
+            f"seed {s['seed']})" + ("; the time limit stopped the search, so another run may differ"
+                                    if s.get("time_limit_hit") else ""))
 
 
 def print_plan(console: Console, plan: Plan, cluster_desc: str, usable_gb: float,
