@@ -21,7 +21,7 @@ import torch
 from planc.bundle import Bundle
 from planc.kernels import KernelSelection
 from planc.runtime import executor as ex
-from planc.runtime.stage import Stage, local_stages
+from planc.runtime.stage import BlockCall, Stage, StageFailed, local_stages
 from planc.runtime.sampling import Sampler, SamplingParams
 
 
@@ -42,6 +42,8 @@ class EngineConfig:
     """Block instance key -> its own batch cap (from the bundle's plan); others use block_batch_cap."""
     stage_positions: Optional[list[range]] = None
     """Chain positions of each in-process stage (from the bundle's plan); default: one stage."""
+    stage_timeout_s: float = 30.0
+    """How long a failed out-of-process stage may take to come back before its requests fail (503)."""
 
 
 @dataclass
@@ -51,7 +53,7 @@ class Event:
     token_id: Optional[int]
     finished: bool = False
     finish_reason: Optional[str] = None
-    """`stop` (eos), `length` (max_tokens or context), `abort`."""
+    """`stop` (eos), `length` (max_tokens or context), `abort`, `error`, `unavailable` (a stage stayed down)."""
     error: Optional[str] = None
 
 
@@ -92,6 +94,7 @@ class Engine:
         self.stages = stages or local_stages(bundle, self.config.kv_cache_bytes, self.config.page_size,
                                              positions=self.config.stage_positions, kernels=kernels)
         self.stage_of = {p: stage for stage in self.stages for p in stage.positions}
+        self.stages.sort(key=lambda stage: stage.positions.start)  # a step walks them in chain order
         self.chains = {name: [(link["block"], link["adapter"]) for link in v["chain"]]
                        for name, v in bundle.variants.items()}
         assert sorted(self.stage_of) == list(range(len(next(iter(self.chains.values()))))), "stages must cover the chain"
@@ -101,6 +104,7 @@ class Engine:
         self._aborts: "queue.Queue[int]" = queue.Queue()
         self._ids = itertools.count()
         self._wake = threading.Event()
+        self._outage_since: Optional[float] = None
 
     @property
     def num_unique_blocks(self) -> int:
@@ -116,14 +120,14 @@ class Engine:
         return sum(stage.cache.num_free for stage in self.stages if stage.cache)
 
     def _fits(self, seq: "Sequence") -> bool:
-        return all(st.extra_pages(seq.id, len(seq.all_ids)) <= st.free_pages() for st in self.stages)
+        return all(st.can_reserve(seq.id, len(seq.all_ids), seq.variant) for st in self.stages)
 
     def _reserve_kv(self, seq: "Sequence") -> bool:
         """All stages or none (checked first, so no stage is left half-grown)."""
         if not self._fits(seq):
             return False
         for stage in self.stages:
-            assert stage.reserve(seq.id, len(seq.all_ids))
+            assert stage.reserve(seq.id, len(seq.all_ids), seq.variant)
         return True
 
     def _free_kv(self, seq_id: int) -> None:
@@ -161,6 +165,10 @@ class Engine:
         while not stop.is_set():
             try:
                 busy = self.step()
+                self._outage_since = None
+            except StageFailed as exc:
+                self._stage_failed(exc, stop)
+                continue
             except Exception as exc:  # a bug must not leave every client waiting forever
                 traceback.print_exc()
                 for seq in list(self.running) + list(self.waiting):
@@ -169,6 +177,21 @@ class Engine:
             if not busy:
                 self._wake.wait(0.05)
                 self._wake.clear()
+
+    def _stage_failed(self, exc: StageFailed, stop: threading.Event) -> None:
+        """A stage lost its KV: recompute every running sequence once it answers again (their clients
+        see only a delay), or fail them all with `unavailable` if it stays down past the timeout."""
+        now = time.monotonic()
+        if self._outage_since is None:
+            self._outage_since = now
+            print(f"planc: {exc}; recomputing {len(self.running)} running sequences when it is back", flush=True)
+        for seq in sorted(self.running, key=lambda s: s.admitted_at, reverse=True):
+            self._preempt(seq)  # newest first: the oldest ends up first in the waiting queue
+        if now - self._outage_since > self.config.stage_timeout_s:
+            for seq in list(self.waiting):
+                self._finish(seq, "unavailable", error=str(exc))
+            self._outage_since = None
+        stop.wait(0.1)  # the stage is restarting; do not spin on it
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or not self._inbox.empty())
@@ -233,37 +256,32 @@ class Engine:
         self.stats.preemptions += 1
 
     def _forward(self, work: list[Sequence]) -> dict[int, torch.Tensor]:
-        """Run every sequence's pending tokens through its chain; logits of each one's last token."""
-        pending = {s.id: s.pending_ids() for s in work}
-        hidden: dict[int, torch.Tensor] = {s.id: torch.tensor(pending[s.id]) for s in work}
-        logits: dict[int, torch.Tensor] = {}
-        chain_len = len(self.chains[work[0].variant])
-        for position in range(chain_len):
+        """Run every sequence's pending tokens through its chain, one call per stage; logits of each
+        one's last token (the last stage ends with the head)."""
+        out: dict[int, torch.Tensor] = {s.id: torch.tensor(s.pending_ids()) for s in work}
+        for stage in self.stages:
+            out = stage.run_calls(self._block_calls(stage.positions, work), out)
+        return out
+
+    def _block_calls(self, positions: range, work: list[Sequence]) -> list[BlockCall]:
+        """At each position, one batched call per block instance (split at its cap) holding every
+        sequence whose chain runs that block there, whatever its variant."""
+        calls = []
+        for position in positions:
             groups: dict[str, list[Sequence]] = {}
             for s in work:
                 groups.setdefault(self.chains[s.variant][position][0], []).append(s)
             for key, members in groups.items():
                 cap = self.config.block_caps.get(key, self.config.block_batch_cap)
                 for i in range(0, len(members), cap):
-                    self._run_group(position, key, members[i:i + cap], hidden, pending, logits)
-        return logits
-
-    def _run_group(self, position: int, key: str, members: list[Sequence], hidden: dict[int, torch.Tensor],
-                   pending: dict[int, list[int]], logits: dict[int, torch.Tensor]) -> None:
-        segments, start = [], 0
-        for s in members:
-            n = len(pending[s.id])
-            segments.append(ex.Segment(s.id, start, n, s.num_computed, self.chains[s.variant][position][1]))
-            start += n
-        x = torch.cat([hidden[s.id] for s in members])
-        y = self.stage_of[position].run(position, key, x, segments)
-        if position == len(self.chains[members[0].variant]) - 1:
-            for s, row in zip(members, y):
-                logits[s.id] = row
-        else:
-            for seg, s in zip(segments, members):
-                hidden[s.id] = y[seg.start:seg.start + seg.length]
-        self.stats.record(key, members)
+                    segments, start = [], 0
+                    for s in members[i:i + cap]:
+                        n, adapter = len(s.all_ids) - s.num_computed, self.chains[s.variant][position][1]
+                        segments.append(ex.Segment(s.id, start, n, s.num_computed, adapter))
+                        start += n
+                    calls.append(BlockCall(position, key, segments))
+                    self.stats.record(key, members[i:i + cap])
+        return calls
 
     def _sample(self, work: list[Sequence], logits: dict[int, torch.Tensor]) -> None:
         for seq in work:

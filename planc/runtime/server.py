@@ -46,6 +46,8 @@ class ServeOptions:
     """Intra-op threads of the engine; on small CPU matmuls more threads are slower."""
     kernels: Optional[str] = None
     """Op implementations: auto | torch | triton | op=impl,... (default: $PLANC_KERNELS, else auto)."""
+    stage_timeout_s: Optional[float] = None
+    """Seconds a failed out-of-process stage (ray backend) may take to come back before its requests get 503."""
 
 
 def kernel_selection(bundle: Bundle, options: ServeOptions) -> KernelSelection:
@@ -70,10 +72,13 @@ def engine_config(bundle: Bundle, options: ServeOptions) -> EngineConfig:
     if bundle.plan is not None:  # the runtime follows the plan: per-block batch caps, stage boundaries
         caps = {k: min(c, s.get("block_batch_cap", 256)) for k, c in bundle.plan.block_batch_caps().items()}
         stages = bundle.plan.stage_ranges(len(next(iter(bundle.variants.values()))["chain"]))
-    return EngineConfig(kv_cache_bytes=int(float(s.get("kv_cache_mb", 64)) * 2**20), page_size=s.get("page_size", 16),
-                        max_running=s.get("max_running", 64), max_batch_tokens=s.get("max_batch_tokens", 2048),
-                        block_batch_cap=s.get("block_batch_cap", 256), max_queue=s.get("max_queue", 256),
-                        max_model_len=max_len, block_caps=caps, stage_positions=stages)
+    config = EngineConfig(kv_cache_bytes=int(float(s.get("kv_cache_mb", 64)) * 2**20), page_size=s.get("page_size", 16),
+                          max_running=s.get("max_running", 64), max_batch_tokens=s.get("max_batch_tokens", 2048),
+                          block_batch_cap=s.get("block_batch_cap", 256), max_queue=s.get("max_queue", 256),
+                          max_model_len=max_len, block_caps=caps, stage_positions=stages)
+    if options.stage_timeout_s is not None:
+        config.stage_timeout_s = options.stage_timeout_s
+    return config
 
 
 def tenant_keys(bundle: Bundle, environ=os.environ) -> Optional[dict[str, tuple[str, Optional[set[str]]]]]:
@@ -100,12 +105,15 @@ class ServerState:
     stop: threading.Event = field(default_factory=threading.Event)
 
 
-def build_state(bundle: Bundle, options: ServeOptions) -> ServerState:
+def build_state(bundle: Bundle, options: ServeOptions, config: Optional[EngineConfig] = None,
+                stages: Optional[list] = None) -> ServerState:
+    """`config` defaults to engine_config(bundle, options); `stages` (e.g. remote ones) to in-process stages."""
     torch.set_num_threads(options.threads)
     metrics = Metrics()
     names = {b["key"]: f"{b['name']}#{b['key'][:8]}" for b in bundle.manifest["blocks"]}
     stats = StepStats(on_batch=lambda key, size, nv: metrics.on_batch(names[key], size, nv))
-    engine = Engine(bundle, engine_config(bundle, options), stats, kernels=kernel_selection(bundle, options))
+    engine = Engine(bundle, config or engine_config(bundle, options), stats, stages=stages,
+                    kernels=kernel_selection(bundle, options))
     by_dir: dict[str, TextCodec] = {}
     codecs = {}
     for name, v in bundle.variants.items():
@@ -219,6 +227,10 @@ class _Run:
                 if await request.is_disconnected():
                     self.abort()
                     raise asyncio.CancelledError
+        if event.finish_reason == "unavailable":  # a stage stayed down: the request may succeed later
+            self._finish("error", status="503")
+            raise ApiError(503, f"the model is temporarily unavailable: {event.error}; retry shortly",
+                           code="stage_unavailable", headers={"Retry-After": "2"})
         if event.error is not None and event.finish_reason == "error":
             self._finish("error", status="500")
             raise ApiError(500, f"the engine failed on this request: {event.error}")

@@ -6,6 +6,7 @@ out — so it never assumes that all stages share its address space.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -17,14 +18,32 @@ from planc.runtime import executor as ex
 from planc.runtime.kv_cache import KVCache
 
 
+class StageFailed(RuntimeError):
+    """A stage's process died or restarted, taking the KV cache of its sequences with it.
+
+    Raised by stages that live in another process; the engine recomputes the sequences once the
+    stage answers again, and fails them (HTTP 503) if it stays away too long.
+    """
+
+
+@dataclass
+class BlockCall:
+    """One batched call of one block instance: the sequences whose chains run `key` at `position`."""
+
+    position: int
+    key: str
+    segments: list[ex.Segment]
+
+
 class Stage:
     def __init__(self, bundle: Bundle, positions: range, kv_cache_bytes: int, page_size: int,
-                 kernels: Optional[KernelSelection] = None):
+                 kernels: Optional[KernelSelection] = None, variants: Optional[list[str]] = None):
+        """`variants`: load only these variants' blocks (a copy of one plan group); default: all."""
         self.positions = positions
         self.kinds: dict[int, str] = {}
         self.modules: dict[str, torch.nn.Module] = {}
         self.adapters: dict[str, ex.AdapterTensors] = {}
-        for name in bundle.variants:
+        for name in variants or bundle.variants:
             self._load(bundle, name)
         self.layers = [p - 1 for p in positions if self.kinds.get(p) == "layer"]
         param = next(next(iter(self.modules.values())).parameters())
@@ -61,13 +80,18 @@ class Stage:
         return out
 
     # ------------------------------------------------------------------ KV
+    # `variant` is the sequence's: a stage made of several plan groups keeps its KV where the
+    # variant's blocks run. An in-process stage holds every variant's blocks and ignores it.
     def extra_pages(self, seq: int, num_tokens: int) -> int:
         return self.cache.extra_pages(seq, self.layers, num_tokens) if self.cache else 0
 
     def free_pages(self) -> int:
         return self.cache.num_free if self.cache else 1 << 62
 
-    def reserve(self, seq: int, num_tokens: int) -> bool:
+    def can_reserve(self, seq: int, num_tokens: int, variant: Optional[str] = None) -> bool:
+        return self.extra_pages(seq, num_tokens) <= self.free_pages()
+
+    def reserve(self, seq: int, num_tokens: int, variant: Optional[str] = None) -> bool:
         return self.cache.reserve(seq, self.layers, num_tokens) if self.cache else True
 
     def free(self, seq: int) -> None:
@@ -94,6 +118,22 @@ class Stage:
             if kind == "layer":
                 return ex.run_layer(module, position - 1, x, batch, self.cache, self.adapters)
             return ex.run_head(module, x, batch)
+
+    def run_calls(self, calls: list[BlockCall], inputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Run this stage's block calls of one step in order, each sequence's output feeding its next call.
+
+        `inputs`: sequence -> token ids (first stage) or hidden (tokens, hidden). Returns each sequence's
+        output after its last call here: hidden, or after the head the logits of its last token. One
+        call per stage and step is what lets a stage live in another process at a bearable cost.
+        """
+        out = dict(inputs)
+        for call in calls:
+            x = torch.cat([out[seg.seq] for seg in call.segments])
+            y = self.run(call.position, call.key, x, call.segments)
+            head = self.kinds[call.position] == "head"  # y: one row of logits per sequence
+            for i, seg in enumerate(call.segments):
+                out[seg.seq] = y[i] if head else y[seg.start:seg.start + seg.length]
+        return out
 
 
 def _kernel_selection(kernels: Optional[KernelSelection], device: torch.device) -> KernelSelection:
