@@ -47,6 +47,8 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
-from planc.backends.local import LocalBackend  # noqa: E402  (registers the built-in backend)
+from planc.backends.local import LocalBackend  # noqa: E402  (registers the built-in backends)
+from planc.backends.ray import RayBackend  # noqa: E402  (imports no ray: compiling for Ray does not need it)
 
 register_backend(LocalBackend())
+register_backend(RayBackend())

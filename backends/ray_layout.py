@@ -1,0 +1,155 @@
+"""How the ray backend lays a bundle out on a Ray cluster: which stage actors, with what resources.
+
+The engine's stages are ranges of chain positions (the plan's `stage_ranges`, or an even split when
+the bundle has no plan). On Ray each stage is served by actors: one per plan group that runs
+through it (holding only that group's variants' blocks, as the plan placed them), with as many
+copies as the plan gave the group replicas and, per copy, the share of a device its placement has.
+Without a plan every stage is one actor holding every variant's blocks at its positions.
+
+>>> layout = layout_for(["base", "legal"], chain_length=6, plan=None, device_kind=None)
+>>> [(a.name, a.positions, a.copies, a.num_cpus) for a in layout.actors]
+[('stage0', (0, 3), 1, 0.25), ('stage1', (3, 6), 1, 0.25)]
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from planc.plan import Plan, StagePlacement
+from planc.runtime.stage import split_positions
+
+DEFAULT_NUM_STAGES = 2
+"""Stages of a bundle compiled without a plan: enough to exercise the chain across processes."""
+CPU_SHARE = 0.25
+"""Ray CPUs of an actor (stage copy or ingress) when no plan says otherwise: a small machine runs them all."""
+MAX_ONGOING_REQUESTS = 1024
+"""Requests the ingress takes at once; the engine queues and batches them (Serve's default of 5 would not)."""
+
+
+@dataclass(frozen=True)
+class ActorSpec:
+    """The actors serving one plan group (or every variant) over one engine stage."""
+
+    name: str
+    stage: int
+    positions: tuple[int, int]
+    """[start, stop) chain positions."""
+    variants: tuple[str, ...]
+    """Whose blocks it loads; a sequence of another variant never reaches it."""
+    copies: int
+    num_cpus: float
+    num_gpus: float
+    nodes: tuple[int, ...] = ()
+    """The plan's node of each copy (empty without a plan)."""
+    group: Optional[str] = None
+    """The plan's block group it serves (None without a plan)."""
+
+
+@dataclass
+class RayLayout:
+    device: str
+    """`cpu` or `gpu`: what each actor's share is a share of."""
+    stages: list[tuple[int, int]]
+    actors: list[ActorSpec]
+    ingress_num_cpus: float = CPU_SHARE
+    nodes: int = 1
+    """Worker nodes the plan uses."""
+    devices_per_node: int = 0
+    """GPUs each worker node needs (0 on CPU clusters)."""
+    cluster: Optional[str] = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "RayLayout":
+        data = dict(data)
+        data["stages"] = [tuple(s) for s in data["stages"]]
+        data["actors"] = [ActorSpec(**{**a, "positions": tuple(a["positions"]), "variants": tuple(a["variants"]),
+                                       "nodes": tuple(a["nodes"])}) for a in data["actors"]]
+        return cls(**data)
+
+    def actors_of(self, stage: int) -> list[ActorSpec]:
+        return [a for a in self.actors if a.stage == stage]
+
+    def gpus_per_node(self) -> dict[int, float]:
+        """GPU demand of the stage copies on each node (what a worker group must offer)."""
+        demand: Counter = Counter()
+        for a in self.actors:
+            for node in a.nodes or (0,) * a.copies:
+                demand[node] += a.num_gpus
+        return dict(demand)
+
+
+def layout_for(variants: list[str], chain_length: int, plan: Optional[Plan], device_kind: Optional[str],
+               devices_per_node: int = 0) -> RayLayout:
+    """The actors for a bundle: from its plan when it has one (`device_kind` of the plan's cluster)."""
+    if plan is None:
+        ranges = split_positions(chain_length, min(DEFAULT_NUM_STAGES, chain_length))
+        actors = [ActorSpec(f"stage{i}", i, (r.start, r.stop), tuple(variants), 1, CPU_SHARE, 0.0)
+                  for i, r in enumerate(ranges)]
+        return RayLayout("cpu", [(r.start, r.stop) for r in ranges], actors,
+                         notes=["no plan: an even split into stages, one copy each (compile with --cluster to plan)"])
+    ranges = plan.stage_ranges(chain_length)
+    shares = _device_shares(plan)
+    gpu = device_kind == "gpu"
+    actors = []
+    for i, r in enumerate(ranges):
+        for g in plan.groups:
+            lo, hi = g["first_position"], g["first_position"] + g["num_blocks"]
+            if r.start < lo or r.stop > hi:
+                continue  # stage_ranges cuts at every group boundary: a group covers a stage or misses it
+            copies = _copies(plan, g["id"])
+            names = {_block_name(p, chain_length) for p in r}
+            copy_shares, nodes = [], []
+            for copy in copies:
+                hit = [p for p in copy if names & set(p.blocks)] or copy[:1]
+                copy_shares.append(max(shares[id(p)] / _stages_in(p, ranges, chain_length) for p in hit))
+                nodes.append(hit[0].node)
+            # One amount for every copy: the smallest, so that copies the plan packs onto one device fit there.
+            amount = _ray_amount(min(copy_shares))
+            actors.append(ActorSpec(f"stage{i}-{g['id']}", i, (r.start, r.stop), tuple(g["users"]), len(copies),
+                                    amount if not gpu else CPU_SHARE, amount if gpu else 0.0, tuple(nodes), g["id"]))
+    nodes_used = len({p.node for p in plan.placements}) or 1
+    return RayLayout("gpu" if gpu else "cpu", [(r.start, r.stop) for r in ranges], actors, nodes=nodes_used,
+                     devices_per_node=devices_per_node if gpu else 0, cluster=plan.cluster)
+
+
+def _copies(plan: Plan, group: str) -> list[list[StagePlacement]]:
+    """The group's copies, each its pipeline stages in order. Placements come layout by layout, copy by
+    copy, stage by stage (replica numbers restart per layout), so a copy starts at each stage 0."""
+    copies: list[list[StagePlacement]] = []
+    for p in plan.placements:
+        if p.group == group:
+            if p.stage == 0 or not copies:
+                copies.append([])
+            copies[-1].append(p)
+    return copies
+
+
+def _device_shares(plan: Plan) -> dict[int, float]:
+    """Per placement (by id): its devices' share, when the plan packs several placements on one device."""
+    per_device = Counter((p.node, d) for p in plan.placements for d in p.devices)
+    return {id(p): p.tp / max(per_device[(p.node, d)] for d in p.devices) for p in plan.placements}
+
+
+def _stages_in(p: StagePlacement, ranges: list[range], chain_length: int) -> int:
+    """Engine stages that fall inside one placement (its share is split among their actors)."""
+    names = set(p.blocks)
+    return sum(1 for r in ranges if names & {_block_name(q, chain_length) for q in r}) or 1
+
+
+def _block_name(position: int, chain_length: int) -> str:
+    if position == 0:
+        return "embedding"
+    return "head" if position == chain_length - 1 else f"layer.{position - 1}"
+
+
+def _ray_amount(share: float) -> float:
+    """Ray takes fractions of one unit (to 1e-4) or whole units: round a fraction down, a larger share up."""
+    if share >= 1:
+        return float(math.ceil(share - 1e-9))
+    return max(math.floor(share * 1e4) / 1e4, 1e-4)
