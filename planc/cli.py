@@ -152,6 +152,10 @@ def serve(
     kernels: Optional[str] = typer.Option(None, help="Op implementations: auto, torch, triton, or op=impl pairs "
                                           "(rms_norm=torch,decode_attention=triton). Default: $PLANC_KERNELS, "
                                           "else auto."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to join (ray bundles only; default: start a "
+                                                     "private one bound to 127.0.0.1)."),
+    stage_timeout: Optional[float] = typer.Option(None, min=0, help="Seconds a restarting stage actor may take "
+                                                  "before its requests get 503 (ray bundles; default 30)."),
 ) -> None:
     """Serve every variant of BUNDLE over an OpenAI-compatible HTTP API."""
     import socket
@@ -159,8 +163,16 @@ def serve(
     from planc.bundle import Bundle
     from planc.runtime.server import ServeOptions, build_state, serve_forever
 
-    state = build_state(Bundle.open(bundle), ServeOptions(kv_cache_mb, max_running, max_queue, max_model_len, threads,
-                                                        kernels))
+    opened = Bundle.open(bundle)
+    options = ServeOptions(kv_cache_mb, max_running, max_queue, max_model_len, threads, kernels, stage_timeout)
+    serve_with = _backend_server(opened)
+    if serve_with is not None:  # e.g. the ray backend: stages in actors, its own HTTP front
+        serve_with(opened, options, host, port, shutdown_timeout, address)
+        out.print("planc: stopped", markup=False)
+        return
+    if address is not None:
+        raise PlancError("--address applies to bundles compiled for the ray backend")
+    state = build_state(opened, options)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -182,6 +194,14 @@ def serve(
     sys.stdout.flush()
     serve_forever(state, sock, shutdown_timeout)
     out.print("planc: stopped", markup=False)
+
+
+def _backend_server(bundle):
+    """The bundle's backend's own `serve`, if it has one (the local backend runs here, in this process)."""
+    from planc.backends import available_backends, get_backend
+
+    name = bundle.manifest.get("backend", "local")
+    return getattr(get_backend(name), "serve", None) if name in available_backends() else None
 
 
 app.command("bench")(bench_cmd)  # defined in planc.bench.cli: its flags live beside the code they configure

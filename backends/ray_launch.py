@@ -1,0 +1,149 @@
+"""`planc serve` for a ray bundle: a private Ray cluster on 127.0.0.1 (or an existing one), deploy, wait.
+
+The bundle's own serve_config.yaml is what gets deployed (its application args, with the bundle's
+path here instead of the image's); SIGTERM or Ctrl-C drains in-flight requests (Serve's graceful
+shutdown), removes the application and stops the cluster planc started.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import yaml
+
+from planc.backends.ray import APP_NAME
+from planc.backends.ray_layout import RayLayout
+from planc.bundle import Bundle
+from planc.errors import PlancError
+
+OBJECT_STORE_BYTES = 200 * 2**20
+"""Small: stages exchange hidden states of one step, never weights."""
+
+
+def read_app_args(bundle: Bundle) -> dict:
+    path = bundle.root / "serve_config.yaml"
+    try:
+        config = yaml.safe_load(path.read_text())
+        args = dict(config["applications"][0]["args"])
+        RayLayout.from_json(args["layout"])
+    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError, ValueError) as exc:
+        raise PlancError(f"{path}: not a planc ray serve config ({type(exc).__name__}: {exc})") from None
+    return args
+
+
+def start_ray(address: Optional[str], num_gpus_needed: float) -> bool:
+    """Join `address`, or start a private cluster bound to 127.0.0.1; returns whether planc started it."""
+    # Before ray is imported: keep a private cluster on loopback and quiet (no usage report over the network).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+    except ImportError:
+        raise PlancError("this bundle was compiled for the ray backend; install Ray: pip install 'planc[ray]'") from None
+    common = dict(include_dashboard=False, log_to_driver=False, logging_level="WARNING", namespace="planc")
+    if address is not None:
+        try:
+            ray.init(address=address, **common)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise PlancError(f"--address {address}: cannot join the Ray cluster ({exc})") from None
+        return False
+    ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=OBJECT_STORE_BYTES,
+             _node_ip_address="127.0.0.1", **common)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if num_gpus_needed > gpus:
+        ray.shutdown()
+        raise PlancError(f"this bundle's stages need {num_gpus_needed:g} GPUs (planned for a GPU cluster); this "
+                         f"machine has {gpus:g}: compile with --cluster local, or join a GPU cluster with --address")
+    return True
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Deployment:
+    port: int
+    started: bool
+    """Whether planc started the Ray cluster (and stops it at the end)."""
+    address: str
+    """The Ray cluster's GCS address (for `ray status --address`, or a driver that joins it)."""
+
+
+def deploy(bundle: Bundle, options, host: str, port: int, address: Optional[str], shutdown_timeout: float = 30.0,
+           after_start: Optional[Callable[[], None]] = None) -> Deployment:
+    """Start (or join) Ray and run the bundle's Serve application with `options` over its serve_config.yaml.
+
+    `after_start` runs once Ray is up: ray.init replaces the process's SIGTERM handler with its own.
+    """
+    args = read_app_args(bundle)
+    args["bundle"] = str(bundle.root.resolve())
+    args["options"] = {**(args.get("options") or {}), **asdict(options), "shutdown_timeout_s": shutdown_timeout}
+    layout = RayLayout.from_json(args["layout"])
+    port = port or free_port(host)
+    started = start_ray(address, sum(a.num_gpus * a.copies for a in layout.actors))
+    if after_start is not None:
+        after_start()
+    import ray
+    from ray import serve
+
+    from planc.backends.ray_app import app_builder
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # planc's banner says what matters
+    try:
+        serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
+        serve.run(app_builder(args), name=APP_NAME, route_prefix="/", blocking=False)
+    except RuntimeError as exc:
+        ray.shutdown()
+        raise PlancError(f"the Ray Serve application failed to deploy: {str(exc).strip().splitlines()[0]}") from None
+    return Deployment(port, started, ray.get_runtime_context().gcs_address)
+
+
+def undeploy() -> None:
+    """Drain and remove the application (Serve waits for in-flight requests), then leave or stop Ray."""
+    import ray
+    from ray import serve
+
+    try:
+        serve.delete(APP_NAME)
+    finally:
+        ray.shutdown()  # a cluster planc started stops with it (and Serve's actors in it)
+
+
+def serve_bundle(bundle: Bundle, options, host: str, port: int, shutdown_timeout: float,
+                 address: Optional[str]) -> None:
+    stop = threading.Event()
+
+    def on_signal() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: stop.set())
+
+    on_signal()  # a SIGTERM while deploying also ends cleanly (after the deployment)
+    deployment = deploy(bundle, options, host, port, address, shutdown_timeout, after_start=on_signal)
+    try:
+        _banner(bundle, RayLayout.from_json(read_app_args(bundle)["layout"]), host, deployment)
+        stop.wait()
+        print("planc: SIGTERM, finishing in-flight requests", flush=True)
+    finally:
+        undeploy()
+
+
+def _banner(bundle: Bundle, layout: RayLayout, host: str, deployment: Deployment) -> None:
+    variants = ", ".join(f"{n} ({v['kind']})" for n, v in bundle.variants.items())
+    actors = sum(a.copies for a in layout.actors)
+    where = "a private Ray cluster" if deployment.started else "the Ray cluster"
+    print(f"planc serving {len(bundle.variants)} variants: {variants}", flush=True)
+    print(f"  on {where} at {deployment.address}: {len(layout.stages)} stages in {actors} stage actors "
+          f"({layout.device}), one ingress", flush=True)
+    if not bundle.manifest.get("tenants"):
+        print("  tenants: none configured; the server is open to every client (no API keys)", flush=True)
+    print(f"  listening on http://{host}:{deployment.port}  (OpenAI API at /v1, /health, /metrics)", flush=True)
+    sys.stdout.flush()

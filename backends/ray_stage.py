@@ -1,0 +1,283 @@
+"""Stages in Ray actors: the worker that holds one copy of a stage, and the proxy the engine calls.
+
+A `StageWorker` actor loads the blocks of its variants at its chain positions and keeps the KV
+cache of the sequences that pass through it. The engine (in the ingress) sees a `RemoteStage` with
+the interface of `planc.runtime.stage.Stage`: per step one actor call per copy in use carries that
+step's block calls, the hidden states in (one packed array) and the KV reservations since the last
+call. KV accounting is mirrored in the proxy page for page (the same arithmetic as the cache), so
+admission and preemption cost no remote call.
+
+If an actor dies, Ray restarts it (max_restarts) with an empty cache. The proxy notices (a failed
+call, or a new incarnation id) and raises `StageFailed`; the engine then recomputes the sequences,
+and the proxy re-attaches to the restarted actor.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+import uuid
+from typing import Optional
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from planc.bundle import Bundle
+from planc.runtime.executor import Segment
+from planc.runtime.stage import BlockCall, Stage, StageFailed
+from planc.store import verify_file
+
+
+class StageRestarted(RuntimeError):
+    """The actor is not the one the proxy attached to: Ray restarted it, and its KV is gone."""
+
+
+Packed = tuple[list[int], list[int], np.ndarray, str]
+
+
+def pack(tensors: dict[int, torch.Tensor]) -> Packed:
+    """Per-sequence tensors as one array (numpy crosses Ray's serializer far faster than torch tensors)."""
+    seqs = list(tensors)
+    parts = [tensors[s] for s in seqs]
+    joined = torch.cat([p.reshape(-1, *p.shape[1:]) for p in parts]) if parts else torch.empty(0)
+    dtype = str(joined.dtype).removeprefix("torch.")
+    if joined.dtype == torch.bfloat16:  # numpy has no bfloat16: ship the bits
+        joined = joined.view(torch.int16)
+    return seqs, [p.shape[0] for p in parts], joined.contiguous().numpy(), dtype
+
+
+def unpack(packed: Packed) -> dict[int, torch.Tensor]:
+    seqs, lengths, array, dtype = packed
+    joined = torch.from_numpy(array)
+    if dtype == "bfloat16":
+        joined = joined.view(torch.bfloat16)
+    return dict(zip(seqs, torch.split(joined, lengths))) if seqs else {}
+
+
+class StageWorker:
+    """One copy of one stage, in its own process (wrapped by ray.remote when started)."""
+
+    def __init__(self, bundle_dir: str, positions: tuple[int, int], variants: list[str], kv_cache_bytes: int,
+                 page_size: int, options: dict):
+        from planc.runtime.server import ServeOptions, kernel_selection
+
+        opts = ServeOptions(**options)
+        torch.set_num_threads(opts.threads)
+        bundle = Bundle.open(bundle_dir, verify=False)
+        _verify_own_files(bundle, range(*positions), variants)  # this node's copy of what this stage loads
+        self.stage = Stage(bundle, range(*positions), kv_cache_bytes, page_size, kernel_selection(bundle, opts),
+                           variants)
+        self.incarnation = uuid.uuid4().hex
+        self.seqs: set[int] = set()
+
+    def attach(self) -> dict:
+        """Forget every sequence (the proxy's mirror starts empty) and describe this copy."""
+        for seq in self.seqs:
+            self.stage.free(seq)
+        self.seqs.clear()
+        cache = self.stage.cache
+        return {"incarnation": self.incarnation, "pid": os.getpid(), "num_layers": len(self.stage.layers),
+                "num_pages": cache.num_pages if cache else 0, "page_size": cache.page_size if cache else 1}
+
+    def info(self) -> dict:
+        """Who this is (for tests and operators); changes nothing."""
+        return {"incarnation": self.incarnation, "pid": os.getpid(), "positions": list(self.stage.positions),
+                "num_sequences": len(self.seqs)}
+
+    def run(self, incarnation: str, ops: list[tuple], calls: list[BlockCall], inputs: Packed) -> Packed:
+        if incarnation != self.incarnation:
+            raise StageRestarted(f"incarnation {self.incarnation[:8]}, the proxy knows {incarnation[:8]}")
+        for op in ops:  # reservations the proxy's mirror already granted, in its order
+            if op[0] == "reserve":
+                assert self.stage.reserve(op[1], op[2]), "KV mirror out of step with the stage"
+                self.seqs.add(op[1])
+            else:
+                self.stage.free(op[1])
+                self.seqs.discard(op[1])
+        return pack(self.stage.run_calls(calls, unpack(inputs)))
+
+
+def _verify_own_files(bundle: Bundle, positions: range, variants: list[str]) -> None:
+    entries = {}
+    for name in variants:
+        chain = bundle.variant(name)["chain"]
+        tied = {other for p in positions for other, _ in bundle.blocks[chain[p]["block"]]["ties"].values()}
+        for p, link in enumerate(chain):
+            if p in positions or bundle.blocks[link["block"]]["name"] in tied:  # a tie loads the other block
+                entries[link["block"]] = bundle.blocks[link["block"]]
+            if p in positions and link["adapter"]:
+                entries[link["adapter"]] = bundle.adapters[link["adapter"]]
+    for entry in entries.values():
+        if entry["file"]:
+            verify_file(bundle.root / entry["file"], entry["sha256"])
+
+
+class StageCopy:
+    """The proxy's view of one actor: its handle, and a mirror of its KV pages kept in step with it."""
+
+    def __init__(self, handle, label: str):
+        self.handle, self.label = handle, label
+        self.incarnation = ""
+        self.broken = True  # until attached
+        self.num_layers = self.num_pages = self.free = 0
+        self.page_size = 1
+        self.held: dict[int, int] = {}
+        """sequence -> pages it holds in each layer (every layer of the stage alike)."""
+        self.ops: list[tuple] = []
+
+    def attached(self, info: dict) -> None:
+        self.incarnation, self.num_layers = info["incarnation"], info["num_layers"]
+        self.num_pages, self.page_size = info["num_pages"], info["page_size"]
+        self.free, self.held, self.ops, self.broken = self.num_pages, {}, [], False
+
+    def extra(self, seq: int, num_tokens: int) -> int:
+        need = math.ceil(num_tokens / self.page_size)
+        return self.num_layers * max(0, need - self.held.get(seq, 0))
+
+    def reserve(self, seq: int, num_tokens: int) -> bool:
+        extra = self.extra(seq, num_tokens)
+        if extra > self.free:
+            return False
+        if self.num_layers:
+            self.held[seq] = max(self.held.get(seq, 0), math.ceil(num_tokens / self.page_size))
+            self.free -= extra
+            self.ops.append(("reserve", seq, num_tokens))
+        return True
+
+    def release(self, seq: int) -> None:
+        if seq in self.held:
+            self.free += self.num_layers * self.held.pop(seq)
+            self.ops.append(("free", seq))
+
+
+class RemoteStage:
+    """Engine-facing stage over actors: each sequence sticks to one copy of its variant's actors."""
+
+    def __init__(self, positions: range, copies: dict[str, list[StageCopy]], call_timeout_s: float = 120.0,
+                 attach_timeout_s: float = 0.5):
+        """`copies`: variant -> the copies of the actor holding its blocks here."""
+        self.positions = positions
+        self.by_variant = copies
+        self.all = list({id(c): c for cs in copies.values() for c in cs}.values())
+        self.call_timeout_s, self.attach_timeout_s = call_timeout_s, attach_timeout_s
+        self.seq_copy: dict[int, StageCopy] = {}
+        self.cache = _PagesView(self) if any(c.num_layers for c in self.all) else None
+
+    # ------------------------------------------------------------------ KV (mirrored, no remote call)
+    def can_reserve(self, seq: int, num_tokens: int, variant: Optional[str] = None) -> bool:
+        copy = self._copy_for(seq, variant)
+        return copy.extra(seq, num_tokens) <= copy.free
+
+    def reserve(self, seq: int, num_tokens: int, variant: Optional[str] = None) -> bool:
+        copy = self._copy_for(seq, variant)
+        if not copy.reserve(seq, num_tokens):
+            return False
+        self.seq_copy[seq] = copy
+        return True
+
+    def free(self, seq: int) -> None:
+        copy = self.seq_copy.pop(seq, None)
+        if copy is not None and not copy.broken:  # a broken copy's mirror is reset when it is re-attached
+            copy.release(seq)
+
+    def extra_pages(self, seq: int, num_tokens: int) -> int:
+        return self._copy_for(seq, None).extra(seq, num_tokens)
+
+    def free_pages(self) -> int:
+        return max(c.free for c in self.all)
+
+    def capacity_tokens(self) -> int:
+        return min(((c.num_pages // c.num_layers) * c.page_size if c.num_layers else 1 << 62) for c in self.all)
+
+    def usage(self) -> float:
+        return max((1 - c.free / c.num_pages if c.num_pages else 0.0) for c in self.all)
+
+    def _copy_for(self, seq: int, variant: Optional[str]) -> StageCopy:
+        if seq in self.seq_copy:
+            return self.seq_copy[seq]
+        candidates = self.by_variant[variant] if variant is not None else self.all
+        usable = [c for c in candidates if not c.broken or self._reattach(c)]
+        if not usable:
+            raise StageFailed(f"stage actor {candidates[0].label} is not answering (restarting?)")
+        return max(usable, key=lambda c: c.free)  # the copy with the most room: data parallelism per sequence
+
+    def _reattach(self, copy: StageCopy) -> bool:
+        try:
+            copy.attached(ray.get(copy.handle.attach.remote(), timeout=self.attach_timeout_s))
+        except (RayActorError, GetTimeoutError, RayTaskError):
+            return False
+        self.seq_copy = {s: c for s, c in self.seq_copy.items() if c is not copy}
+        return True
+
+    # ------------------------------------------------------------------ compute
+    def run_calls(self, calls: list[BlockCall], inputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Split the step's calls by the copy each sequence sticks to; one call per copy, all in flight at once."""
+        parts: dict[int, list[BlockCall]] = {}
+        for call in calls:
+            split: dict[int, list[Segment]] = {}
+            for seg in call.segments:
+                split.setdefault(id(self.seq_copy[seg.seq]), []).append(seg)
+            for cid, segs in split.items():
+                parts.setdefault(cid, []).append(BlockCall(call.position, call.key, _rebased(segs)))
+        copies = {id(c): c for c in self.all}
+        refs = []
+        for cid, sub in parts.items():
+            copy = copies[cid]
+            if copy.broken:
+                raise StageFailed(f"stage actor {copy.label} is restarting")
+            seqs = {seg.seq for call in sub for seg in call.segments}
+            ops, copy.ops = copy.ops, []
+            refs.append((copy, copy.handle.run.remote(copy.incarnation, ops, sub, pack({s: inputs[s] for s in seqs}))))
+        out: dict[int, torch.Tensor] = {}
+        for copy, ref in refs:
+            out.update(unpack(self._get(copy, ref)))
+        return out
+
+    def _get(self, copy: StageCopy, ref):
+        try:
+            return ray.get(ref, timeout=self.call_timeout_s)
+        except (RayActorError, GetTimeoutError) as exc:
+            copy.broken = True
+            raise StageFailed(f"stage actor {copy.label} failed ({type(exc).__name__})") from None
+        except RayTaskError as exc:
+            if isinstance(exc.cause, StageRestarted):
+                copy.broken = True
+                raise StageFailed(f"stage actor {copy.label} was restarted by Ray") from None
+            raise RuntimeError(f"stage actor {copy.label}: {exc.cause!r}") from None
+
+
+def _rebased(segments: list[Segment]) -> list[Segment]:
+    out, start = [], 0
+    for s in segments:
+        out.append(Segment(s.seq, start, s.length, s.position, s.adapter))
+        start += s.length
+    return out
+
+
+class _PagesView:
+    """What the engine reads of a stage's cache (page totals for metrics) when the cache is remote."""
+
+    def __init__(self, stage: RemoteStage):
+        self._stage = stage
+
+    @property
+    def num_pages(self) -> int:
+        return sum(c.num_pages for c in self._stage.all)
+
+    @property
+    def num_free(self) -> int:
+        return sum(c.free for c in self._stage.all)
+
+
+def wait_attached(copies: list[StageCopy], timeout_s: float, describe) -> None:
+    """Attach to every actor, or fail with what could not be placed (`describe(label)` says what it needs)."""
+    deadline = time.monotonic() + timeout_s
+    refs = {c.label: (c, c.handle.attach.remote()) for c in copies}
+    for label, (copy, ref) in refs.items():
+        try:
+            copy.attached(ray.get(ref, timeout=max(0.1, deadline - time.monotonic())))
+        except GetTimeoutError:
+            raise StageFailed(f"stage actor {label} did not start within {timeout_s:.0f} s; it needs "
+                              f"{describe(label)} (cluster has {ray.available_resources()})") from None
