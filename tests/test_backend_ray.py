@@ -1,0 +1,398 @@
+"""The ray backend on a real local Ray cluster (2 CPUs, fractional CPUs per actor, bound to 127.0.0.1):
+the tiny example with each of its 2 stages in its own actor gives the local backend's greedy outputs
+under concurrent load; a killed stage actor is restarted by Ray and every in-flight request completes
+(recomputed, still exact) or gets a 503; the generated manifests follow the plan. Manifest tests and
+the no-ray test run without Ray installed; the cluster tests skip then."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+import planc
+from planc.bundle import Bundle
+from planc.pass_manager import PassContext
+from planc.runtime.server import ServeOptions
+from tests.serving import ServerProcess
+
+# Read when ray is imported: without it, a driver joining 127.0.0.1 is sent to this host's other address.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # the server's cluster (a child inherits this) and our driver agree
+HAS_RAY = importlib.util.find_spec("ray") is not None
+needs_ray = pytest.mark.skipif(not HAS_RAY, reason="ray is not installed (pip install 'planc[ray]')")
+
+PROMPTS = {"base": "The quiet river", "legal": "The Tenant shall", "support": "User: Can you tell me about a recipe",
+           "chat": "User: Can you tell me about the weather?\nAssistant:"}
+SHORT, LONG = 16, 40
+STAGE_TIMEOUT_S = 8.0
+"""How long the deployment under test waits for a dead stage before answering 503."""
+DEADLINE_S = 60.0
+"""No request may take longer than this, whatever is killed."""
+
+
+@pytest.fixture(scope="module")
+def ray_bundle(tiny_example, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ray") / "tiny"
+    return planc.emit(planc.compile(planc.load(tiny_example)), backend="ray", out=out)
+
+
+@pytest.fixture(scope="module")
+def expected(ray_bundle) -> dict[tuple[str, int], tuple[str, int]]:
+    """(variant, max_tokens) -> (text, completion tokens) from the local backend's engine and API."""
+    from fastapi.testclient import TestClient
+
+    from planc.runtime.server import build_app, build_state
+
+    state = build_state(Bundle.open(ray_bundle), ServeOptions())
+    out = {}
+    with TestClient(build_app(state)) as client:
+        for variant, prompt in PROMPTS.items():
+            for n in (SHORT, LONG):
+                body = client.post("/v1/completions", json=_request(variant, n)).json()
+                out[(variant, n)] = (body["choices"][0]["text"], body["usage"]["completion_tokens"])
+    return out
+
+
+def _request(variant: str, max_tokens: int, **extra) -> dict:
+    return {"model": variant, "prompt": PROMPTS[variant], "max_tokens": max_tokens, "temperature": 0, **extra}
+
+
+def _stage_actors() -> dict[str, object]:
+    """Stage actor name -> handle (named by the ingress: planc.<app>.<replica>.<stage>.<copy>)."""
+    import ray
+
+    return {a["name"]: ray.get_actor(a["name"], namespace=a["namespace"])
+            for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("planc.")}
+
+
+@needs_ray
+class TestPlancServeOnRay:
+    """One `planc serve` process (its own private Ray cluster); this test process joins the cluster only
+    to find and kill stage actors."""
+
+    @pytest.fixture(scope="class")
+    def server(self, ray_bundle):
+        import ray
+
+        srv = ServerProcess(ray_bundle, "--stage-timeout", str(STAGE_TIMEOUT_S), "--shutdown-timeout", "5")
+        address = next(m.group(1) for line in srv.banner if (m := re.search(r"cluster at (\S+):", line)))
+        assert address.startswith("127.0.0.1:")
+        joining = threading.Thread(target=ray.init, daemon=True, kwargs=dict(  # ray.init may retry for minutes
+            address=address, namespace="planc-tests", log_to_driver=False, logging_level="ERROR",
+            _node_ip_address="127.0.0.1"))
+        joining.start()
+        joining.join(60)
+        if not ray.is_initialized():
+            srv.stop()
+            pytest.fail(f"could not join the server's Ray cluster at {address}")
+        yield srv
+        ray.shutdown()
+        srv.stop()
+
+    @pytest.fixture(scope="class")
+    def url(self, server):
+        return server.url
+
+    def test_each_stage_runs_in_its_own_actor(self, url):
+        import ray
+
+        infos = [ray.get(h.info.remote(), timeout=10) for h in _stage_actors().values()]
+        assert sorted(tuple(i["positions"]) for i in infos) == [(0, 1, 2), (3, 4, 5)]
+        assert len({i["pid"] for i in infos} | {os.getpid()}) == 3
+        assert httpx.get(url + "/health", timeout=10).json() == {"status": "ok"}
+
+    def test_greedy_outputs_equal_the_local_backend_under_concurrency(self, url, expected):
+        results = _concurrently(url, [(v, SHORT, i % 2 == 1) for i in range(3) for v in PROMPTS])
+        assert len(results) == 12
+        for (variant, _, _), (status, text, tokens) in results:
+            assert status == 200 and (text, tokens) == expected[(variant, SHORT)], variant
+
+    def test_a_killed_stage_actor_restarts_and_no_request_hangs(self, url, expected, record_property):
+        import ray
+
+        actors = _stage_actors()
+        name = next(n for n, h in actors.items() if ray.get(h.info.remote())["positions"][0] == 3)
+        before = ray.get(actors[name].info.remote())
+        work = [(v, LONG, i % 2 == 0) for i in range(2) for v in PROMPTS]
+        results: list = []
+        runner = threading.Thread(target=lambda: results.extend(_concurrently(url, work)))
+        runner.start()
+        _wait_running(url, len(work) // 2)
+        killed = time.monotonic()
+        ray.kill(actors[name], no_restart=False)
+        recovered = _first_success_after(url, killed)
+        runner.join(DEADLINE_S)
+        assert not runner.is_alive() and len(results) == len(work), "a request hung past the deadline"
+        for (variant, n, _), (status, text, tokens) in results:
+            assert status in (200, 503), (variant, status, text)
+            if status == 200:  # recomputed after the restart: still the exact greedy continuation
+                assert (text, tokens) == expected[(variant, n)], variant
+            else:
+                assert "unavailable" in text
+        after = ray.get(actors[name].info.remote(), timeout=DEADLINE_S)
+        assert after["pid"] != before["pid"] and after["incarnation"] != before["incarnation"]
+        record_property("recovery_s", round(recovered, 2))
+        print(f"\nstage actor killed under load: a new request succeeded {recovered:.2f} s later; "
+              f"in-flight: {sum(r[0] == 200 for _, r in results)} completed, "
+              f"{sum(r[0] == 503 for _, r in results)} got 503")
+
+    def test_a_stage_that_stays_down_gets_a_clear_503(self, url):
+        import ray
+
+        actors = _stage_actors()
+        name = next(n for n, h in actors.items() if ray.get(h.info.remote())["positions"][0] == 0)
+        ray.kill(actors[name], no_restart=True)  # gone for good: nothing to recompute on
+        start = time.monotonic()
+        r = httpx.post(url + "/v1/completions", json=_request("base", SHORT), timeout=DEADLINE_S)
+        assert r.status_code == 503 and r.headers["retry-after"]
+        assert r.json()["error"]["code"] == "stage_unavailable"
+        assert time.monotonic() - start < STAGE_TIMEOUT_S + 10
+
+
+    def test_sigterm_exits_0_and_stops_its_ray_cluster(self, server):
+        import ray
+
+        tree = _descendants(server.proc.pid)
+        assert any("raylet" in cmd for cmd in tree.values()) and any("ray::" in cmd for cmd in tree.values())
+        ray.shutdown()  # this test process leaves the cluster before it goes
+        assert server.stop() == 0
+        deadline = time.monotonic() + 15
+        while any(_alive(pid) for pid in tree) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [cmd for pid, cmd in tree.items() if _alive(pid)]
+
+def _concurrently(url: str, work: list[tuple[str, int, bool]]) -> list[tuple[tuple, tuple[int, str, int]]]:
+    """Send every (variant, max_tokens, stream) at once; [(item, (status, text or error, completion tokens))]."""
+    results: list = [None] * len(work)
+
+    def call(i: int) -> None:
+        variant, n, stream = work[i]
+        try:
+            results[i] = (work[i], _complete(url, variant, n, stream))
+        except httpx.HTTPError as exc:
+            results[i] = (work[i], (0, repr(exc), 0))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(work))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(DEADLINE_S)
+    return [r for r in results if r is not None]
+
+
+def _complete(url: str, variant: str, n: int, stream: bool) -> tuple[int, str, int]:
+    import json
+
+    body = _request(variant, n, stream=stream, **({"stream_options": {"include_usage": True}} if stream else {}))
+    if not stream:
+        r = httpx.post(url + "/v1/completions", json=body, timeout=DEADLINE_S)
+        if r.status_code != 200:
+            return r.status_code, r.text, 0
+        data = r.json()
+        return 200, data["choices"][0]["text"], data["usage"]["completion_tokens"]
+    text, tokens = [], 0
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=DEADLINE_S) as r:
+        if r.status_code != 200:
+            return r.status_code, r.read().decode(), 0
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:  # headers were sent: the 503 comes in-band
+                return 503, chunk["error"]["message"], 0
+            text += [c["text"] for c in chunk["choices"]]
+            tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+    return 200, "".join(text), tokens
+
+
+def _wait_running(url: str, at_least: int) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        metrics = httpx.get(url + "/metrics", timeout=10).text
+        running = [float(l.split()[-1]) for l in metrics.splitlines() if l.startswith("planc_requests_running")]
+        if running and running[0] >= at_least:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the requests never ran")
+
+
+def _first_success_after(url: str, since: float) -> float:
+    """Seconds from `since` until a new request succeeds."""
+    while time.monotonic() - since < DEADLINE_S:
+        try:
+            if httpx.post(url + "/v1/completions", json=_request("legal", 2), timeout=DEADLINE_S).status_code == 200:
+                return time.monotonic() - since
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"no request succeeded within {DEADLINE_S} s of the kill")
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """Every process below `pid` (pid -> command line), from /proc."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = {}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            try:
+                out[child] = (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- no cluster
+@pytest.fixture(scope="module")
+def planned_bundle(tiny_example, tmp_path_factory) -> Path:
+    ctx = PassContext()
+    ctx.options["cost"] = {"cluster": "2xH100-80GB"}
+    program = planc.compile(planc.load(tiny_example), ctx=ctx)
+    return planc.emit(program, backend="ray", out=tmp_path_factory.mktemp("ray-planned") / "tiny")
+
+
+def _read(bundle: Path) -> tuple[dict, dict, str]:
+    return (yaml.safe_load((bundle / "serve_config.yaml").read_text()),
+            yaml.safe_load((bundle / "k8s" / "rayservice.yaml").read_text()), (bundle / "Dockerfile").read_text())
+
+
+def test_manifests_follow_the_plan(planned_bundle):
+    from collections import Counter
+
+    bundle = Bundle.open(planned_bundle)
+    plan, config = bundle.plan, _read(planned_bundle)[0]
+    assert bundle.manifest["backend"] == "ray" and bundle.manifest["entry_points"]["serve_config"] == "serve_config.yaml"
+    app = config["applications"][0]
+    assert app["import_path"] == "planc.backends.ray_app:app_builder" and app["route_prefix"] == "/"
+    layout = app["args"]["layout"]
+    (ingress,) = app["deployments"]
+    assert ingress["num_replicas"] == 1 and ingress["ray_actor_options"]["num_cpus"] == layout["ingress_num_cpus"]
+    assert [tuple(s) for s in layout["stages"]] == [(r.start, r.stop) for r in plan.stage_ranges(6)]
+    per_device = Counter((p.node, d) for p in plan.placements for d in p.devices)
+    for g in plan.groups:  # every group served where the plan put it: its variants, positions, replicas, share
+        mine = [a for a in layout["actors"] if a["group"] == g["id"]]
+        assert mine and all(a["variants"] == g["users"] for a in mine)
+        assert sorted(p for a in mine for p in range(*a["positions"])) == \
+            list(range(g["first_position"], g["first_position"] + g["num_blocks"]))
+        placements = [p for p in plan.placements if p.group == g["id"]]
+        share = min(p.tp / max(per_device[(p.node, d)] for d in p.devices) for p in placements)
+        for a in mine:
+            assert a["copies"] == sum(lay["replicas"] for lay in g["layouts"]) == len(a["nodes"])
+            assert 0 < a["num_gpus"] <= share and 0 < a["num_cpus"] < 1
+            assert set(a["nodes"]) <= {p.node for p in placements}
+    assert sum(a["num_gpus"] * a["copies"] for a in layout["actors"]) <= len(plan.devices_used())
+    _check_kubernetes(planned_bundle, config, {p.node for p in plan.placements}, gpus_per_worker=2)
+
+
+def test_without_a_plan_each_stage_is_one_cpu_actor_holding_every_variant(ray_bundle):
+    config = _read(ray_bundle)[0]
+    layout = config["applications"][0]["args"]["layout"]
+    assert layout["device"] == "cpu" and [tuple(s) for s in layout["stages"]] == [(0, 3), (3, 6)]
+    for actor, (lo, hi) in zip(layout["actors"], layout["stages"]):
+        assert actor["positions"] == [lo, hi] and actor["copies"] == 1 and actor["num_gpus"] == 0
+        assert sorted(actor["variants"]) == sorted(PROMPTS) and 0 < actor["num_cpus"] < 1
+    _check_kubernetes(ray_bundle, config, {0}, gpus_per_worker=0)
+
+
+def _check_kubernetes(bundle: Path, config: dict, nodes: set[int], gpus_per_worker: int) -> None:
+    """The RayService runs serve_config.yaml on one worker per plan node that can hold its actors, from the
+    image the Dockerfile builds."""
+    _, service, dockerfile = _read(bundle)
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
+    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == config
+    cluster = service["spec"]["rayClusterConfig"]
+    (workers,) = cluster["workerGroupSpecs"]
+    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == len(nodes)
+    limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
+    layout = config["applications"][0]["args"]["layout"]
+    for node in nodes:
+        on_node = [(a, a["nodes"].count(node) if a["nodes"] else a["copies"]) for a in layout["actors"]]
+        assert sum(a["num_gpus"] * n for a, n in on_node) <= int(limits.get("nvidia.com/gpu", 0))
+        assert sum(a["num_cpus"] * n for a, n in on_node) + layout["ingress_num_cpus"] <= float(limits["cpu"])
+    assert int(limits.get("nvidia.com/gpu", 0)) == gpus_per_worker
+    image = re.search(r"docker build -t (\S+) \.", dockerfile).group(1)
+    pods = [cluster["headGroupSpec"], workers]
+    assert {c["image"] for pod in pods for c in pod["template"]["spec"]["containers"]} == {image}
+    kind = "gpu" if gpus_per_worker else "cpu"
+    assert f"rayproject/ray:{cluster['rayVersion']}-py311-{kind}" in dockerfile
+    assert f"COPY --chown=ray:users . {config['applications'][0]['args']['bundle']}" in dockerfile
+    assert "planc[ray]" in dockerfile
+
+
+def test_planc_imports_and_refuses_a_ray_bundle_in_one_line_without_ray(ray_bundle):
+    code = ("import sys\n"
+            "import planc, planc.cli, planc.backends.ray, planc.backends.ray_layout\n"
+            "assert 'ray' not in sys.modules, 'importing planc imported ray'\n"
+            "sys.modules['ray'] = None  # as if it were not installed\n"
+            f"sys.exit(planc.cli.main(['serve', {str(ray_bundle)!r}]))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines() == \
+        ["error: this bundle was compiled for the ray backend; install Ray: pip install 'planc[ray]'"]
+
+
+@needs_ray
+def test_kv_mirror_matches_the_cache_page_for_page():
+    import random
+
+    import torch
+
+    from planc.backends.ray_stage import StageCopy
+    from planc.runtime.kv_cache import KVCache
+
+    cache, layers = KVCache(40, 4, 1, 2, torch.float32), [0, 1, 2]
+    mirror = StageCopy(None, "test")
+    mirror.attached({"incarnation": "x", "num_layers": 3, "num_pages": 40, "page_size": 4})
+    rng, lengths = random.Random(0), {}
+    for _ in range(500):
+        seq = rng.randrange(8)
+        if rng.random() < 0.3:
+            cache.free(seq)
+            mirror.release(seq)
+            lengths.pop(seq, None)
+            continue
+        n = lengths.get(seq, 0) + rng.randrange(1, 9)
+        assert cache.extra_pages(seq, layers, n) == mirror.extra(seq, n)
+        granted = cache.reserve(seq, layers, n)
+        assert mirror.reserve(seq, n) == granted
+        if granted:
+            lengths[seq] = n
+        assert cache.num_free == mirror.free
+
+
+@needs_ray
+def test_packed_tensors_round_trip_exactly():
+    import torch
+
+    from planc.backends.ray_stage import pack, unpack
+
+    for dtype in (torch.float32, torch.bfloat16, torch.int64):
+        tensors = {3: torch.arange(12).reshape(4, 3).to(dtype), 9: torch.arange(3).reshape(1, 3).to(dtype)}
+        back = unpack(pack(tensors))
+        assert list(back) == [3, 9] and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    ids = {1: torch.tensor([5, 6, 7]), 2: torch.tensor([8])}  # token ids: one dimension, ragged
+    assert all(torch.equal(unpack(pack(ids))[k], v) for k, v in ids.items())
