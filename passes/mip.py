@@ -84,6 +84,15 @@ def group_shares(groups: list[BlockGroup], variant_shares: dict[str, float]) -> 
     return {g.id: sum(variant_shares.get(v, 0.0) for v in g.users) for g in groups}
 
 
+def _throughput_variable(m: mathopt.Model, inst: Instance) -> mathopt.Variable:
+    """lam, the requests/s every group serves its share of; fixed to the rate for objective `devices`."""
+    cap_total = sum(max((o.cap_rps for o in opts), default=0.0) * inst.max_replicas for opts in inst.options.values())
+    lam = m.add_variable(lb=0.0, ub=max(cap_total, 1e-9), name="lam")
+    if inst.objective == "devices":
+        m.add_linear_constraint(lam == inst.rate)
+    return lam
+
+
 class _Builder:
     def __init__(self, inst: Instance):
         self.inst = inst
@@ -98,11 +107,7 @@ class _Builder:
         inst, m = self.inst, self.model
         cluster = inst.cluster
         self.u = [m.add_binary_variable(name=f"u{d}") for d in range(cluster.num_devices)]
-        cap_total = sum(max((o.cap_rps for o in opts), default=0.0) * inst.max_replicas
-                        for opts in inst.options.values())
-        self.lam = m.add_variable(lb=0.0, ub=max(cap_total, 1e-9), name="lam")
-        if inst.objective == "devices":
-            m.add_linear_constraint(self.lam == inst.rate)
+        self.lam = _throughput_variable(m, inst)
         device_mem = {d: [] for d in range(cluster.num_devices)}
         device_time = {d: [] for d in range(cluster.num_devices)}
         hosts = {}
@@ -245,11 +250,7 @@ class _NodeBuilder:
         inst, m, cluster = self.inst, self.model, self.inst.cluster
         per = cluster.devices_per_node
         self.v = [m.add_integer_variable(lb=0, ub=per, name=f"v{k}") for k in range(cluster.nodes)]
-        cap_total = sum(max((o.cap_rps for o in opts), default=0.0) * inst.max_replicas
-                        for opts in inst.options.values())
-        self.lam = m.add_variable(lb=0.0, ub=max(cap_total, 1e-9), name="lam")
-        if inst.objective == "devices":
-            m.add_linear_constraint(self.lam == inst.rate)
+        self.lam = _throughput_variable(m, inst)
         memory = {k: [] for k in range(cluster.nodes)}
         busy = {k: [] for k in range(cluster.nodes)}
         hosts = {}
