@@ -71,8 +71,22 @@ def emit(program: Program, backend: Optional[str] = None, out: str | Path = "bun
         manifest = build_manifest(program, target.name, blocks, adapters, tokenizers, tokenizer_of,
                                   entry_points, settings)
         manifest["kernels"] = kernels
+        manifest["report"] = write_report(root, manifest, program)
         write_manifest(root, manifest)
     return out
+
+
+def write_report(root: Path, manifest: dict, program: Program) -> dict:
+    """report.html: sharing, placement, predicted latency (for people; verified like every file)."""
+    from planc.bundle_report import render
+    from planc.store import file_sha256
+
+    usable = None
+    if program.plan is not None and "plan_inputs" in program.extras:
+        usable = program.extras["plan_inputs"]["cluster"].device.usable_bytes / 1e9
+    path = root / "report.html"
+    path.write_text(render(manifest, program.plan, usable), encoding="utf-8")
+    return {"file": "report.html", "sha256": file_sha256(path)}
 
 
 def _plain(options: dict) -> dict:

@@ -58,8 +58,9 @@ class Bundle:
         for tok in self.manifest["tokenizers"].values():
             for name, digest in tok["files"].items():
                 verify_file(self.root / tok["dir"] / name, digest)
-        if self.manifest.get("kernels"):
-            verify_file(self.root / self.manifest["kernels"]["file"], self.manifest["kernels"]["sha256"])
+        for extra in ("kernels", "report"):
+            if self.manifest.get(extra):
+                verify_file(self.root / self.manifest[extra]["file"], self.manifest[extra]["sha256"])
 
     def variant(self, name: str) -> dict[str, Any]:
         if name not in self.variants:

@@ -36,3 +36,15 @@ def test_gpu_target_without_a_gpu_is_one_line_and_writes_nothing(tiny_example, t
     err = capsys.readouterr().err
     assert "no CUDA device is present" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_bundle_report_shows_sharing_and_the_plan_and_is_verified(tiny_example, tmp_path):
+    out = tmp_path / "bundle"
+    assert main(["compile", str(tiny_example), "-o", str(out), "--cluster", "2xH100-80GB"]) == 0
+    text = (out / "report.html").read_text()
+    b = Bundle.open(out)
+    assert text.count("<svg") == 2 and "Plan on 2xH100-80GB" in text
+    assert all(f">{name}<" in text for name in b.variants)
+    (out / "report.html").write_text(text.replace("Sharing", "Shared"))
+    with pytest.raises(BundleError, match="report.html"):
+        Bundle.open(out)
