@@ -8,8 +8,10 @@ explain is fitted, by least squares, as step_us + block_call_us * calls + per_se
 block calls, where the calls are the batched block calls, the adapter delta calls and the attention
 calls of one sequence (a prefill, or a lone decode), exactly as the simulator counts them
 (`planc.simulate.step_time` is linear in the three overheads, so probing it with each one set to
-1 us gives the counts). On this machine's first measurement that model left a median error of ~7%
-per step, against ~14% when the per-sequence term counted attention calls instead.
+1 us gives the counts). Counting an attention call of one sequence as a block call halved the error
+against charging it per sequence; the median step error that remains (~20% here, with 16- and
+128-token prompts) is mostly per-prefill-token work that none of the three terms scales with
+(benchmarks/RESULTS.md, "Simulator fidelity").
 """
 from __future__ import annotations
 
