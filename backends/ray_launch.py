@@ -53,6 +53,9 @@ def start_ray(address: Optional[str], num_gpus_needed: float) -> bool:
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise PlancError(f"--address {address}: cannot join the Ray cluster ({exc})") from None
         return False
+    # Ray runs workers at nice 15 by default; here the workers are the server (engine, stages, HTTP proxy),
+    # and a local server would not yield to every other process on the machine either.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=OBJECT_STORE_BYTES,
              _node_ip_address="127.0.0.1", **common)
     gpus = ray.cluster_resources().get("GPU", 0)

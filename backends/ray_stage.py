@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -86,7 +88,12 @@ class StageWorker:
         return {"incarnation": self.incarnation, "pid": os.getpid(), "positions": list(self.stage.positions),
                 "num_sequences": len(self.seqs)}
 
-    def run(self, incarnation: str, ops: list[tuple], calls: list[BlockCall], inputs: Packed) -> Packed:
+    def run(self, request: bytes) -> bytes:
+        """One step on this copy. In: pickled (incarnation, KV ops, block calls, packed inputs); out: pickled
+        (packed outputs, seconds spent here). One bytes argument: Ray charges ~0.3 ms per argument it
+        serializes itself, and this call is made once per stage and step."""
+        start = time.perf_counter()
+        incarnation, ops, calls, inputs = pickle.loads(request)
         if incarnation != self.incarnation:
             raise StageRestarted(f"incarnation {self.incarnation[:8]}, the proxy knows {incarnation[:8]}")
         for op in ops:  # reservations the proxy's mirror already granted, in its order
@@ -96,7 +103,8 @@ class StageWorker:
             else:
                 self.stage.free(op[1])
                 self.seqs.discard(op[1])
-        return pack(self.stage.run_calls(calls, unpack(inputs)))
+        out = pack(self.stage.run_calls(calls, unpack(inputs)))
+        return pickle.dumps((out, time.perf_counter() - start), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _verify_own_files(bundle: Bundle, positions: range, variants: list[str]) -> None:
@@ -152,6 +160,20 @@ class StageCopy:
             self.ops.append(("free", seq))
 
 
+@dataclass
+class StageTimings:
+    """Where a remote stage's time goes, summed over steps (read by benchmarks/ray_overhead.py)."""
+
+    calls: int = 0
+    """Actor calls (one per copy in use per step)."""
+    total_s: float = 0.0
+    """run_calls wall time in the engine: split, pack, round trips, unpack."""
+    remote_s: float = 0.0
+    """Of which inside the actors (unpack, compute, pack), as they report it; the rest is transport + ours."""
+    pack_s: float = 0.0
+    """Of which packing inputs and unpacking outputs in the engine's process."""
+
+
 class RemoteStage:
     """Engine-facing stage over actors: each sequence sticks to one copy of its variant's actors."""
 
@@ -164,6 +186,7 @@ class RemoteStage:
         self.call_timeout_s, self.attach_timeout_s = call_timeout_s, attach_timeout_s
         self.seq_copy: dict[int, StageCopy] = {}
         self.cache = _PagesView(self) if any(c.num_layers for c in self.all) else None
+        self.timings = StageTimings()
 
     # ------------------------------------------------------------------ KV (mirrored, no remote call)
     def can_reserve(self, seq: int, num_tokens: int, variant: Optional[str] = None) -> bool:
@@ -214,6 +237,7 @@ class RemoteStage:
     # ------------------------------------------------------------------ compute
     def run_calls(self, calls: list[BlockCall], inputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Split the step's calls by the copy each sequence sticks to; one call per copy, all in flight at once."""
+        start, t = time.perf_counter(), self.timings
         parts: dict[int, list[BlockCall]] = {}
         for call in calls:
             split: dict[int, list[Segment]] = {}
@@ -229,10 +253,21 @@ class RemoteStage:
                 raise StageFailed(f"stage actor {copy.label} is restarting")
             seqs = {seg.seq for call in sub for seg in call.segments}
             ops, copy.ops = copy.ops, []
-            refs.append((copy, copy.handle.run.remote(copy.incarnation, ops, sub, pack({s: inputs[s] for s in seqs}))))
+            packing = time.perf_counter()
+            request = pickle.dumps((copy.incarnation, ops, sub, pack({s: inputs[s] for s in seqs})),
+                                   protocol=pickle.HIGHEST_PROTOCOL)
+            t.pack_s += time.perf_counter() - packing
+            refs.append((copy, copy.handle.run.remote(request)))
         out: dict[int, torch.Tensor] = {}
         for copy, ref in refs:
-            out.update(unpack(self._get(copy, ref)))
+            reply = self._get(copy, ref)
+            unpacking = time.perf_counter()
+            packed, remote_s = pickle.loads(reply)
+            out.update(unpack(packed))
+            t.pack_s += time.perf_counter() - unpacking
+            t.remote_s += remote_s
+        t.calls += len(refs)
+        t.total_s += time.perf_counter() - start
         return out
 
     def _get(self, copy: StageCopy, ref):
