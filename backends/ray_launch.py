@@ -53,17 +53,22 @@ def start_ray(address: Optional[str], num_gpus_needed: float) -> bool:
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise PlancError(f"--address {address}: cannot join the Ray cluster ({exc})") from None
         return False
+    gpus = _local_gpus()
+    if num_gpus_needed > gpus:  # checked before starting a cluster that could never place the stages
+        raise PlancError(f"this bundle's stages need {num_gpus_needed:.3g} GPUs (planned for a GPU cluster); this "
+                         f"machine has {gpus}: compile with --cluster local, or join a GPU cluster with --address")
     # Ray runs workers at nice 15 by default; here the workers are the server (engine, stages, HTTP proxy),
     # and a local server would not yield to every other process on the machine either.
     os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=OBJECT_STORE_BYTES,
              _node_ip_address="127.0.0.1", **common)
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if num_gpus_needed > gpus:
-        ray.shutdown()
-        raise PlancError(f"this bundle's stages need {num_gpus_needed:g} GPUs (planned for a GPU cluster); this "
-                         f"machine has {gpus:g}: compile with --cluster local, or join a GPU cluster with --address")
     return True
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def free_port(host: str) -> int:

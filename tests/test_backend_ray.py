@@ -396,3 +396,23 @@ def test_packed_tensors_round_trip_exactly():
         assert list(back) == [3, 9] and all(torch.equal(back[k], tensors[k]) for k in tensors)
     ids = {1: torch.tensor([5, 6, 7]), 2: torch.tensor([8])}  # token ids: one dimension, ragged
     assert all(torch.equal(unpack(pack(ids))[k], v) for k, v in ids.items())
+
+
+def test_backend_ray_in_model_yaml(tiny_example, tmp_path):
+    spec = tiny_example.parent / "model-ray.yaml"
+    spec.write_text(tiny_example.read_text().replace("backend: local", "backend: ray"))
+    out = planc.emit(planc.compile(planc.load(spec)), out=tmp_path / "bundle")
+    assert Bundle.open(out).manifest["backend"] == "ray" and (out / "k8s" / "rayservice.yaml").is_file()
+
+
+@needs_ray
+def test_serving_a_gpu_plan_on_a_cpu_machine_is_refused_in_one_line(planned_bundle):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has GPUs")
+    r = subprocess.run([sys.executable, "-m", "planc.cli", "serve", str(planned_bundle)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("error: this bundle's stages need") and "--cluster local" in line
