@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from planc.plan import Plan, StagePlacement
-from planc.runtime.stage import split_positions
 
 DEFAULT_NUM_STAGES = 2
 """Stages of a bundle compiled without a plan: enough to exercise the chain across processes."""
@@ -88,6 +87,8 @@ def layout_for(variants: list[str], chain_length: int, plan: Optional[Plan], dev
                devices_per_node: int = 0) -> RayLayout:
     """The actors for a bundle: from its plan when it has one (`device_kind` of the plan's cluster)."""
     if plan is None:
+        from planc.runtime.stage import split_positions  # the runtime's own split; not loaded by `import planc`
+
         ranges = split_positions(chain_length, min(DEFAULT_NUM_STAGES, chain_length))
         actors = [ActorSpec(f"stage{i}", i, (r.start, r.stop), tuple(variants), 1, CPU_SHARE, 0.0)
                   for i, r in enumerate(ranges)]
