@@ -175,6 +175,18 @@ def _per_node(inst: Instance, best: Optional[Solution], time_limit_s: float, gap
     return chosen
 
 
+def _idle_options(sol: Solution, gid: str) -> set[int]:
+    """Layouts of a group that the routing leaves without load while another carries it: the MIP may
+    keep such copies (they cost no objective on devices already in use); deploying them would not."""
+    load: dict[int, float] = {}
+    for (g, o, p, si), z in sol.load.items():
+        if g == gid and p == 0:
+            load[o] = load.get(o, 0.0) + z
+    if not any(z > 1e-9 for z in load.values()):
+        return set()
+    return {o for o, z in load.items() if z <= 1e-9}
+
+
 def to_plan(inst: Instance, sol: Solution, cluster_name: str, settings: dict) -> Plan:
     """Expand stage copies into placements; pair copies on a node into replicas."""
     placements: list[StagePlacement] = []
@@ -182,10 +194,11 @@ def to_plan(inst: Instance, sol: Solution, cluster_name: str, settings: dict) ->
     by_id = {g.id: g for g in inst.groups}
     for g in inst.groups:
         chosen = []
+        idle = _idle_options(sol, g.id)
         for oi, opt in enumerate(inst.options[g.id]):
             per_stage_node: dict[tuple[int, int], list[tuple[tuple[int, ...], float]]] = {}
             for (gid, o, p, si), count in sorted(sol.copies.items()):
-                if gid != g.id or o != oi:
+                if gid != g.id or o != oi or o in idle:
                     continue
                 node, devices = slots(inst.cluster, opt.tp)[si]
                 per_copy = sol.load[(gid, o, p, si)] / count

@@ -162,7 +162,8 @@ class Spec(_Strict):
     base: BaseModelRef
     variants: list[VariantRef] = Field(default_factory=list)
     backend: str = "local"
-    """Which backend `planc compile` emits for (`local`; more come with their issues)."""
+    """Which backend `planc compile` emits for: `local` (one process) or `ray` (stages as Ray actors,
+    Ray Serve config, KubeRay manifest, Dockerfile)."""
     serving: ServingSettings = Field(default_factory=ServingSettings)
     tenants: list[Tenant] = Field(default_factory=list)
     """Optional API keys; with none, the server is open to every client."""
