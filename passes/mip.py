@@ -93,6 +93,22 @@ def _throughput_variable(m: mathopt.Model, inst: Instance) -> mathopt.Variable:
     return lam
 
 
+def _serve_group(m: mathopt.Model, inst: Instance, gid: str, loads: list, replicas: list,
+                 lam: mathopt.Variable) -> None:
+    """A group carries its share of the traffic on 1..max_replicas replicas (every chain is served)."""
+    m.add_linear_constraint(sum(loads) == inst.shares[gid] * lam)
+    m.add_linear_constraint(sum(replicas) >= 1)
+    m.add_linear_constraint(sum(replicas) <= inst.max_replicas)
+
+
+def _chain_locality(m: mathopt.Model, inst: Instance, hosts: dict[str, list]) -> None:
+    """A group runs on a node only if every group feeding it does: a chain never leaves its node."""
+    for g in inst.groups:
+        for pred in g.predecessors:
+            for k in range(inst.cluster.nodes):
+                m.add_linear_constraint(hosts[g.id][k] <= hosts[pred][k])
+
+
 class _Builder:
     def __init__(self, inst: Instance):
         self.inst = inst
@@ -144,13 +160,8 @@ class _Builder:
                     for k in range(cluster.nodes):
                         m.add_linear_constraint(sum(per_node[k]) == r[k])
                     m.add_linear_constraint(sum(z_terms) == y)
-            m.add_linear_constraint(sum(y_terms) == inst.shares[g.id] * self.lam)
-            m.add_linear_constraint(sum(replicas_total) >= 1)
-            m.add_linear_constraint(sum(replicas_total) <= inst.max_replicas)
-        for g in inst.groups:
-            for pred in g.predecessors:
-                for k in range(cluster.nodes):
-                    m.add_linear_constraint(hosts[g.id][k] <= hosts[pred][k])
+            _serve_group(m, inst, g.id, y_terms, replicas_total, self.lam)
+        _chain_locality(m, inst, hosts)
         usable = cluster.device.usable_bytes
         for d in range(cluster.num_devices):
             # scaled to GB so the solver's tolerances see numbers near 1
@@ -275,13 +286,8 @@ class _NodeBuilder:
                     busy[k].append(device_time * z)
                     y_terms.append(z)
                     replicas.append(r)
-            m.add_linear_constraint(sum(y_terms) == inst.shares[g.id] * self.lam)
-            m.add_linear_constraint(sum(replicas) >= 1)
-            m.add_linear_constraint(sum(replicas) <= inst.max_replicas)
-        for g in inst.groups:
-            for pred in g.predecessors:
-                for k in range(cluster.nodes):
-                    m.add_linear_constraint(hosts[g.id][k] <= hosts[pred][k])
+            _serve_group(m, inst, g.id, y_terms, replicas, self.lam)
+        _chain_locality(m, inst, hosts)
         usable = cluster.device.usable_bytes / 1e9
         for k in range(cluster.nodes):
             m.add_linear_constraint(sum(memory[k]) <= usable * self.memory_scale[k] * self.v[k])
