@@ -171,6 +171,14 @@ class OptionBuilder:
         self.tpot_budget_s, self.ttft_budget_s, self.chain_length = tpot_budget_s, ttft_budget_s, chain_length
         self.lora_in_out = lora_in_out
 
+    @classmethod
+    def for_program(cls, program: Program, costs: dict[str, BlockCost], cluster: Cluster,
+                    traffic: Traffic) -> "OptionBuilder":
+        """The builder for a program's architecture and SLO on `cluster`."""
+        arch, slo = program.base.checkpoint.arch, program.spec.plan.slo
+        return cls(costs, CostModel.for_cluster(cluster, arch.dtype_bytes), cluster, traffic, slo.tpot_ms / 1e3,
+                   slo.ttft_ms / 1e3, len(chain_block_names(arch.num_layers)), lora_in_out=2.0 * arch.hidden_size)
+
     def options(self, group: BlockGroup) -> list[GroupOption]:
         out = []
         weights = [self.costs[b].weight_bytes for b in group.blocks]
@@ -243,13 +251,9 @@ class CostPass(Pass):
             raise SpecError(f"{program.spec.source}: no cluster to plan for: give --cluster or `plan: {{cluster: ...}}`")
         cluster = ref if isinstance(ref, Cluster) else load_cluster(_relative(program, ref))
         arch = program.base.checkpoint.arch
-        dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}[arch.dtype]
-        costs = arch_block_costs(arch, dtype_bytes)
+        costs = arch_block_costs(arch, arch.dtype_bytes)
         traffic = traffic_for(program)
-        names = chain_block_names(arch.num_layers)
-        builder = OptionBuilder(costs, CostModel.for_cluster(cluster, dtype_bytes), cluster, traffic,
-                                settings.slo.tpot_ms / 1e3, settings.slo.ttft_ms / 1e3, len(names),
-                                lora_in_out=2.0 * arch.hidden_size)
+        builder = OptionBuilder.for_program(program, costs, cluster, traffic)
         program.groups = plan_groups(program)
         program.plan_options = {g.id: builder.options(g) for g in program.groups}
         program.extras["plan_inputs"] = {"cluster": cluster, "traffic": traffic, "costs": costs}

@@ -319,8 +319,7 @@ class ParallelizePass(Pass):
         from planc.passes.greedy import greedy_copies
         from planc.plan_sim import simulated_capacity
 
-        dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}[program.base.checkpoint.arch.dtype]
-        cm = CostModel.for_cluster(inst.cluster, dtype_bytes)
+        cm = CostModel.for_cluster(inst.cluster, program.base.checkpoint.arch.dtype_bytes)
         candidates = [best]
         greedy = greedy_copies(inst)
         if greedy:

@@ -63,8 +63,8 @@ def _score(program: Program, inst: Instance, copies: Optional[dict], simulate: b
 
         p = to_plan(inst, sol, "baseline", {})
         p.settings = program.plan.settings
-        dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}[program.base.checkpoint.arch.dtype]
-        out["simulated_capacity_rps"] = simulated_capacity(program, p, CostModel.for_cluster(inst.cluster, dtype_bytes))
+        cm = CostModel.for_cluster(inst.cluster, program.base.checkpoint.arch.dtype_bytes)
+        out["simulated_capacity_rps"] = simulated_capacity(program, p, cm)
     return out
 
 
@@ -80,14 +80,8 @@ def baselines(program: Program, simulate: bool = False) -> dict[str, dict[str, A
     blocks = chain_block_names(arch.num_layers)
     groups = groups_from_instances(blocks, {v: [f"{v}:{b}" for b in blocks] for v in names})
     inputs = program.extras["plan_inputs"]
-    cluster, traffic, costs = inputs["cluster"], inputs["traffic"], inputs["costs"]
-    settings = program.spec.plan
-    from planc.cost import CostModel
-
-    dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}[arch.dtype]
-    builder = OptionBuilder(costs, CostModel.for_cluster(cluster, dtype_bytes), cluster, traffic,
-                            settings.slo.tpot_ms / 1e3, settings.slo.ttft_ms / 1e3, len(blocks),
-                            lora_in_out=2.0 * arch.hidden_size)
+    cluster, traffic = inputs["cluster"], inputs["traffic"]
+    builder = OptionBuilder.for_program(program, inputs["costs"], cluster, traffic)
     per_variant = Instance(groups, {g.id: builder.options(g) for g in groups},
                            {g.id: traffic.shares.get(g.users[0], 0.0) for g in groups}, cluster, "throughput",
                            None, 1)

@@ -82,7 +82,7 @@ class SimModel:
         from planc.cost import arch_block_costs
 
         arch = bundle.arch
-        dtype_bytes = dtype_bytes or _DTYPE_BYTES.get(arch.dtype, 2)
+        dtype_bytes = dtype_bytes or arch.dtype_bytes
         by_name = arch_block_costs(arch, dtype_bytes)
         costs = {key: by_name[entry["name"]] for key, entry in bundle.blocks.items()}
         dims = linear_dims(arch)
@@ -113,7 +113,6 @@ class SimModel:
         return tuple((n, groups) for groups, n in counts.items())
 
 
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1}
 
 
 def linear_dims(arch) -> dict[str, float]:

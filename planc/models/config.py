@@ -134,6 +134,10 @@ class ArchConfig:
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
 
+    @property
+    def dtype_bytes(self) -> int:
+        return self.torch_dtype.itemsize
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
