@@ -98,30 +98,39 @@ def lora_delta(y: torch.Tensor, x: torch.Tensor,
 
 
 def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, tables: torch.Tensor,
-                     context_lens: torch.Tensor, window: Optional[int], scale: float) -> torch.Tensor:
+                     context_lens: torch.Tensor, window: Optional[int], scale: float,
+                     max_gather_bytes: int = 16 * 2**20) -> torch.Tensor:
     """One new query per sequence over its paged keys/values, for a whole batch in one call.
 
     q: (seqs, heads, head_dim); k_pages, v_pages: (pages, page_size, kv_heads, head_dim);
     tables: (seqs, max_pages) page ids; context_lens: (seqs,) tokens in cache, the new one included.
     Returns (seqs, heads, head_dim).
+
+    The keys and values are gathered into contiguous tensors, so sequences go in slices of at most
+    `max_gather_bytes` of gathered K/V: a step's memory stays bounded whatever the batch and context.
+    Query heads are grouped over their KV head instead of repeating K/V per query head (GQA).
     """
-    page_size = k_pages.shape[1]
-    ctx = int(context_lens.max())
+    seqs, ctx = q.shape[0], int(context_lens.max())
+    per_seq = 2 * ctx * k_pages.shape[2] * k_pages.shape[3] * k_pages.element_size()
+    step = max(1, max_gather_bytes // per_seq)
+    if seqs > step:
+        return torch.cat([decode_attention(q[i:i + step], k_pages, v_pages, tables[i:i + step],
+                                           context_lens[i:i + step], window, scale, max_gather_bytes)
+                          for i in range(0, seqs, step)])
+    page_size, kv_heads, head_dim = k_pages.shape[1], k_pages.shape[2], k_pages.shape[3]
     j = torch.arange(ctx, device=q.device)
-    pages = tables.gather(1, (j // page_size).expand(tables.shape[0], -1))   # (seqs, ctx)
-    k = k_pages[pages, j % page_size]                                         # (seqs, ctx, kv_heads, head_dim)
-    v = v_pages[pages, j % page_size]
+    pages = tables.gather(1, (j // page_size).expand(seqs, -1))               # (seqs, ctx)
+    k = k_pages[pages, j % page_size].float()                                 # (seqs, ctx, kv_heads, head_dim)
+    v = v_pages[pages, j % page_size].float()
     pos = (context_lens - 1)[:, None]                                          # the query's position
     mask = j[None, :] <= pos
     if window is not None:
         mask = mask & (pos - j[None, :] < window)
-    groups = q.shape[1] // k.shape[2]
-    k, v = k.transpose(1, 2), v.transpose(1, 2)                                # (seqs, kv_heads, ctx, head_dim)
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask[:, None, None, :], scale=scale)
-    return out[:, :, 0]
+    qg = q.float().view(seqs, kv_heads, q.shape[1] // kv_heads, head_dim)      # heads grouped by KV head
+    scores = torch.einsum("skgd,sckd->skgc", qg, k) * scale
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1)
+    out = torch.einsum("skgc,sckd->skgd", scores, v)
+    return out.reshape(seqs, -1, head_dim).to(q.dtype)
 
 
 def write_kv(k_pages: torch.Tensor, v_pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -147,6 +147,9 @@ def serve(
     max_running: Optional[int] = typer.Option(None, min=1, help="Sequences decoding at once."),
     max_queue: Optional[int] = typer.Option(None, min=1, help="Waiting requests before HTTP 429."),
     max_model_len: Optional[int] = typer.Option(None, min=1, help="Longest prompt + completion."),
+    max_batch_tokens: Optional[int] = typer.Option(None, min=1, help="Tokens per engine step; longer prompts are "
+                                                   "prefilled in chunks (default: the bundle's, else 512 on a "
+                                                   "CPU, 2048 on a GPU)."),
     threads: int = typer.Option(1, min=1, help="Engine intra-op threads."),
     shutdown_timeout: float = typer.Option(30.0, min=0, help="Seconds in-flight requests get after SIGTERM."),
     kernels: Optional[str] = typer.Option(None, help="Op implementations: auto, torch, triton, or op=impl pairs "
@@ -164,7 +167,8 @@ def serve(
     from planc.runtime.server import ServeOptions, build_state, serve_forever
 
     opened = Bundle.open(bundle)
-    options = ServeOptions(kv_cache_mb, max_running, max_queue, max_model_len, threads, kernels, stage_timeout)
+    options = ServeOptions(kv_cache_mb, max_running, max_queue, max_model_len, threads, kernels, stage_timeout,
+                           max_batch_tokens)
     serve_with = _backend_server(opened)
     if serve_with is not None:  # e.g. the ray backend: stages in actors, its own HTTP front
         serve_with(opened, options, host, port, shutdown_timeout, address)

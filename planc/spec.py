@@ -98,8 +98,9 @@ class ServingSettings(_Strict):
     """Tokens per KV page."""
     max_running: int = Field(64, ge=1)
     """Sequences decoding at once."""
-    max_batch_tokens: int = Field(2048, ge=1)
-    """Tokens per engine step (prefill tokens + one per decoding sequence)."""
+    max_batch_tokens: Optional[int] = Field(None, ge=1)
+    """Tokens per engine step: one per decoding sequence, then prompt chunks (chunked prefill).
+    Default: 512 on a CPU, 2048 on a GPU."""
     block_batch_cap: int = Field(256, ge=1)
     """Most sequences one block runs in one batched call."""
     max_queue: int = Field(256, ge=1)

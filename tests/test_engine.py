@@ -99,6 +99,27 @@ def test_preemption_keeps_outputs_exact(family_bundle):
     assert tight.kv_free_pages() == tight.kv_pages()  # every page came back
 
 
+def test_chunked_prefill_keeps_outputs_exact_and_steps_within_budget(family_bundle):
+    """A 5-token budget splits every prompt over several steps (mistral's sliding window of 6 is crossed
+    by chunks too); the tokens stay transformers', and no step runs more tokens than the budget."""
+    bundle, sources = family_bundle
+    tokens_per_step = []
+
+    class Counting(Engine):
+        def _schedule(self, work):
+            out = super()._schedule(work)
+            tokens_per_step.append(sum(s.scheduled for s in out))
+            return out
+
+    requests = [(v, p) for p in PROMPTS for v in ("base", "ft", "lora")]
+    got = _run_all(Counting(bundle, EngineConfig(max_batch_tokens=5)), requests,
+                   SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
+    for (variant, prompt), tokens in zip(requests, got):
+        directory, adapter = sources[variant]
+        assert tokens == _hf_generate(directory, prompt, adapter), (variant, prompt)
+    assert max(tokens_per_step) == 5  # so the 9- and 6-token prompts were prefilled in chunks
+
+
 def test_seeded_sampling_is_reproducible_whatever_the_batch(family_bundle):
     bundle, _ = family_bundle
     params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, top_k=50, seed=1234)

@@ -151,6 +151,30 @@ def test_paged_attention_matches_full_attention_for_the_last_queries():
     assert torch.allclose(tail.transpose(0, 1), full[0, :, 6:], atol=1e-6)
 
 
+@pytest.mark.parametrize("heads, kv_heads, window", [(4, 4, None), (8, 2, None), (12, 4, 5), (8, 1, 3)])
+def test_decode_attention_over_pages_equals_naive_attention_and_slices_alike(heads, kv_heads, window):
+    """Each sequence's query, at its own context length, against the naive formula on its gathered
+    keys; slicing the batch to bound gathered memory gives the same."""
+    from planc.kernels import problems, reference
+
+    g = torch.Generator().manual_seed(7)
+    lens = [1, 9, 4, 16, 7]
+    q, k_pages, v_pages, tables, ctx, window, scale = problems.decode_attention(lens, heads, kv_heads, 6, 4,
+                                                                                torch.float32, "cpu", g, window)
+    got = reference.decode_attention(q, k_pages, v_pages, tables, ctx, window, scale)
+    for i, n in enumerate(lens):
+        slots = tables[i, torch.arange(n) // 4] * 4 + torch.arange(n) % 4
+        k = k_pages.flatten(0, 1)[slots].transpose(0, 1)[None]  # (1, kv_heads, n, dim)
+        v = v_pages.flatten(0, 1)[slots].transpose(0, 1)[None]
+        qi = torch.zeros(1, heads, n, 6)
+        qi[0, :, -1] = q[i]
+        want = _naive_attention(qi, k, v, window, scale)[0, :, -1]
+        assert torch.allclose(got[i], want, atol=1e-5), i
+    one_seq_at_a_time = 2 * 16 * kv_heads * 6 * 4  # bytes of the longest sequence's gathered K and V
+    sliced = reference.decode_attention(q, k_pages, v_pages, tables, ctx, window, scale, one_seq_at_a_time)
+    assert torch.allclose(sliced, got, atol=1e-6)
+
+
 def test_without_triton_planc_imports_and_runs_torch_and_refuses_a_forced_triton():
     import subprocess
     import sys

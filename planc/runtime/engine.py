@@ -31,8 +31,10 @@ class EngineConfig:
     page_size: int = 16
     max_running: int = 64
     """Sequences decoding at once."""
-    max_batch_tokens: int = 2048
-    """Tokens per step (prefill tokens + one per decode); a longer single prompt still runs alone."""
+    max_batch_tokens: int = 512
+    """Tokens per step: one per decoding sequence first, then prompt chunks in admission order; a prompt
+    longer than what is left is prefilled over several steps (chunked prefill). It bounds a step's
+    activation memory and how long a prefill stalls the decodes beside it."""
     block_batch_cap: int = 256
     """Most sequences one block runs in one batched call; larger groups are split."""
     max_queue: int = 256
@@ -69,6 +71,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     """Tokens whose K/V are in the cache."""
+    scheduled: int = 0
+    """Tokens this step computes (all pending ones, or a prompt chunk)."""
     admitted_at: float = 0.0
 
     @property
@@ -77,6 +81,9 @@ class Sequence:
 
     def pending_ids(self) -> list[int]:
         return self.all_ids[self.num_computed:]
+
+    def num_pending(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids) - self.num_computed
 
 
 class QueueFull(Exception):
@@ -219,18 +226,17 @@ class Engine:
                 self._finish(seq, "abort")
 
     def _admit(self) -> None:
-        budget = self.config.max_batch_tokens - len(self.running)
-        while self.waiting and len(self.running) < self.config.max_running:
+        """Admit waiting sequences while this step has tokens left for them and their KV fits."""
+        budget = self.config.max_batch_tokens - sum(min(s.num_pending(), self.config.max_batch_tokens)
+                                                    for s in self.running)
+        while self.waiting and len(self.running) < self.config.max_running and (budget > 0 or not self.running):
             seq = self.waiting[0]
-            need = len(seq.pending_ids())
-            if need > budget and self.running:
-                break
             if not self._reserve_kv(seq):
                 break
             self.waiting.popleft()
             seq.admitted_at = time.monotonic()
             self.running.append(seq)
-            budget -= need
+            budget -= seq.num_pending()
 
     def _reserve(self) -> list[Sequence]:
         """Make room for every running sequence's next tokens, preempting the newest when full."""
@@ -246,7 +252,19 @@ class Engine:
                 self._preempt(victim)
             else:
                 work.append(seq)
-        return [s for s in work if s in self.running]
+        return self._schedule([s for s in work if s in self.running])
+
+    def _schedule(self, work: list[Sequence]) -> list[Sequence]:
+        """Share the step's token budget: decodes first (one token each, in admission order), then
+        prompt chunks in admission order. Sets each sequence's `scheduled`; returns those with tokens."""
+        budget = self.config.max_batch_tokens
+        out = []
+        for seq in sorted(work, key=lambda s: s.num_pending() > 1):  # stable: admission order within each
+            seq.scheduled = min(seq.num_pending(), budget)
+            if seq.scheduled:
+                out.append(seq)
+                budget -= seq.scheduled
+        return out
 
     def _preempt(self, seq: Sequence) -> None:
         self._free_kv(seq.id)
@@ -258,7 +276,7 @@ class Engine:
     def _forward(self, work: list[Sequence]) -> dict[int, torch.Tensor]:
         """Run every sequence's pending tokens through its chain, one call per stage; logits of each
         one's last token (the last stage ends with the head)."""
-        out: dict[int, torch.Tensor] = {s.id: torch.tensor(s.pending_ids()) for s in work}
+        out: dict[int, torch.Tensor] = {s.id: torch.tensor(s.pending_ids()[:s.scheduled]) for s in work}
         for stage in self.stages:
             out = stage.run_calls(self._block_calls(stage.positions, work), out)
         return out
@@ -276,16 +294,18 @@ class Engine:
                 for i in range(0, len(members), cap):
                     segments, start = [], 0
                     for s in members[i:i + cap]:
-                        n, adapter = len(s.all_ids) - s.num_computed, self.chains[s.variant][position][1]
-                        segments.append(ex.Segment(s.id, start, n, s.num_computed, adapter))
-                        start += n
+                        adapter = self.chains[s.variant][position][1]
+                        segments.append(ex.Segment(s.id, start, s.scheduled, s.num_computed, adapter))
+                        start += s.scheduled
                     calls.append(BlockCall(position, key, segments))
                     self.stats.record(key, members[i:i + cap])
         return calls
 
     def _sample(self, work: list[Sequence], logits: dict[int, torch.Tensor]) -> None:
         for seq in work:
-            seq.num_computed = len(seq.all_ids)
+            seq.num_computed += seq.scheduled
+            if seq.num_pending():
+                continue  # a prompt chunk: its logits are not a next token yet
             token = seq.sampler(logits[seq.id])
             if token in seq.eos_ids:
                 self._finish(seq, "stop")

@@ -48,6 +48,8 @@ class ServeOptions:
     """Op implementations: auto | torch | triton | op=impl,... (default: $PLANC_KERNELS, else auto)."""
     stage_timeout_s: Optional[float] = None
     """Seconds a failed out-of-process stage (ray backend) may take to come back before its requests get 503."""
+    max_batch_tokens: Optional[int] = None
+    """Tokens per engine step (chunked prefill); default: the bundle's, else 512 on a CPU and 2048 on a GPU."""
 
 
 def kernel_selection(bundle: Bundle, options: ServeOptions) -> KernelSelection:
@@ -64,7 +66,7 @@ def kernel_selection(bundle: Bundle, options: ServeOptions) -> KernelSelection:
 
 def engine_config(bundle: Bundle, options: ServeOptions) -> EngineConfig:
     s = dict(bundle.manifest.get("serving") or {})
-    for key in ("kv_cache_mb", "max_running", "max_queue", "max_model_len"):
+    for key in ("kv_cache_mb", "max_running", "max_queue", "max_model_len", "max_batch_tokens"):
         if getattr(options, key) is not None:
             s[key] = getattr(options, key)
     max_len = s.get("max_model_len") or min(bundle.arch.max_position_embeddings, 4096)
@@ -73,12 +75,19 @@ def engine_config(bundle: Bundle, options: ServeOptions) -> EngineConfig:
         caps = {k: min(c, s.get("block_batch_cap", 256)) for k, c in bundle.plan.block_batch_caps().items()}
         stages = bundle.plan.stage_ranges(len(next(iter(bundle.variants.values()))["chain"]))
     config = EngineConfig(kv_cache_bytes=int(float(s.get("kv_cache_mb", 64)) * 2**20), page_size=s.get("page_size", 16),
-                          max_running=s.get("max_running", 64), max_batch_tokens=s.get("max_batch_tokens", 2048),
+                          max_running=s.get("max_running", 64),
+                          max_batch_tokens=s.get("max_batch_tokens") or default_batch_tokens(),
                           block_batch_cap=s.get("block_batch_cap", 256), max_queue=s.get("max_queue", 256),
                           max_model_len=max_len, block_caps=caps, stage_positions=stages)
     if options.stage_timeout_s is not None:
         config.stage_timeout_s = options.stage_timeout_s
     return config
+
+
+def default_batch_tokens() -> int:
+    """Tokens per step when the bundle does not say: on a CPU a step of 512 tokens already runs its
+    matmuls at full speed, and a smaller step holds less activation memory and stalls decodes less."""
+    return 2048 if torch.cuda.is_available() else 512
 
 
 def tenant_keys(bundle: Bundle, environ=os.environ) -> Optional[dict[str, tuple[str, Optional[set[str]]]]]:
