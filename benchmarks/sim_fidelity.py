@@ -2,7 +2,8 @@
 
 For each model (the tiny example, 4 variants; the ~100M Llama with 8 variants of serve_load.py) one
 seeded Gamma workload (open loop) is
-- simulated: `planc.simulate` on `SimModel.from_bundle` with the local CPU profile (`planc profile`);
+- simulated: `planc.simulate` on `SimModel.from_bundle` with the local CPU profile (`planc profile`: its
+  matmul table, fitted overheads and server costs), once as the engine alone and once inside `planc serve`;
 - measured on the engine in this process (requests submitted at their arrival times, tokens timed
   in the engine's sink): the runtime alone, what the simulator models;
 - measured over HTTP: `planc serve` in a child process driven by `planc bench`'s load generator
@@ -11,7 +12,7 @@ Both use the server's engine settings (`--kv-cache-mb 64`, one thread). Compared
 TTFT p50/p95 and output tokens/s; error = simulated / measured - 1.
 
     OMP_NUM_THREADS=1 python benchmarks/sim_fidelity.py [--models tiny,100m] [--modes engine,http]
-        [--profile PATH | --reprofile] [--quick]
+        [--profile PATH | --reprofile] [--quick] [--resimulate]
 """
 from __future__ import annotations
 
@@ -60,13 +61,16 @@ def engine_settings(bundle):
 
 
 # ---------------------------------------------------------------- the three runs
-def simulated(bundle, requests, cost_model, label: str = "simulated") -> dict:
+def simulated(bundle, requests, cost_model, mode: str) -> dict:
+    """The simulator's prediction of `mode`: the engine alone, or inside planc serve (server=True)."""
     from planc.sim_model import SimModel
     from planc.sim_report import bench_result
     from planc.simulate import simulate
 
     start = time.perf_counter()
-    result = simulate(SimModel.from_bundle(bundle), cost_model, requests, engine_settings(bundle))
+    label = "simulated (planc serve)" if mode == "http" else "simulated (engine)"
+    result = simulate(SimModel.from_bundle(bundle), cost_model, requests, engine_settings(bundle),
+                      server=mode == "http")
     return bench_result(result, label, meta={"simulate_s": time.perf_counter() - start})
 
 
@@ -126,12 +130,13 @@ def measured_engine(bundle, requests) -> dict:
 
 def record_steps(engine) -> list:
     """Log every step of `engine` (wrapping its instance's methods; the runtime is not changed): wall and
-    CPU seconds, and the batch it ran as (variant, tokens, cached) per sequence."""
+    CPU seconds, and the batch it ran as (variant, tokens, cached, tokens computed) per sequence."""
     log, batch = [], []
     forward, step = engine._forward, engine.step
 
     def logged_forward(work):
-        batch[:] = [(s.variant, len(s.all_ids), s.num_computed) for s in work]
+        batch[:] = [(s.variant, len(s.all_ids), s.num_computed, getattr(s, "scheduled", len(s.all_ids) - s.num_computed))
+                    for s in work]
         return forward(work)
 
     def logged_step():
@@ -156,7 +161,7 @@ def step_errors(bundle, steps: list, cost_model) -> dict:
     pred = np.array([step_time(model, cost_model, b) for _, _, b in steps])
     wall, cpu = np.array([w for w, _, _ in steps]), np.array([c for _, c, _ in steps])
     size = np.array([len(b) for _, _, b in steps])
-    prefill = np.array([any(n - c > 1 for _, n, c in b) for _, _, b in steps])
+    prefill = np.array([any((x[3] if len(x) > 3 else x[1] - x[2]) > 1 for x in b) for _, _, b in steps])
     out = {"all": _bin(pred, wall, cpu, np.ones_like(prefill))}
     for name, kind in (("decode only", ~prefill), ("with prefill", prefill)):
         for lo, hi in ((1, 1), (2, 4), (5, 12), (13, 10_000)):
@@ -241,7 +246,7 @@ def compare(sim: dict, measured: dict) -> dict:
 def machine() -> dict:
     import torch
 
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    git = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "python": platform.python_version(), "torch": torch.__version__, "nproc": os.cpu_count(),
             "cpu": _cpu(), "git": git, "command": " ".join([Path(sys.executable).name] + sys.argv)}
@@ -308,8 +313,6 @@ def main() -> None:
     p.add_argument("--profile", type=Path, default=None, help="device profile (default: the local one)")
     p.add_argument("--reprofile", action="store_true", help="measure the local profile now (planc profile)")
     p.add_argument("--quick", action="store_true", help="a sixth of the requests")
-    p.add_argument("--table", action="store_true",
-                   help="also simulate with a measured matmul table (benchmarks/matmul_table.py, an experiment)")
     p.add_argument("--out", type=Path, default=OUT / "sim_fidelity.json")
     p.add_argument("--wait-quiet", type=float, default=600, help="seconds to wait for a quiet machine before each run")
     p.add_argument("--resimulate", action="store_true",
@@ -327,7 +330,7 @@ def main() -> None:
         print(f"profiling (others busy {wait_quiet(args.wait_quiet):.2f} cores before)", file=sys.stderr, flush=True)
         write_profile(measure_local(), args.profile or LOCAL_PROFILE)
     profile = load_device(str(args.profile) if args.profile else "local")
-    rows, tables = [], {}
+    rows = []
     for model in args.models.split(","):
         spec = sl.tiny_spec() if model == "tiny" else sl.big_spec()
         bundle_dir = sl.bundle(model, spec, shared=True)
@@ -335,16 +338,11 @@ def main() -> None:
         variants = VARIANTS[model] or list(bundle.variants)
         requests = workload(model, args.quick).requests(variants)
         from planc.cost import CostModel
-        cost_models = {"roofline": CostModel(profile, dtype_bytes=4)}
-        sims = {"roofline": simulated(bundle, requests, cost_models["roofline"])}
-        if args.table:
-            from matmul_table import measure_arch_table, table_cost_model
-            table = tables[model] = measure_arch_table(bundle.arch)
-            cost_models["matmul table"] = table_cost_model(profile, bundle.arch, table)(profile, 4)
-            sims["matmul table"] = simulated(bundle, requests, cost_models["matmul table"], "simulated (matmul table)")
-        for name, sim in sims.items():
-            write_result(OUT / f"sim_fidelity_{model}_simulated{'_table' if name != 'roofline' else ''}.json", sim)
+        cost_model = CostModel(profile, dtype_bytes=4)
         for mode in args.modes.split(","):
+            sims = {"profile": simulated(bundle, requests, cost_model, mode)}
+            write_result(OUT / f"sim_fidelity_{model}_simulated_{mode}.json", sims["profile"])
+            cost_models = {"profile": cost_model}
             if args.resimulate:
                 measured = json.loads((OUT / f"sim_fidelity_{model}_{mode}.json").read_text())
                 rows += report(model, mode, bundle, measured, sims, cost_models)
@@ -366,7 +364,7 @@ def main() -> None:
             measured["meta"].update(other_cores=other, wall_s=wall)
             write_result(OUT / f"sim_fidelity_{model}_{mode}.json", measured)
             rows += report(model, mode, bundle, measured, sims, cost_models)
-    out = {"machine": machine(), "profile": profile.model_dump(mode="json"), "matmul_tables": tables, "rows": rows}
+    out = {"machine": machine(), "profile": profile.model_dump(mode="json"), "rows": rows}
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print_table(rows)
 

@@ -19,13 +19,15 @@ Every `*_gbps` figure is in gigabytes per second (bytes, not bits), as on GPU da
 """
 from __future__ import annotations
 
+import bisect
+import math
 import re
 from importlib import resources
 from pathlib import Path
 from typing import Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from planc.errors import SpecError
 
@@ -45,6 +47,120 @@ class Overheads(_Strict):
     """Per batched block call."""
     per_seq_us: float = Field(0.0, ge=0)
     """Per sequence in a block call (bookkeeping, per-sequence attention calls)."""
+    per_token_us: float = Field(0.0, ge=0)
+    """Per prefill token in a block call (position and RoPE tensors, per-token elementwise work)."""
+    server_token_us: float = Field(0.0, ge=0)
+    """CPU time `planc serve`'s asyncio thread spends per streamed token (detokenize, JSON, SSE write), holding
+    the GIL the engine thread also needs; 0 where unmeasured (shipped GPU profiles)."""
+    server_request_us: float = Field(0.0, ge=0)
+    """The same thread's CPU time per request (parse, tokenize, response setup, metrics)."""
+
+
+class MatmulLinear(_Strict):
+    """One measured weight shape of a MatmulTable."""
+
+    shape: tuple[int, int]
+    """(out_features, in_features), as torch.nn.Linear stores the weight."""
+    us: list[float] = Field(min_length=2)
+    """Microseconds of one call at the table's first len(us) row counts (larger ones are extrapolated)."""
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 1:
+            raise ValueError("out and in features must be >= 1")
+        return v
+
+    @field_validator("us")
+    @classmethod
+    def _times(cls, v: list[float]) -> list[float]:
+        if any(t <= 0 for t in v):
+            raise ValueError("times must be positive")
+        return v
+
+
+class MatmulTable(_Strict):
+    """Measured time of `F.linear(x (rows, in), w (out, in))` over a grid of weight shapes and row counts.
+
+    A roofline takes a matmul as max(FLOPs / peak, weight bytes / bandwidth); on a CPU's one-thread BLAS a
+    call of a few rows packs the weight first and does not overlap that with the arithmetic, so the
+    roofline misses it by up to 3x (benchmarks/RESULTS.md, "Simulator fidelity"). Lookups interpolate
+    log time piecewise linearly in log rows, then bilinearly in (log in, log out) over the grid; beyond
+    the grid a weight is charged in proportion to its size, beyond the last row count by the last
+    measured time per row.
+
+    >>> t = MatmulTable(rows=[1, 2], linears=[MatmulLinear(shape=(n, k), us=[n * k / 1e3, n * k / 5e2])
+    ...                                        for n in (64, 256) for k in (64, 256)])
+    >>> round(t.linear_us(2, 128, 128), 2), round(t.linear_us(4, 512, 256), 2)  # inside; beyond rows and out
+    (32.77, 524.29)
+    """
+
+    dtype: str = "fp32"
+    cold: bool = True
+    """Weights read from memory, not a cache a previous call warmed (as in a step over many layers)."""
+    rows: list[int] = Field(min_length=2)
+    linears: list[MatmulLinear] = Field(min_length=1)
+
+    @field_validator("rows")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if v[0] < 1 or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError("rows must be increasing counts >= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _grid(self) -> "MatmulTable":
+        shapes = {lin.shape for lin in self.linears}
+        outs, ins = sorted({n for n, _ in shapes}), sorted({k for _, k in shapes})
+        missing = [(n, k) for n in outs for k in ins if (n, k) not in shapes]
+        if missing or len(shapes) != len(self.linears):
+            raise ValueError(f"linears must be a grid of distinct (out, in) shapes; missing {missing[:3]}")
+        if any(len(lin.us) > len(self.rows) for lin in self.linears):
+            raise ValueError("a linear has more times than the table has row counts")
+        return self
+
+    def linear_us(self, rows: int, out_features: int, in_features: int) -> float:
+        """Microseconds of one Linear of weight (out_features, in_features) over `rows` rows."""
+        if rows <= 0:
+            return 0.0
+        grid = self._by_shape()
+        outs, ins = sorted({n for n, _ in grid}), sorted({k for _, k in grid})
+        (n0, n1, fn), scale_n = _bracket(outs, out_features)
+        (k0, k1, fk), scale_k = _bracket(ins, in_features)
+
+        def at(n: int, k: int) -> float:
+            return math.log(_row_time(self.rows, grid[(n, k)], rows))
+        log_t = (1 - fn) * ((1 - fk) * at(n0, k0) + fk * at(n0, k1)) + fn * ((1 - fk) * at(n1, k0) + fk * at(n1, k1))
+        return math.exp(log_t) * scale_n * scale_k
+
+    def _by_shape(self) -> dict[tuple[int, int], list[float]]:
+        return {lin.shape: lin.us for lin in self.linears}
+
+
+def _bracket(axis: list[int], x: float) -> tuple[tuple[int, int, float], float]:
+    """Grid points around `x` on `axis` with the log-space weight of the upper one, and the factor a
+    size outside the axis is scaled by (work and bytes both grow in proportion to a dimension)."""
+    if x <= axis[0] or len(axis) == 1:
+        edge = axis[0] if x <= axis[0] else axis[-1]
+        return (edge, edge, 0.0), x / edge
+    if x >= axis[-1]:
+        return (axis[-1], axis[-1], 0.0), x / axis[-1]
+    i = bisect.bisect_right(axis, x) - 1
+    lo, hi = axis[i], axis[i + 1]
+    return (lo, hi, math.log(x / lo) / math.log(hi / lo)), 1.0
+
+
+def _row_time(rows: list[int], us: list[float], m: int) -> float:
+    """Time at `m` rows: log-log interpolation between measured row counts; past the last one, the last
+    segment's time per extra row (by then the call is compute-bound and grows linearly)."""
+    xs = rows[:len(us)]
+    if m <= xs[0]:
+        return us[0]
+    if m >= xs[-1]:
+        return us[-1] + (m - xs[-1]) * max(0.0, (us[-1] - us[-2]) / (xs[-1] - xs[-2]))
+    i = bisect.bisect_right(xs, m) - 1
+    f = math.log(m / xs[i]) / math.log(xs[i + 1] / xs[i])
+    return math.exp((1 - f) * math.log(us[i]) + f * math.log(us[i + 1]))
 
 
 class DeviceProfile(_Strict):
@@ -65,6 +181,9 @@ class DeviceProfile(_Strict):
     bw_efficiency: float = Field(0.8, gt=0, le=1)
     """Achieved share of memory bandwidth when streaming weights and KV."""
     overheads: Overheads = Field(default_factory=Overheads)
+    matmul_table: Optional[MatmulTable] = None
+    """Measured Linear times (`planc profile` on a CPU); the cost model uses them instead of the roofline's
+    matmul term. Absent (datasheet profiles, profiles written before the table existed): roofline."""
     source: str = ""
     """Where the figures come from (datasheet, or `planc profile` on which host, when)."""
 

@@ -55,6 +55,8 @@ class BlockCost:
     num_allreduce: int = 0
     """All-reduces per call under tensor parallelism (Megatron: one after attention, one after MLP)."""
     window: Optional[int] = None
+    linears: tuple[tuple[int, int], ...] = ()
+    """(out_features, in_features) of every Linear the block runs, for a device's measured matmul table."""
     tp: int = 1
     """Tensor-parallel degree the block runs at (a plan's layout); block_time uses the larger of this and
     its own `tp` argument, so a simulator that knows nothing of TP still sees the plan's."""
@@ -80,12 +82,13 @@ def analyze_block(block: BlockSpec, hidden_size: int, dtype_bytes: int, tokens: 
     ShapeProp(gm).propagate(example)
     modules = dict(gm.named_modules())
     linear_flops = attn_pair = kv_bytes = act_bytes = 0.0
-    window = None
+    window, linears = None, []
     for node in gm.graph.nodes:
         meta = node.meta.get("tensor_meta")
         if node.op == "call_module" and isinstance(modules.get(node.target), torch.nn.Linear):
             lin = modules[node.target]
             linear_flops += 2.0 * lin.in_features * lin.out_features
+            linears.append((lin.out_features, lin.in_features))
         elif node.op == "call_function" and node.target is llama.attention:
             q_meta, k_meta = node.args[0].meta["tensor_meta"], node.args[1].meta["tensor_meta"]
             _, heads, _, head_dim = q_meta.shape
@@ -103,7 +106,8 @@ def analyze_block(block: BlockSpec, hidden_size: int, dtype_bytes: int, tokens: 
                      # a lookup reads only the rows it needs; block_time never streams its table
                      read_bytes_per_token=hidden_size * dtype_bytes if block.kind == "embedding" else 0.0,
                      hidden_size=hidden_size,
-                     num_allreduce={"layer": 2, "head": 1}.get(block.kind, 0), window=window)
+                     num_allreduce={"layer": 2, "head": 1}.get(block.kind, 0), window=window,
+                     linears=tuple(linears))
 
 
 @functools.lru_cache(maxsize=8)
@@ -136,7 +140,11 @@ class CostModel:
                  links: Optional[Links] = None):
         self.device = device
         self.dtype_bytes = dtype_bytes
-        self.peak = device.flops(dtype or {1: "fp8", 2: "bf16", 4: "fp32"}[dtype_bytes]) * device.matmul_efficiency
+        self.dtype = dtype or {1: "fp8", 2: "bf16", 4: "fp32"}[dtype_bytes]
+        self.peak = device.flops(self.dtype) * device.matmul_efficiency
+        table = device.matmul_table
+        self.table = table if table is not None and table.dtype == self.dtype else None
+        """The device's measured matmul table when it was measured in this dtype."""
         self.bandwidth = device.mem_bw_gbps * 1e9 * device.bw_efficiency
         self.links = links or Links()
 
@@ -161,15 +169,35 @@ class CostModel:
             attn_pairs = context_tokens + prefill_tokens * (prefill_tokens + 1) / 2
         if cost.window is not None:
             attn_pairs = min(attn_pairs, tokens * cost.window)
-        flops = tokens * cost.linear_flops_per_token + attn_pairs * cost.attn_flops_per_pair
         kv_read = (context_tokens + prefill_tokens) * cost.kv_bytes_per_token
-        streamed = 0.0 if cost.kind == "embedding" else cost.weight_bytes
-        bytes_moved = streamed + kv_read + tokens * (cost.act_bytes_per_token + cost.read_bytes_per_token)
-        compute = max(flops / (tp * self.peak), bytes_moved / (tp * self.bandwidth))
+        other_bytes = kv_read + tokens * (cost.act_bytes_per_token + cost.read_bytes_per_token)
+        attn_flops = attn_pairs * cost.attn_flops_per_pair
+        if self.table is not None and cost.linears:
+            # measured Linears, then the rest (attention, KV, elementwise) on the roofline: one thread runs
+            # them one after the other
+            compute = self.linears_time(cost, tokens, tp) + \
+                max(attn_flops / (tp * self.peak), other_bytes / (tp * self.bandwidth))
+        else:
+            flops = tokens * cost.linear_flops_per_token + attn_flops
+            streamed = 0.0 if cost.kind == "embedding" else cost.weight_bytes
+            compute = max(flops / (tp * self.peak), (streamed + other_bytes) / (tp * self.bandwidth))
+        return compute + self.overhead_time(prefill_tokens, decode_seqs, num_seqs) + \
+            self.allreduce_time(cost, tp, tokens)
+
+    def linears_time(self, cost: BlockCost, rows: int, tp: int = 1) -> float:
+        """The block's Linears over `rows` rows from the device's matmul table (each weight's out features
+        split `tp` ways, as column-parallel layers are; the table is measured per device)."""
+        assert self.table is not None
+        return sum(self.table.linear_us(rows, max(1, out // tp), k) for out, k in cost.linears) * 1e-6
+
+    def overhead_time(self, prefill_tokens: int = 0, decode_seqs: int = 0, num_seqs: Optional[int] = None) -> float:
+        """The runtime's fixed costs of one block call (Python and launches; the profile's overheads).
+
+        A simulator of `planc serve` treats this as the part of a call that holds the GIL: the roofline
+        part runs inside torch ops, which release it."""
         ov = self.device.overheads
         seqs = num_seqs if num_seqs is not None else decode_seqs + (1 if prefill_tokens else 0)
-        overhead = (ov.block_call_us + ov.per_seq_us * seqs) * 1e-6
-        return compute + overhead + self.allreduce_time(cost, tp, tokens)
+        return (ov.block_call_us + ov.per_seq_us * seqs + ov.per_token_us * prefill_tokens) * 1e-6
 
     def allreduce_time(self, cost: BlockCost, tp: int, tokens: int) -> float:
         """Ring all-reduce of the block's output, `num_allreduce` times, inside one node."""

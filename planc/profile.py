@@ -3,8 +3,11 @@
 Three microbenchmarks on one thread (the runtime serves with one intra-op thread): fp32 matmul
 FLOP/s on a large product (the peak, so matmul_efficiency is 1.0), memory bandwidth of a large
 copy, and the rate at which a one-row matmul streams a weight matrix too large for the caches (that
-rate over the copy bandwidth is bw_efficiency: decode reads weights that way). Then the runtime's
-fixed overheads are fitted on steps of planc's own engine (`planc.profile_calibrate`).
+rate over the copy bandwidth is bw_efficiency: decode reads weights that way). Then a table of
+Linear times over weight shapes and row counts (the cost model uses it instead of the roofline's
+matmul term: a few rows of a one-thread BLAS call are far off the roofline), the runtime's fixed
+overheads fitted on steps of planc's own engine (`planc.profile_calibrate`), and what `planc serve`'s
+HTTP thread costs per request and streamed token (`planc.profile_server`).
 
 >>> profile = measure_local(quick=True)          # doctest: +SKIP
 >>> write_profile(profile, "local-profile.yaml")  # doctest: +SKIP
@@ -15,6 +18,7 @@ import datetime
 import os
 import platform
 import socket
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -23,8 +27,9 @@ from typing import Callable, Optional, Union
 import torch
 import yaml
 
-from planc.cluster import DeviceProfile
+from planc.cluster import DeviceProfile, MatmulLinear, MatmulTable
 from planc.profile_calibrate import calibration_bundle, fit_overheads, with_threads
+from planc.profile_server import measure_server
 
 
 def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -64,6 +69,48 @@ def weight_stream_rate(quick: bool = False) -> float:
     return n * n * 4 / _best_seconds(lambda: torch.nn.functional.linear(x, w), 5 if quick else 10)
 
 
+TABLE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512, 1024, 2048)
+TABLE_DIMS = (64, 128, 256, 512, 1024, 2048, 4096)
+TABLE_DIMS_QUICK = (128, 1024, 4096)
+_COLD_BYTES = 64 * 2**20
+"""Weight copies cycled through per shape: more than the last-level cache, so each call reads its weight
+from memory, as a step does after the rest of the chain evicted it."""
+_MAX_FLOPS = 4e8
+"""Row counts of a shape are measured up to this many FLOPs per call (~5 ms here); larger ones are
+compute-bound, and the table extrapolates them at the last measured time per row."""
+
+
+def matmul_table(quick: bool = False, dims: Optional[tuple[int, ...]] = None) -> MatmulTable:
+    """Median CPU time of F.linear over a grid of weight shapes (out, in in `dims`) and TABLE_ROWS rows,
+    weights cold. About 15 s (`quick` about 2 s); larger weights are extrapolated in proportion to size."""
+    dims = dims or (TABLE_DIMS_QUICK if quick else TABLE_DIMS)
+    linears = [MatmulLinear(shape=(n, k), us=_linear_times(n, k, quick)) for n in dims for k in dims]
+    return MatmulTable(dtype="fp32", cold=True, rows=list(TABLE_ROWS), linears=linears)
+
+
+def _linear_times(out_features: int, in_features: int, quick: bool) -> list[float]:
+    weight_bytes = 4 * out_features * in_features
+    copies = [torch.randn(out_features, in_features) for _ in range(max(1, _COLD_BYTES // weight_bytes))]
+    times = []
+    for m in TABLE_ROWS:
+        if len(times) >= 2 and 2.0 * m * out_features * in_features > _MAX_FLOPS:
+            break
+        x = torch.randn(m, in_features)
+        first = _cpu_seconds(lambda: torch.nn.functional.linear(x, copies[-1]))  # pays code paths: not kept
+        # small calls are noisy (a few us, the scheduler's and caches' doing): more of them, about 30 ms each
+        reps = 3 if quick else max(5, min(61, int(0.03 / max(first, 1e-6))))
+        samples = [_cpu_seconds(lambda w=copies[i % len(copies)]: torch.nn.functional.linear(x, w))
+                   for i in range(reps)]
+        times.append(round(statistics.median(samples) * 1e6, 2))
+    return times
+
+
+def _cpu_seconds(fn: Callable[[], object]) -> float:
+    start = time.thread_time()
+    fn()
+    return time.thread_time() - start
+
+
 def memory_gb() -> float:
     return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1)
 
@@ -92,17 +139,22 @@ def _measure(quick: bool, say: Callable[[str], None]) -> DeviceProfile:
     device = DeviceProfile(name="local", kind="cpu", memory_gb=memory_gb(), peak_tflops={"fp32": round(flops / 1e12, 5)},
                            mem_bw_gbps=round(bandwidth / 1e9, 2), matmul_efficiency=1.0,
                            bw_efficiency=round(min(1.0, stream / bandwidth), 3))
+    say("matmul table")
+    device = device.model_copy(update={"matmul_table": matmul_table(quick)})
     say("building the calibration model")
     with tempfile.TemporaryDirectory(prefix="planc-profile-") as tmp:
         from planc.bundle import Bundle
 
-        bundle = Bundle.open(calibration_bundle(Path(tmp)))
-        fit = fit_overheads(device, bundle, quick, say)
+        bundle_dir = calibration_bundle(Path(tmp))
+        fit = fit_overheads(device, Bundle.open(bundle_dir), quick, say)
+        say("planc serve's cost per request and token")
+        per_request, per_token = measure_server(bundle_dir, quick, say)
+    overheads = fit.overheads.model_copy(update={"server_request_us": per_request, "server_token_us": per_token})
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     source = (f"`planc profile{' --quick' if quick else ''}` on {socket.gethostname()} ({cpu_name()}, "
               f"{os.cpu_count()} cores, torch {torch.__version__}, 1 thread) at {when}; overheads fitted on "
               f"{fit.num_steps} engine step kinds, median step error {100 * fit.rel_error:.1f}%")
-    return device.model_copy(update={"overheads": fit.overheads, "source": source})
+    return device.model_copy(update={"overheads": overheads, "source": source})
 
 
 def write_profile(profile: DeviceProfile, path: Union[str, Path]) -> Path:
@@ -110,9 +162,22 @@ def write_profile(profile: DeviceProfile, path: Union[str, Path]) -> Path:
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    text = yaml.dump(profile.model_dump(mode="json"), Dumper=_ProfileDumper, sort_keys=False, width=200)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+class _ProfileDumper(yaml.SafeDumper):
+    """Lists of numbers on one line (a matmul table's shape and times), everything else in block style."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list):
+    flow = all(isinstance(x, (int, float, str)) for x in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_ProfileDumper.add_representer(list, _represent_list)
 
 
 def profile_rows(profile: DeviceProfile) -> list[tuple[str, str]]:
@@ -123,4 +188,16 @@ def profile_rows(profile: DeviceProfile) -> list[tuple[str, str]]:
             ("weight streaming (1-row matmul)", f"{profile.mem_bw_gbps * profile.bw_efficiency:.1f} GB/s "
                                                 f"(bw_efficiency {profile.bw_efficiency:.2f})"),
             ("per step", f"{ov.step_us:.0f} us"), ("per block call (or own attention call)", f"{ov.block_call_us:.1f} us"),
-            ("per sequence in a block call", f"{ov.per_seq_us:.1f} us"), ("memory", f"{profile.memory_gb:g} GB")]
+            ("per sequence in a block call", f"{ov.per_seq_us:.1f} us"),
+            ("per prefill token in a block call", f"{ov.per_token_us:.2f} us"),
+            ("planc serve, per streamed token", f"{ov.server_token_us:.1f} us"),
+            ("planc serve, per request", f"{ov.server_request_us:.0f} us"),
+            ("matmul table", _table_summary(profile)), ("memory", f"{profile.memory_gb:g} GB")]
+
+
+def _table_summary(profile: DeviceProfile) -> str:
+    table = profile.matmul_table
+    if table is None:
+        return "none (roofline)"
+    dims = sorted({n for lin in table.linears for n in lin.shape})
+    return f"{len(table.linears)} weight shapes ({dims[0]}..{dims[-1]}), {table.rows[0]}..{table.rows[-1]} rows"

@@ -1,16 +1,17 @@
-"""Fit the runtime's fixed overheads (per step, per block call, per sequence in a call) on this machine.
+"""Fit the runtime's fixed overheads (per step, block call, sequence and prefill token in a call) on this machine.
 
 A small random Llama with the tiny example's shape is compiled into a bundle with four variants
 (base, a partial fine-tune of the top layers and head, a full fine-tune, a LoRA adapter), so
 steps differ in how many block calls they make as well as in how many sequences they carry. Its
 steps are timed on planc's own engine, and the part of each step that the roofline does not
 explain is fitted, by least squares, as step_us + block_call_us * calls + per_seq_us * sequences in
-block calls, where the calls are the batched block calls, the adapter delta calls and the attention
-calls of one sequence (a prefill, or a lone decode), exactly as the simulator counts them
-(`planc.simulate.step_time` is linear in the three overheads, so probing it with each one set to
-1 us gives the counts). Counting an attention call of one sequence as a block call halved the error
-against charging it per sequence; the median step error that remains (~20% here, with 16- and
-128-token prompts) is mostly per-prefill-token work that none of the three terms scales with
+block calls + per_token_us * prefill tokens in block calls, where the calls are the batched block
+calls, the adapter delta calls and the attention calls of one sequence (a prefill, or a lone decode),
+exactly as the simulator counts them (`planc.simulate.step_time` is linear in the overheads, so
+probing it with each one set to 1 us gives the counts). What is left over is measured against the
+device's matmul table when the profile has one (else its roofline), so the fit and the simulator
+agree on what the overheads are not. Counting an attention call of one sequence as a block call
+halved the error against charging it per sequence; the per-prefill-token term halved it again
 (benchmarks/RESULTS.md, "Simulator fidelity").
 """
 from __future__ import annotations
@@ -30,6 +31,8 @@ from planc.cost import CostModel
 SHAPE = dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, bos_token_id=0, eos_token_id=1, pad_token_id=2, max_position_embeddings=1024)
 VARIANTS = ("base", "top", "full", "lora")
+FITTED = ("step_us", "block_call_us", "per_seq_us", "per_token_us")
+"""The Overheads fields fitted here (the server's are measured apart: planc.profile_server)."""
 
 
 @dataclass
@@ -138,8 +141,7 @@ def fit_overheads(device: DeviceProfile, bundle, quick: bool = False,
 
     model = SimModel.from_bundle(bundle)
     bare = device.model_copy(update={"overheads": Overheads()})
-    probes = [CostModel(bare.model_copy(update={"overheads": Overheads(**{k: 1.0})}), 4)
-              for k in ("step_us", "block_call_us", "per_seq_us")]
+    probes = [CostModel(bare.model_copy(update={"overheads": Overheads(**{k: 1.0})}), 4) for k in FITTED]
     from planc.runtime.engine import Engine, EngineConfig
 
     engine = Engine(bundle, EngineConfig(kv_cache_bytes=32 * 2**20, max_running=256, max_batch_tokens=1 << 16))
@@ -152,7 +154,7 @@ def fit_overheads(device: DeviceProfile, bundle, quick: bool = False,
         rooflines.append(roofline * 1e6)
     a, y = np.asarray(rows), np.asarray(targets)
     coef = _nonnegative_lstsq(a, y)
-    overheads = Overheads(step_us=round(coef[0], 2), block_call_us=round(coef[1], 2), per_seq_us=round(coef[2], 2))
+    overheads = Overheads(**{k: round(float(c), 2) for k, c in zip(FITTED, coef)})
     # error on whole steps (roofline included): the figure that matters to the simulator
     roof = np.asarray(rooflines)
     predicted, measured = (a @ coef + roof) * 1e-6, (y + roof) * 1e-6

@@ -1,16 +1,26 @@
 """A discrete-event simulator of planc's own serving runtime.
 
 It replays a workload through a model of `planc.runtime.engine.Engine` step by step: the same
-admission order and limits (max_running, max_batch_tokens, max_queue), the same all-or-nothing KV
-page reservation per sequence (page_size, the KV budget, pages per layer of the chain), the same
-preemption by recompute of the most recently admitted sequence, and the same per-step walk over
+admission order and limits (max_running, max_queue), the same token budget per step
+(max_batch_tokens: one token per decode first, then prompt chunks in admission order, a prompt
+longer than what is left being prefilled over several steps and sampling only when it is done), the
+same all-or-nothing KV page reservation per sequence (page_size, the KV budget, pages per layer of
+the chain), the same preemption by recompute of the most recently admitted sequence, and the same per-step walk over
 chain positions in which the sequences whose block there is the same block instance run as one
 batched call (split at block_batch_cap), plus one delta call per LoRA adapter in the group. A step
 lasts `CostModel.step_overhead()` plus the `CostModel.block_time` of every call (num_seqs = the
 sequences in it; the head computes one row per sequence, as the runtime does), plus the profile's
 block_call_us for every attention call a sequence makes on its own (each prefill in a layer, or a
-lone decode); nothing else advances the clock. Data-parallel replicas are independent engines; each
-request goes to the least-loaded one (waiting + running) when it arrives.
+lone decode). Data-parallel replicas are independent engines; each request goes to the least-loaded
+one (waiting + running) when it arrives.
+
+Inside `planc serve` (the default; `server=False` for the engine alone) each replica's process also
+runs the HTTP server's asyncio thread: it parses each request before the engine sees it and streams
+each token after the step that sampled it, holding the GIL for the profile's server_request_us and
+server_token_us. The engine thread holds the GIL only for its Python work (the profile's overheads)
+and releases it inside torch ops (the roofline or matmul-table part of a step), so the server's
+queued work runs in a step's compute time on the other core and lengthens the step only by what
+does not fit there; a token reaches the client when the server has streamed it.
 
 >>> from planc.cluster import load_device
 >>> from planc.cost import BlockCost, CostModel
@@ -54,9 +64,15 @@ class _Seq:
     """Pages held in each KV layer."""
     admitted: int = 0
     """Admission order (the engine compares admission times)."""
+    scheduled: int = 0
+    """Tokens this step computes: all pending ones, or a prompt chunk (chunked prefill)."""
 
     def __post_init__(self) -> None:
         self.total = self.prompt + self.generated
+
+    @property
+    def pending(self) -> int:
+        return self.total - self.computed
 
 
 @dataclass
@@ -69,6 +85,10 @@ class _Replica:
     busy_s: float = 0.0
     num_steps: int = 0
     preemptions: int = 0
+    server_work_s: float = 0.0
+    """GIL-holding work queued on the server's asyncio thread (tokens to stream, requests to parse)."""
+    server_since: float = 0.0
+    """When that work was last brought up to date (it drains while the engine is idle)."""
 
     def __post_init__(self) -> None:
         self.free = self.num_pages
@@ -81,12 +101,17 @@ class _Replica:
 class _Engine:
     """One replica's scheduling decisions, mirroring planc.runtime.engine.Engine."""
 
-    def __init__(self, model: SimModel, cost_model: CostModel, config: EngineConfig):
+    def __init__(self, model: SimModel, cost_model: CostModel, config: EngineConfig, server: bool = False):
         self.model, self.cm, self.cfg = model, cost_model, config
         self._admissions = 0
-        self._calls: dict[tuple, float] = {}
+        self._calls: dict[tuple, tuple[float, float]] = {}
         self._positions = _Position.build_all(model)
-        self._call_overhead = cost_model.device.overheads.block_call_us * 1e-6
+        ov = cost_model.device.overheads
+        self._call_overhead = ov.block_call_us * 1e-6
+        self.token_s = ov.server_token_us * 1e-6 if server else 0.0
+        self.request_s = ov.server_request_us * 1e-6 if server else 0.0
+        self._gil = 0.0
+        """The engine's GIL-holding share of the step being timed (its overheads; see step_time)."""
 
     def _reserve_kv(self, r: _Replica, seq: _Seq) -> bool:
         """Grow `seq` to hold all its tokens in every KV layer, or change nothing."""
@@ -115,24 +140,43 @@ class _Engine:
             if r.work:
                 break
         duration = self.step_time(r.work)
+        if self.token_s or self.request_s:
+            duration = self._with_server(r, now, duration)
         r.busy_s += duration
         r.num_steps += 1
         return now + duration
 
+    def _with_server(self, r: _Replica, now: float, duration: float) -> float:
+        """The step as it runs beside `planc serve`'s asyncio thread in one process: both need the GIL.
+        The engine holds it for its Python work (the profile's overheads) and releases it inside torch
+        ops (the roofline or matmul-table part); the server's queued work runs in those windows on the
+        other core, and what does not fit there takes the GIL from the engine and lengthens the step."""
+        backlog = max(0.0, r.server_work_s - (now - r.server_since))  # it drained while the engine idled
+        compute = duration - self._gil
+        r.server_work_s, r.server_since = 0.0, now
+        return duration + max(0.0, backlog - compute)
+
+    def server_request(self, r: _Replica, now: float) -> None:
+        """A request's parsing and setup joins the server thread's queue."""
+        self._add_server_work(r, now, self.request_s)
+
+    def _add_server_work(self, r: _Replica, now: float, seconds: float) -> None:
+        r.server_work_s = max(0.0, r.server_work_s - (now - r.server_since)) + seconds
+        r.server_since = now
+
     def _admit(self, r: _Replica) -> None:
-        budget = self.cfg.max_batch_tokens - len(r.running)
-        while r.waiting and len(r.running) < self.cfg.max_running:
+        """Admit while this step has tokens left (prompts are chunked, so any admitted prompt makes progress)."""
+        cap = self.cfg.max_batch_tokens
+        budget = cap - sum(min(s.pending, cap) for s in r.running)
+        while r.waiting and len(r.running) < self.cfg.max_running and (budget > 0 or not r.running):
             seq = r.waiting[0]
-            need = seq.total - seq.computed
-            if need > budget and r.running:
-                break
             if not self._reserve_kv(r, seq):
                 break
             r.waiting.popleft()
             self._admissions += 1
             seq.admitted = self._admissions
             r.running.append(seq)
-            budget -= need
+            budget -= seq.pending
 
     def _reserve(self, r: _Replica, now: float) -> list[_Seq]:
         work = []
@@ -147,7 +191,17 @@ class _Engine:
                 self._preempt(r, max(others, key=lambda s: s.admitted))
             else:
                 work.append(seq)
-        return [s for s in work if s in r.running]
+        return self._schedule([s for s in work if s in r.running])
+
+    def _schedule(self, work: list[_Seq]) -> list[_Seq]:
+        """The step's token budget: one token per decode first, then prompt chunks, each in admission order."""
+        budget, out = self.cfg.max_batch_tokens, []
+        for seq in sorted(work, key=lambda s: s.pending > 1):  # stable sort: admission order within each
+            seq.scheduled = min(seq.pending, budget)
+            if seq.scheduled:
+                out.append(seq)
+                budget -= seq.scheduled
+        return out
 
     def _preempt(self, r: _Replica, seq: _Seq) -> None:
         self._free_kv(r, seq)
@@ -158,18 +212,26 @@ class _Engine:
         seq.record.num_preemptions += 1
 
     def end_step(self, r: _Replica, now: float) -> None:
-        """Every sequence of the step samples one token at `now`."""
+        """Every sequence whose pending tokens the step completed samples one token at `now`; over HTTP the
+        client sees it when the server thread has streamed the tokens before it and this one."""
+        sampled = 0
         for seq in r.work:
-            seq.computed = seq.total
+            seq.computed += seq.scheduled
+            if seq.pending:
+                continue  # a prompt chunk: no token yet
             seq.generated += 1
             seq.total += 1
+            sampled += 1
             rec = seq.record
+            seen = now + sampled * self.token_s
             if rec.first_token_s is None:
-                rec.first_token_s = now
-            rec.last_token_s = now
+                rec.first_token_s = seen
+            rec.last_token_s = seen
             rec.num_tokens = seq.generated
             if seq.generated >= seq.max_tokens or seq.total >= self.cfg.max_model_len:
-                self._finish(r, seq, now, "ok")
+                self._finish(r, seq, seen, "ok")
+        if sampled and self.token_s:
+            self._add_server_work(r, now, sampled * self.token_s)
         r.work = []
 
     def _finish(self, r: _Replica, seq: _Seq, now: float, status: str) -> None:
@@ -180,17 +242,21 @@ class _Engine:
 
     # ------------------------------------------------------------------ step time
     def step_time(self, work: list[_Seq]) -> float:
-        """step overhead + every batched block call (and adapter delta call) of the step."""
+        """step overhead + every batched block call (and adapter delta call) of the step. Leaves in
+        `self._gil` the part of it that is the runtime's overheads (Python, holding the GIL)."""
         active: dict[int, list[float]] = {}
         for s in work:
             _add_pending(active.setdefault(s.variant, [0.0] * 5), s)
-        total = self.cm.step_overhead()
+        total = self._gil = self.cm.step_overhead()
         by_partition: dict[int, dict[int, list[float]]] = {}  # positions that group variants alike share sums
         for pos in self._positions:
             calls = by_partition.get(pos.partition)
             if calls is None:
                 calls = by_partition[pos.partition] = _group_sums(active, pos.group_of)
-            total += pos.count * self._position_time(pos, calls, active, work)
+            gil = self._gil
+            t = self._position_time(pos, calls, active, work)
+            total += pos.count * t
+            self._gil = gil + pos.count * (self._gil - gil)
         return total
 
     def _position_time(self, pos: "_Position", calls: dict[int, list[float]], active: dict[int, list[float]],
@@ -232,19 +298,23 @@ class _Engine:
             # the runtime computes logits for each sequence's last token only
             prefill_tokens, prefill_pairs, decode_seqs, context = 0, 0.0, seqs, 0.0
         key = (id(cost), prefill_tokens, prefill_pairs, seqs, decode_seqs, context, adapter)
-        t = self._calls.get(key)
-        if t is None:
+        cached = self._calls.get(key)
+        if cached is None:
+            num_seqs = 0 if adapter else int(seqs)
             t = self.cm.block_time(cost, prefill_tokens=int(prefill_tokens), decode_seqs=int(decode_seqs),
-                                   context_tokens=context, attn_pairs=context + prefill_pairs,
-                                   num_seqs=0 if adapter else int(seqs))
+                                   context_tokens=context, attn_pairs=context + prefill_pairs, num_seqs=num_seqs)
+            gil = self.cm.overhead_time(int(prefill_tokens), int(decode_seqs), num_seqs)
             if cost.kv_bytes_per_token > 0 and not adapter:
                 # The executor runs attention once per prefill segment and once for a lone decode (two or
                 # more decodes share one batched call); each such call costs about what a block call
                 # costs in fixed overhead (what `planc profile` fits with this count).
-                t += (prefill_seqs + (decode_seqs == 1)) * self._call_overhead
+                own = (prefill_seqs + (decode_seqs == 1)) * self._call_overhead
+                t, gil = t + own, gil + own
+            cached = (t, gil)
             if len(self._calls) < 100_000:
-                self._calls[key] = t
-        return t
+                self._calls[key] = cached
+        self._gil += cached[1]
+        return cached[0]
 
 
 @dataclass(frozen=True)
@@ -301,21 +371,25 @@ def _group_sums(active: dict[int, list[float]], group_of: tuple[int, ...]) -> di
 
 
 def _add_pending(st: list[float], s: _Seq) -> None:
-    """Add one sequence's pending work to its variant's counters (see _sum_stats)."""
-    pending = s.total - s.computed
-    if pending == 1:  # the executor treats any one-token segment as a decode
+    """Add the tokens one sequence computes this step to its variant's counters (see _group_sums)."""
+    n = s.scheduled
+    if n == 1:  # the executor treats any one-token segment as a decode
         st[3] += 1
-        st[4] += s.total
+        st[4] += s.computed + 1
     else:
-        st[0] += pending
-        st[1] += pending * s.computed + pending * (pending + 1) / 2
+        st[0] += n
+        st[1] += n * s.computed + n * (n + 1) / 2
         st[2] += 1
         st[4] += s.computed
 
 
 def simulate(model: SimModel, cost_model: CostModel, requests: Sequence[Request],
-             engine: Optional[EngineConfig] = None, replicas: int = 1) -> SimResult:
-    """Serve `requests` (in arrival order) on `replicas` copies of an engine with `engine` settings."""
+             engine: Optional[EngineConfig] = None, replicas: int = 1, server: bool = True) -> SimResult:
+    """Serve `requests` (in arrival order) on `replicas` copies of an engine with `engine` settings.
+
+    `server`: each replica runs inside `planc serve`, whose asyncio thread parses requests and streams
+    tokens (the profile's server_request_us and server_token_us) under the GIL the engine thread also
+    needs; False simulates the engine alone, as a benchmark that calls it in-process sees it."""
     cfg = engine or EngineConfig()
     if replicas < 1:
         raise ValueError("replicas must be >= 1")
@@ -323,7 +397,7 @@ def simulate(model: SimModel, cost_model: CostModel, requests: Sequence[Request]
     unknown = sorted({r.variant for r in requests} - set(index))
     if unknown:
         raise ValueError(f"requests name unknown variants {unknown}; the model serves {list(index)}")
-    sim = _Engine(model, cost_model, cfg)
+    sim = _Engine(model, cost_model, cfg, server)
     page_bytes = cfg.page_size * model.kv_bytes_per_token
     num_pages = max(1, int(cfg.kv_cache_bytes // page_bytes)) if page_bytes else 1 << 62
     capacity = (num_pages // model.num_kv_layers) * cfg.page_size if model.num_kv_layers else 1 << 62
@@ -331,18 +405,21 @@ def simulate(model: SimModel, cost_model: CostModel, requests: Sequence[Request]
     order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))
     records = [RequestRecord(i, r.variant, r.arrival_s, r.prompt_tokens, r.output_tokens) for i, r in enumerate(requests)]
     busy: list[tuple[float, int]] = []  # (step end, replica)
+    due = [requests[i].arrival_s + sim.request_s for i in order]  # the engine sees a request once it is parsed
     nxt = 0
     while nxt < len(order) or busy:
-        t = min(busy[0][0] if busy else math.inf, requests[order[nxt]].arrival_s if nxt < len(order) else math.inf)
+        t = min(busy[0][0] if busy else math.inf, due[nxt] if nxt < len(order) else math.inf)
         ready = set()
         while busy and busy[0][0] <= t:
             _, i = heapq.heappop(busy)
             sim.end_step(reps[i], t)
             ready.add(i)
-        while nxt < len(order) and requests[order[nxt]].arrival_s <= t:
+        while nxt < len(order) and due[nxt] <= t:
             i = _route(reps, records[order[nxt]], requests[order[nxt]], index, cfg, capacity, t)
-            if i is not None and not any(j == i for _, j in busy):
-                ready.add(i)
+            if i is not None:
+                sim.server_request(reps[i], t)
+                if not any(j == i for _, j in busy):
+                    ready.add(i)
             nxt += 1
         for i in sorted(ready):
             end = sim.start_step(reps[i], t)
@@ -353,17 +430,21 @@ def simulate(model: SimModel, cost_model: CostModel, requests: Sequence[Request]
                      capacity_tokens=capacity, num_pages=num_pages)
 
 
-def step_time(model: SimModel, cost_model: CostModel, batch: Sequence[tuple[str, int, int]],
+def step_time(model: SimModel, cost_model: CostModel, batch: Sequence[tuple],
               engine: Optional[EngineConfig] = None) -> float:
     """Simulated seconds of one engine step over `batch`: per sequence, in admission order, (variant,
-    tokens it has including the pending ones, tokens already in the KV cache).
+    tokens it has including the pending ones, tokens already in the KV cache[, tokens the step computes:
+    default all pending ones]).
 
     `planc profile` fits the runtime's overheads against measured steps with this, so the fit charges
     them exactly as the simulator does.
     """
     index = {name: i for i, name in enumerate(model.variants)}
-    work = [_Seq(RequestRecord(i, v, 0.0, total, 1), index[v], total, 1, computed=cached)
-            for i, (v, total, cached) in enumerate(batch)]
+    work = []
+    for i, (v, total, cached, *scheduled) in enumerate(batch):
+        seq = _Seq(RequestRecord(i, v, 0.0, total, 1), index[v], total, 1, computed=cached)
+        seq.scheduled = scheduled[0] if scheduled else total - cached
+        work.append(seq)
     return _Engine(model, cost_model, engine or EngineConfig()).step_time(work)
 
 

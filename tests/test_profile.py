@@ -28,6 +28,13 @@ def test_written_profile_loads_with_plausible_figures(profile_path):
     assert ov.step_us + ov.block_call_us + ov.per_seq_us > 10
     assert max(ov.step_us, ov.block_call_us, ov.per_seq_us) < 100_000
     assert "planc profile --quick" in dev.source and "fitted on" in dev.source
+    # the measured matmul table: a grid whose times grow with the weight and, past a few rows, with the rows
+    table = dev.matmul_table
+    assert table is not None and table.dtype == "fp32" and len(table.linears) == 9
+    assert table.linear_us(1, 4096, 4096) > 10 * table.linear_us(1, 128, 128)
+    assert table.linear_us(2048, 1024, 1024) > 10 * table.linear_us(16, 1024, 1024)
+    # planc serve's own work per streamed token and per request: some Python per token, more per request
+    assert 1 < ov.server_token_us < 100_000 and ov.server_request_us > ov.server_token_us
 
 
 def test_local_profile_is_read_not_remeasured(profile_path):

@@ -109,12 +109,33 @@ def test_max_running_admits_in_waves():
     assert out[-1].finish_s == pytest.approx(3 * prefill + 9 * decode, rel=1e-6)
 
 
-def test_max_batch_tokens_defers_a_prompt_that_does_not_fit():
+def test_max_batch_tokens_chunks_the_prompt_that_does_not_fit():
     reqs = [Request(0.0, "a", 60, 3), Request(0.0, "a", 60, 3)]
     out = simulate(ONE, overhead_only(), reqs, EngineConfig(max_batch_tokens=100)).requests
-    assert out[0].first_token_s < out[1].first_token_s  # 60 + 60 > 100: the second waits a step
+    two = (STEP + (4 + 2 * 2) * CALL + 8 * SEQ) * US  # both prefill in step 1 (60 + a 40-token chunk)
+    assert out[0].first_token_s == pytest.approx(two, rel=1e-6)
+    # step 2: the first one's decode (one token, first) and the second's last 20 prompt tokens
+    assert out[1].first_token_s == pytest.approx(2 * two, rel=1e-6)
     both = simulate(ONE, overhead_only(), reqs, EngineConfig(max_batch_tokens=200)).requests
-    assert both[0].first_token_s == both[1].first_token_s
+    assert both[0].first_token_s == both[1].first_token_s == pytest.approx(two, rel=1e-6)
+
+
+def test_a_prompt_longer_than_the_budget_is_prefilled_over_several_steps():
+    cm = overhead_only().device.model_copy(update={"overheads": Overheads(per_token_us=1.0)})
+    r = simulate(ONE, CostModel(cm, 4), [Request(0.0, "a", 100, 2)], EngineConfig(max_batch_tokens=40)).requests[0]
+    # chunks of 40, 40 and 20 tokens, each charged per token in the embedding and both layers (not the head)
+    assert r.ttft_s == pytest.approx(3 * 100 * US, rel=1e-6)
+    assert r.num_tokens == 2 and r.tpot_s == pytest.approx(0.0, abs=1e-12)
+
+
+def test_decodes_take_their_token_before_a_new_prompt():
+    """A running decode is never starved by a long prompt: it takes one token, the prompt the rest."""
+    reqs = [Request(0.0, "a", 8, 6), Request(1e-4, "a", 500, 1)]
+    out = simulate(ONE, overhead_only(), reqs, EngineConfig(max_batch_tokens=64)).requests
+    alone = simulate(ONE, overhead_only(), reqs[:1], EngineConfig(max_batch_tokens=64)).requests[0]
+    assert out[0].num_tokens == 6 and out[1].status == "ok"
+    # every step of the first request still produces its token; steps got longer, not fewer
+    assert out[0].tpot_s > alone.tpot_s and out[0].finish_s < out[1].first_token_s
 
 
 def test_small_kv_budget_preempts_and_every_request_completes():
@@ -211,3 +232,45 @@ def test_bad_inputs_are_refused_with_a_clear_message():
         SimModel.from_data({"a": [("X", None)]}, {"E": EMB})
     with pytest.raises(ValueError, match="unknown"):
         simulate(ONE, overhead_only(), [Request(0.0, "nope", 8, 2)])
+
+
+TOKEN, REQUEST = 30.0, 200.0
+
+
+def served(peak_tflops: float = 1e12) -> CostModel:
+    """overhead_only() plus planc serve's per-token and per-request costs on its asyncio thread."""
+    dev = overhead_only().device.model_copy(update={
+        "peak_tflops": {"fp32": peak_tflops},
+        "overheads": Overheads(step_us=STEP, block_call_us=CALL, per_seq_us=SEQ, server_token_us=TOKEN,
+                               server_request_us=REQUEST)})
+    return CostModel(dev, dtype_bytes=4)
+
+
+def test_server_work_lengthens_steps_that_have_no_compute_to_hide_it_in():
+    """All of this device's step time is overhead (the GIL held): each token the server streams, and the
+    request it parsed, take the GIL from the next step; a token reaches the client when it is streamed."""
+    step = (STEP + 6 * CALL + 4 * SEQ) * US
+    engine = simulate(ONE, served(), [Request(0.0, "a", 20, 5)], server=False).requests[0]
+    assert engine.ttft_s == pytest.approx(step) and engine.tpot_s == pytest.approx(step)
+    http = simulate(ONE, served(), [Request(0.0, "a", 20, 5)]).requests[0]
+    # parsed (REQUEST) before the engine sees it; the prefill step also yields the GIL for that parsing
+    assert http.ttft_s == pytest.approx(REQUEST * US + (step + REQUEST * US) + TOKEN * US)
+    assert http.tpot_s == pytest.approx(step + TOKEN * US)  # each decode step yields to the last token's streaming
+
+
+def test_server_work_hides_in_a_steps_compute():
+    """On a device where a step is mostly torch compute (GIL released), streaming one token per step fits in
+    it: TPOT is the engine's; only the last token's streaming is added after the step."""
+    slow = served(peak_tflops=1e-4)  # 100 MFLOP/s: every block call is compute-bound, milliseconds long
+    engine = simulate(ONE, slow, [Request(0.0, "a", 20, 5)], server=False).requests[0]
+    http = simulate(ONE, slow, [Request(0.0, "a", 20, 5)]).requests[0]
+    assert http.tpot_s == pytest.approx(engine.tpot_s, rel=1e-9)
+    assert http.ttft_s == pytest.approx(engine.ttft_s + (REQUEST + TOKEN) * US, rel=1e-9)
+
+
+def test_many_tokens_per_step_cost_more_server_time_than_the_compute_hides():
+    reqs = [Request(0.0, "a", 8, 20) for _ in range(32)]
+    engine = simulate(ONE, served(), reqs, server=False).summary()["tpot_ms"]["p50"]
+    http = simulate(ONE, served(), reqs).summary()["tpot_ms"]["p50"]
+    # 32 tokens per decode step streamed at TOKEN us each, none of it hidden (no compute on this device)
+    assert http == pytest.approx(engine + 32 * TOKEN * 1e-3, rel=1e-6)
