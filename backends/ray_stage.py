@@ -235,8 +235,14 @@ class RemoteStage:
         return True
 
     # ------------------------------------------------------------------ compute
+    concurrent = True
+
     def run_calls(self, calls: list[BlockCall], inputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Split the step's calls by the copy each sequence sticks to; one call per copy, all in flight at once."""
+        return self.submit_calls(calls, inputs).result()
+
+    def submit_calls(self, calls: list[BlockCall], inputs: dict[int, torch.Tensor]) -> "_RemoteCalls":
+        """Split the step's calls by the copy each sequence sticks to and send one call per copy; the
+        answer is awaited by `result()`, so the engine can meanwhile feed other stages."""
         start, t = time.perf_counter(), self.timings
         parts: dict[int, list[BlockCall]] = {}
         for call in calls:
@@ -258,17 +264,8 @@ class RemoteStage:
                                    protocol=pickle.HIGHEST_PROTOCOL)
             t.pack_s += time.perf_counter() - packing
             refs.append((copy, copy.handle.run.remote(request)))
-        out: dict[int, torch.Tensor] = {}
-        for copy, ref in refs:
-            reply = self._get(copy, ref)
-            unpacking = time.perf_counter()
-            packed, remote_s = pickle.loads(reply)
-            out.update(unpack(packed))
-            t.pack_s += time.perf_counter() - unpacking
-            t.remote_s += remote_s
-        t.calls += len(refs)
         t.total_s += time.perf_counter() - start
-        return out
+        return _RemoteCalls(self, refs)
 
     def _get(self, copy: StageCopy, ref):
         try:
@@ -281,6 +278,27 @@ class RemoteStage:
                 copy.broken = True
                 raise StageFailed(f"stage actor {copy.label} was restarted by Ray") from None
             raise RuntimeError(f"stage actor {copy.label}: {exc.cause!r}") from None
+
+
+class _RemoteCalls:
+    """The actor calls of one `submit_calls`, in flight until `result()` collects them."""
+
+    def __init__(self, stage: RemoteStage, refs: list):
+        self.stage, self.refs = stage, refs
+
+    def result(self) -> dict[int, torch.Tensor]:
+        start, t = time.perf_counter(), self.stage.timings
+        out: dict[int, torch.Tensor] = {}
+        for copy, ref in self.refs:
+            reply = self.stage._get(copy, ref)
+            unpacking = time.perf_counter()
+            packed, remote_s = pickle.loads(reply)
+            out.update(unpack(packed))
+            t.pack_s += time.perf_counter() - unpacking
+            t.remote_s += remote_s
+        t.calls += len(self.refs)
+        t.total_s += time.perf_counter() - start
+        return out
 
 
 def _rebased(segments: list[Segment]) -> list[Segment]:

@@ -1,10 +1,15 @@
 """The engine: iteration-level (continuous) batching with per-block batching across variants.
 
-Each step every running sequence advances by one forward pass: a prefill of its uncomputed
-tokens, or one decode token. The step walks the chain positions in order; at each position the
-sequences whose block there is the same block instance run as one batch (capped per block), so
-variants that share a block share its matmuls. KV lives in a paged cache; when it is full the most
-recently admitted sequence is preempted (its KV freed, recomputed later) and nothing is dropped.
+Each step every running sequence advances by one forward pass: a chunk of its prompt, or one
+decode token. The step walks the chain positions in order; at each position the sequences whose
+block there is the same block instance run as one batch (capped per block), so variants that share
+a block share its matmuls. KV lives in a paged cache; when it is full the most recently admitted
+sequence is preempted (its KV freed, recomputed later) and nothing is dropped.
+
+When the stages run concurrently (each in its own process, e.g. Ray actors), the engine pipelines
+them: the running sequences are split into as many lanes as there are stages, and while one lane's
+step is in stage 2 the next lane's step runs in stage 1 (as vLLM's virtual engines do for pipeline
+parallelism), so no stage waits for the others to finish a step.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import torch
 from planc.bundle import Bundle
 from planc.kernels import KernelSelection
 from planc.runtime import executor as ex
-from planc.runtime.stage import BlockCall, Stage, StageFailed, local_stages
+from planc.runtime.stage import BlockCall, PendingCalls, Stage, StageFailed, local_stages
 from planc.runtime.sampling import Sampler, SamplingParams
 
 
@@ -112,6 +117,12 @@ class Engine:
         self._ids = itertools.count()
         self._wake = threading.Event()
         self._outage_since: Optional[float] = None
+        self.pipelined = len(self.stages) > 1 and all(stage.concurrent for stage in self.stages)
+        self._lanes: deque[_Lane] = deque()
+        """Lanes in flight through concurrent stages, the one waited on longest first."""
+        self._in_flight: set[int] = set()
+        self._free_later: set[int] = set()
+        """Sequences that ended while in flight: their KV is freed when their lane comes back."""
 
     @property
     def num_unique_blocks(self) -> int:
@@ -178,6 +189,7 @@ class Engine:
                 continue
             except Exception as exc:  # a bug must not leave every client waiting forever
                 traceback.print_exc()
+                self._drop_lanes()
                 for seq in list(self.running) + list(self.waiting):
                     self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
                 continue
@@ -189,6 +201,7 @@ class Engine:
         """A stage lost its KV: recompute every running sequence once it answers again (their clients
         see only a delay), or fail them all with `unavailable` if it stays down past the timeout."""
         now = time.monotonic()
+        self._drop_lanes()
         if self._outage_since is None:
             self._outage_since = now
             print(f"planc: {exc}; recomputing {len(self.running)} running sequences when it is back", flush=True)
@@ -201,18 +214,31 @@ class Engine:
         stop.wait(0.1)  # the stage is restarting; do not spin on it
 
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting or not self._inbox.empty())
+        return bool(self.running or self.waiting or not self._inbox.empty() or self._lanes)
 
     def step(self) -> bool:
-        """One iteration; returns False when there was nothing to do."""
+        """One iteration; returns False when there was nothing to do. Pipelined, an iteration starts
+        lanes while fewer than one per stage are in flight, then moves the oldest lane one stage on."""
         self._drain()
         self._admit()
-        if not self.running:
+        if not self.pipelined:
+            if not self.running:
+                return False
+            work = self._reserve(self.running)
+            if work:
+                logits = self._forward(work)
+                self._sample(work, logits)
+            return True
+        if not self.running and not self._lanes:
             return False
-        work = self._reserve()
-        if work:
-            logits = self._forward(work)
-            self._sample(work, logits)
+        share = -(-len(self.running) // len(self.stages))  # a lane's share of the running sequences
+        while len(self._lanes) < len(self.stages):
+            work = self._reserve([s for s in self.running if s.id not in self._in_flight][:share])
+            if not work:
+                break
+            self._launch(work)
+        if self._lanes:
+            self._advance(self._lanes.popleft())
         return True
 
     def _drain(self) -> None:
@@ -238,16 +264,19 @@ class Engine:
             self.running.append(seq)
             budget -= seq.num_pending()
 
-    def _reserve(self) -> list[Sequence]:
-        """Make room for every running sequence's next tokens, preempting the newest when full."""
+    def _reserve(self, candidates: list[Sequence]) -> list[Sequence]:
+        """Make room for the candidates' next tokens, preempting the newest sequence not in flight when
+        full; a sequence that only in-flight ones crowd out waits for them."""
         work = []
-        for seq in sorted(self.running, key=lambda s: s.admitted_at):
+        for seq in sorted(candidates, key=lambda s: s.admitted_at):
             if seq not in self.running:
                 continue  # preempted below, while making room for an older sequence
             while not self._reserve_kv(seq):
-                victim = max((s for s in self.running if s is not seq), key=lambda s: s.admitted_at, default=None)
+                victim = max((s for s in self.running if s is not seq and s.id not in self._in_flight),
+                             key=lambda s: s.admitted_at, default=None)
                 if victim is None:
-                    self._finish(seq, "length", error="the KV cache cannot hold this sequence")
+                    if not self._in_flight and not self._free_later:
+                        self._finish(seq, "length", error="the KV cache cannot hold this sequence")
                     break
                 self._preempt(victim)
             else:
@@ -272,6 +301,40 @@ class Engine:
         self.running.remove(seq)
         self.waiting.appendleft(seq)
         self.stats.preemptions += 1
+
+    # ------------------------------------------------------------------ pipelined stages
+    def _launch(self, work: list[Sequence]) -> None:
+        """Start a lane: its sequences' step in the first stage."""
+        self._in_flight.update(s.id for s in work)
+        inputs = {s.id: torch.tensor(s.pending_ids()[:s.scheduled]) for s in work}
+        first = self.stages[0]
+        self._lanes.append(_Lane(work, 0, first.submit_calls(self._block_calls(first.positions, work), inputs)))
+
+    def _advance(self, lane: "_Lane") -> None:
+        """Wait for the lane's current stage, then hand it to the next one, or sample after the last."""
+        out = lane.pending.result()
+        for seq in lane.work:
+            if seq.id in self._free_later:  # ended (aborted) meanwhile: no stage computes with it now
+                self._free_later.discard(seq.id)
+                self._free_kv(seq.id)
+        lane.work = [s for s in lane.work if s in self.running]
+        if lane.stage + 1 < len(self.stages) and lane.work:
+            lane.stage += 1
+            stage = self.stages[lane.stage]
+            lane.pending = stage.submit_calls(self._block_calls(stage.positions, lane.work),
+                                              {s.id: out[s.id] for s in lane.work})
+            self._lanes.append(lane)
+            return
+        self._in_flight.difference_update(s.id for s in lane.work)
+        self._sample(lane.work, out)
+
+    def _drop_lanes(self) -> None:
+        """Forget what is in flight (a stage failed: its sequences are recomputed)."""
+        self._lanes.clear()
+        self._in_flight.clear()
+        for seq_id in self._free_later:
+            self._free_kv(seq_id)
+        self._free_later.clear()
 
     def _forward(self, work: list[Sequence]) -> dict[int, torch.Tensor]:
         """Run every sequence's pending tokens through its chain, one call per stage; logits of each
@@ -318,12 +381,25 @@ class Engine:
                 self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str, error: Optional[str] = None) -> None:
-        self._free_kv(seq.id)
+        if seq.id in self._in_flight:  # a stage may be computing with its KV right now
+            self._in_flight.discard(seq.id)
+            self._free_later.add(seq.id)
+        else:
+            self._free_kv(seq.id)
         if seq in self.running:
             self.running.remove(seq)
         if seq in self.waiting:
             self.waiting.remove(seq)
         seq.sink(Event(None, finished=True, finish_reason=reason, error=error))
+
+
+@dataclass
+class _Lane:
+    """Sequences whose step is in flight through the stages; `pending` is the current stage's answer."""
+
+    work: list[Sequence]
+    stage: int
+    pending: "PendingCalls"
 
 
 @dataclass

@@ -35,7 +35,21 @@ class BlockCall:
     segments: list[ex.Segment]
 
 
+class PendingCalls:
+    """A stage's answer to `submit_calls`, ready or on its way."""
+
+    def __init__(self, out: dict[int, torch.Tensor]):
+        self._out = out
+
+    def result(self) -> dict[int, torch.Tensor]:
+        return self._out
+
+
 class Stage:
+    concurrent = False
+    """Whether `submit_calls` returns before the work is done (the stage computes beside the engine).
+    The engine pipelines steps through stages only when every stage is concurrent."""
+
     def __init__(self, bundle: Bundle, positions: range, kv_cache_bytes: int, page_size: int,
                  kernels: Optional[KernelSelection] = None, variants: Optional[list[str]] = None):
         """`variants`: load only these variants' blocks (a copy of one plan group); default: all."""
@@ -134,6 +148,11 @@ class Stage:
             for i, seg in enumerate(call.segments):
                 out[seg.seq] = y[i] if head else y[seg.start:seg.start + seg.length]
         return out
+
+
+    def submit_calls(self, calls: list[BlockCall], inputs: dict[int, torch.Tensor]) -> PendingCalls:
+        """`run_calls`, for the engine's pipelined path; in process it is done on return."""
+        return PendingCalls(self.run_calls(calls, inputs))
 
 
 def _kernel_selection(kernels: Optional[KernelSelection], device: torch.device) -> KernelSelection:
