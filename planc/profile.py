@@ -73,8 +73,8 @@ TABLE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512, 1024, 204
 TABLE_DIMS = (64, 128, 256, 512, 1024, 2048, 4096)
 TABLE_DIMS_QUICK = (128, 1024, 4096)
 _COLD_BYTES = 64 * 2**20
-"""Weight copies cycled through per shape: more than the last-level cache, so each call reads its weight
-from memory, as a step does after the rest of the chain evicted it."""
+"""Weights cycled through per shape: more than the last-level cache, so each call reads its weight from
+memory, as a step does after the rest of the chain evicted it (256 MB measured the same here)."""
 _MAX_FLOPS = 4e8
 """Row counts of a shape are measured up to this many FLOPs per call (~5 ms here); larger ones are
 compute-bound, and the table extrapolates them at the last measured time per row."""
@@ -84,20 +84,22 @@ def matmul_table(quick: bool = False, dims: Optional[tuple[int, ...]] = None) ->
     """Median CPU time of F.linear over a grid of weight shapes (out, in in `dims`) and TABLE_ROWS rows,
     weights cold. About 15 s (`quick` about 2 s); larger weights are extrapolated in proportion to size."""
     dims = dims or (TABLE_DIMS_QUICK if quick else TABLE_DIMS)
-    linears = [MatmulLinear(shape=(n, k), us=_linear_times(n, k, quick)) for n in dims for k in dims]
+    pool = torch.randn((_COLD_BYTES // 4) if not quick else (_COLD_BYTES // 16))  # weights are slices of it
+    linears = [MatmulLinear(shape=(n, k), us=_linear_times(pool, n, k, quick)) for n in dims for k in dims]
     return MatmulTable(dtype="fp32", cold=True, rows=list(TABLE_ROWS), linears=linears)
 
 
-def _linear_times(out_features: int, in_features: int, quick: bool) -> list[float]:
-    weight_bytes = 4 * out_features * in_features
-    copies = [torch.randn(out_features, in_features) for _ in range(max(1, _COLD_BYTES // weight_bytes))]
+def _linear_times(pool: torch.Tensor, out_features: int, in_features: int, quick: bool) -> list[float]:
+    size = out_features * in_features
+    copies = [pool[i * size:(i + 1) * size].view(out_features, in_features) for i in range(pool.numel() // size)] \
+        or [torch.randn(out_features, in_features)]
     times = []
     for m in TABLE_ROWS:
         if len(times) >= 2 and 2.0 * m * out_features * in_features > _MAX_FLOPS:
             break
         x = torch.randn(m, in_features)
         first = _cpu_seconds(lambda: torch.nn.functional.linear(x, copies[-1]))  # pays code paths: not kept
-        # small calls are noisy (a few us, the scheduler's and caches' doing): more of them, about 30 ms each
+        # small calls are noisy (a few us, the scheduler's and caches' doing): more of them, ~30 ms of calls
         reps = 3 if quick else max(5, min(61, int(0.03 / max(first, 1e-6))))
         samples = [_cpu_seconds(lambda w=copies[i % len(copies)]: torch.nn.functional.linear(x, w))
                    for i in range(reps)]
