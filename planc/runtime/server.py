@@ -209,12 +209,47 @@ async def _generate(state: ServerState, request: Request, chat: bool) -> Respons
     return JSONResponse(await run.collect(request))
 
 
+class _EventPump:
+    """Hands engine events to the requests' queues on the event loop with one loop wake-up per burst
+    (an engine step emits a token for every running sequence), not one per token: each wake-up is a
+    write to the loop's self-pipe and a turn of the loop, taken under the GIL the engine needs."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[tuple[asyncio.Queue, Event]] = []
+
+    def put(self, queue: asyncio.Queue, event: Event) -> None:  # engine thread
+        with self.lock:
+            self.pending.append((queue, event))
+            if len(self.pending) > 1:
+                return  # a wake-up is already on its way and will take this one too
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:  # event loop
+        with self.lock:
+            batch, self.pending = self.pending, []
+        for queue, event in batch:
+            queue.put_nowait(event)
+
+
+_pumps: dict[int, _EventPump] = {}
+
+
+def _pump(loop: asyncio.AbstractEventLoop) -> _EventPump:
+    pump = _pumps.get(id(loop))
+    if pump is None or pump.loop is not loop:
+        pump = _pumps[id(loop)] = _EventPump(loop)
+    return pump
+
+
 class _Run:
     """One request in flight: engine events in, text and metrics out."""
 
     def __init__(self, state: ServerState, req: GenerationRequest, loop: asyncio.AbstractEventLoop):
         self.state, self.req, self.loop = state, req, loop
         self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.pump = _pump(loop)
         self.detok = Detokenizer(state.codecs[req.variant], req.params.stop)
         self.seq_id = -1
         self.rid = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -224,11 +259,16 @@ class _Run:
         self.done = False
 
     def sink(self, event: Event) -> None:  # engine thread
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        self.pump.put(self.events, event)
 
     async def next_piece(self, request: Request) -> tuple[str, Optional[str]]:
         """(text delta, finish reason or None); aborts the sequence if the client has gone."""
         while True:
+            try:
+                event = self.events.get_nowait()  # the usual case under load: no wait, no timer
+                break
+            except asyncio.QueueEmpty:
+                pass
             try:
                 event = await asyncio.wait_for(self.events.get(), timeout=0.5)
                 break

@@ -42,35 +42,52 @@ class Detokenizer:
     """Turns a growing list of output ids into text deltas, cutting at the first stop string.
 
     Text that may still become part of a stop string, or an incomplete UTF-8 character, is held
-    back until the next token decides it.
+    back until the next token decides it. Each token costs O(1): only the ids since the last
+    complete text are decoded, with the ids before them as context (a tokenizer may render a
+    token differently at the start of a text, e.g. dropping its leading space).
     """
 
     def __init__(self, codec: TextCodec, stop: list[str]):
         self.codec, self.stop = codec, stop
         self.ids: list[int] = []
+        self.text = ""
+        """Text of the ids up to `_read` (complete characters only)."""
+        self._prefix = 0
+        self._read = 0
+        """ids[_prefix:_read] decode to the end of `text`: the context the next ids are decoded in."""
         self.emitted = 0
         self.stopped = False
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.codec.decode(self.ids)
+        searched = len(self.text)
+        tail = self._pending_text()
+        if tail and not tail.endswith("\ufffd"):  # complete characters: take them into the text
+            self.text += tail
+            self._prefix, self._read = self._read, len(self.ids)
+        text = self.text
         for s in self.stop:
-            at = text.find(s)
+            at = text.find(s, max(0, searched - len(s) + 1))
             if at != -1:
                 self.stopped = True
                 return self._emit(text[:at])
         safe = len(text)
-        if text.endswith("\ufffd"):
-            safe = len(text) - 1
         for s in self.stop:
             for k in range(min(len(s) - 1, safe), 0, -1):
-                if text[:safe].endswith(s[:k]):
+                if text.endswith(s[:k]):
                     safe -= k
                     break
         return self._emit(text[:safe])
 
     def flush(self) -> str:
-        return "" if self.stopped else self._emit(self.codec.decode(self.ids))
+        return "" if self.stopped else self._emit(self.text + self._pending_text())
+
+    def _pending_text(self) -> str:
+        """What the ids after `_read` add to the text (may end in an incomplete character)."""
+        if self._read == len(self.ids):
+            return ""
+        before = self.codec.decode(self.ids[self._prefix:self._read])
+        return self.codec.decode(self.ids[self._prefix:])[len(before):]
 
     def _emit(self, text: str) -> str:
         delta = text[self.emitted:] if len(text) > self.emitted else ""
