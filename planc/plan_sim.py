@@ -110,7 +110,8 @@ def simulated_capacity(program: Program, plan: Plan, cost_model: CostModel, atta
                        max_requests: int = 3000) -> float:
     """Highest rate (requests/s) at which `attainment` of the requests meet the SLO: the bracket
     starts at twice the plan's predicted throughput and doubles while that rate still meets it
-    (a pipelined group can beat the cost model's figure), then bisection.
+    (a pipelined group can beat the cost model's figure) and the doubled rate's trial fits in
+    `max_requests`, then bisection.
 
     Each trial's arrivals span at least 20 s and five TTFT budgets (up to `max_requests`): a burst
     that the engines absorb at once within the TTFT says nothing about the rate they sustain, and
@@ -123,8 +124,8 @@ def simulated_capacity(program: Program, plan: Plan, cost_model: CostModel, atta
 
     lo, hi = 0.0, max(plan.predicted["throughput_rps"], 1e-6) * 2
     for _ in range(max_doublings):
-        if not meets(hi):
-            break
+        if 2 * hi * span_s > max_requests or not meets(hi):
+            break  # past the request budget a trial's span gets too short to show an overload
         lo, hi = hi, hi * 2
     for _ in range(steps):
         mid = (lo + hi) / 2
