@@ -1,6 +1,7 @@
 """The `planc` command line. Errors in the user's input print one line and exit 1 (no traceback)."""
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import time
@@ -253,6 +254,25 @@ def version() -> None:
     out.print(planc.__version__)
 
 
+def _typer_exceptions(name: str) -> tuple[type, ...]:
+    """click's exception class `name`, and typer's own where typer bundles its click (typer >= 0.2x
+    raises those, which click's classes do not catch)."""
+    found = [getattr(click.exceptions, name)]
+    for module in ("typer._click.exceptions", "typer.exceptions", "typer"):
+        try:
+            extra = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if isinstance(extra, type) and extra not in found:
+            found.append(extra)
+    return tuple(found)
+
+
+_USAGE_ERRORS = _typer_exceptions("ClickException")
+_EXITS = _typer_exceptions("Exit")
+_ABORTS = _typer_exceptions("Abort")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         app(args=argv, prog_name="planc", standalone_mode=False)
@@ -261,12 +281,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if os.environ.get("PLANC_DEBUG"):
             raise
         return 1
-    except click.exceptions.ClickException as exc:
+    except _USAGE_ERRORS as exc:
         exc.show()
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except _EXITS as exc:
         return exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (*_ABORTS, KeyboardInterrupt):
         sys.stderr.write("interrupted\n")
         return 130
     return 0

@@ -506,3 +506,16 @@ def test_serve_bad_kernel_choice(cli_errors_bundle, capsys, monkeypatch, flag, e
         monkeypatch.setenv(key, value)
     rc, out, err = run_inprocess(["serve", str(cli_errors_bundle), "--port", "0", *flag], capsys)
     assert_one_line_error(rc, out, err, *needles)
+
+
+# ------------------------------------------------------------------------------- command-line usage
+
+@pytest.mark.parametrize("args,message", [
+    (["plan", "model.yaml", "--no-such-option"], "No such option: --no-such-option"),
+    (["plan", "model.yaml", "extra.json"], "unexpected extra argument"),
+    (["serve"], "Missing argument"),
+])
+def test_usage_errors_get_click_usage_and_exit_2_without_traceback(ws, args, message):
+    """typer bundles its own click: its usage errors must still be shown as usage, not raised."""
+    rc, out, err = run_subprocess(args, cwd=ws)
+    assert rc == 2 and message in err and "Traceback" not in err + out, (rc, out, err)
