@@ -3,7 +3,9 @@
 For each model (the tiny example, 4 variants; the ~100M Llama with 8 variants of serve_load.py) one
 seeded Gamma workload (open loop) is
 - simulated: `planc.simulate` on `SimModel.from_bundle` with the local CPU profile (`planc profile`: its
-  matmul table, fitted overheads and server costs), once as the engine alone and once inside `planc serve`;
+  matmul table and the overheads and table scale fitted on live engine runs of its calibration models, and
+  planc serve's costs measured on a real server: its own CPU and what it costs the engine thread), once as
+  the engine alone and once inside `planc serve`;
 - measured on the engine in this process (requests submitted at their arrival times, tokens timed
   in the engine's sink): the runtime alone, what the simulator models;
 - measured over HTTP: `planc serve` in a child process driven by `planc bench`'s load generator

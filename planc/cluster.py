@@ -49,11 +49,20 @@ class Overheads(_Strict):
     """Per sequence in a block call (bookkeeping, per-sequence attention calls)."""
     per_token_us: float = Field(0.0, ge=0)
     """Per prefill token in a block call (position and RoPE tensors, per-token elementwise work)."""
+    decode_call_us: float = Field(0.0, ge=0)
+    """Per batched decode attention call (two or more decodes in one block call: slot writes, page
+    tables, gathers and einsums that a lone decode's call does not make)."""
     server_token_us: float = Field(0.0, ge=0)
     """CPU time `planc serve`'s asyncio thread spends per streamed token (detokenize, JSON, SSE write), holding
     the GIL the engine thread also needs; 0 where unmeasured (shipped GPU profiles)."""
     server_request_us: float = Field(0.0, ge=0)
     """The same thread's CPU time per request (parse, tokenize, response setup, metrics)."""
+    engine_token_us: float = Field(0.0, ge=0)
+    """Time the engine thread loses per token `planc serve` streams (GIL handoffs to the asyncio thread, its
+    wake-ups, the caches it disturbs): planc serve's time for a workload minus the engine's alone, fitted
+    per token; it lengthens the engine step during which the token is streamed."""
+    engine_request_us: float = Field(0.0, ge=0)
+    """The same, per request."""
 
 
 class MatmulLinear(_Strict):
@@ -98,6 +107,9 @@ class MatmulTable(_Strict):
     dtype: str = "fp32"
     cold: bool = True
     """Weights read from memory, not a cache a previous call warmed (as in a step over many layers)."""
+    scale: float = Field(1.0, gt=0)
+    """Every lookup is multiplied by this: live engine steps over isolated calls, fitted by `planc profile`
+    on a live run (the other ops of a step between the Linears make them slower than alone)."""
     rows: list[int] = Field(min_length=2)
     linears: list[MatmulLinear] = Field(min_length=1)
 
@@ -131,7 +143,7 @@ class MatmulTable(_Strict):
         def at(n: int, k: int) -> float:
             return math.log(_row_time(self.rows, grid[(n, k)], rows))
         log_t = (1 - fn) * ((1 - fk) * at(n0, k0) + fk * at(n0, k1)) + fn * ((1 - fk) * at(n1, k0) + fk * at(n1, k1))
-        return math.exp(log_t) * scale_n * scale_k
+        return math.exp(log_t) * scale_n * scale_k * self.scale
 
     def _by_shape(self) -> dict[tuple[int, int], list[float]]:
         return {lin.shape: lin.us for lin in self.linears}

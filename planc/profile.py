@@ -6,8 +6,9 @@ copy, and the rate at which a one-row matmul streams a weight matrix too large f
 rate over the copy bandwidth is bw_efficiency: decode reads weights that way). Then a table of
 Linear times over weight shapes and row counts (the cost model uses it instead of the roofline's
 matmul term: a few rows of a one-thread BLAS call are far off the roofline), the runtime's fixed
-overheads fitted on steps of planc's own engine (`planc.profile_calibrate`), and what `planc serve`'s
-HTTP thread costs per request and streamed token (`planc.profile_server`).
+overheads and the table's live/isolated scale fitted on steps of a live run of planc's own engine
+(`planc.profile_calibrate`), and what `planc serve`'s HTTP thread costs per request and streamed
+token, and what it costs the engine thread (`planc.profile_server`).
 
 >>> profile = measure_local(quick=True)          # doctest: +SKIP
 >>> write_profile(profile, "local-profile.yaml")  # doctest: +SKIP
@@ -28,7 +29,7 @@ import torch
 import yaml
 
 from planc.cluster import DeviceProfile, MatmulLinear, MatmulTable
-from planc.profile_calibrate import calibration_bundle, fit_overheads, with_threads
+from planc.profile_calibrate import calibration_bundles, fit_overheads, with_threads
 from planc.profile_server import measure_server
 
 
@@ -143,20 +144,23 @@ def _measure(quick: bool, say: Callable[[str], None]) -> DeviceProfile:
                            bw_efficiency=round(min(1.0, stream / bandwidth), 3))
     say("matmul table")
     device = device.model_copy(update={"matmul_table": matmul_table(quick)})
-    say("building the calibration model")
+    say("building the calibration models")
     with tempfile.TemporaryDirectory(prefix="planc-profile-") as tmp:
         from planc.bundle import Bundle
 
-        bundle_dir = calibration_bundle(Path(tmp))
-        fit = fit_overheads(device, Bundle.open(bundle_dir), quick, say)
+        bundle_dirs = calibration_bundles(Path(tmp))
+        fit = fit_overheads(device, [Bundle.open(d) for d in bundle_dirs], quick, say)
         say("planc serve's cost per request and token")
-        per_request, per_token = measure_server(bundle_dir, quick, say)
-    overheads = fit.overheads.model_copy(update={"server_request_us": per_request, "server_token_us": per_token})
+        server = measure_server(bundle_dirs[0], quick, say)
+    overheads = fit.overheads.model_copy(update={
+        "server_request_us": server.request_us, "server_token_us": server.token_us,
+        "engine_request_us": server.engine_request_us, "engine_token_us": server.engine_token_us})
+    table = device.matmul_table.model_copy(update={"scale": fit.table_scale})
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     source = (f"`planc profile{' --quick' if quick else ''}` on {socket.gethostname()} ({cpu_name()}, "
-              f"{os.cpu_count()} cores, torch {torch.__version__}, 1 thread) at {when}; overheads fitted on "
-              f"{fit.num_steps} engine step kinds, median step error {100 * fit.rel_error:.1f}%")
-    return device.model_copy(update={"overheads": overheads, "source": source})
+              f"{os.cpu_count()} cores, torch {torch.__version__}, 1 thread) at {when}; overheads and table scale "
+              f"fitted on {fit.num_steps} steps of live engine runs, median step error {100 * fit.rel_error:.1f}%")
+    return device.model_copy(update={"overheads": overheads, "matmul_table": table, "source": source})
 
 
 def write_profile(profile: DeviceProfile, path: Union[str, Path]) -> Path:
@@ -192,8 +196,9 @@ def profile_rows(profile: DeviceProfile) -> list[tuple[str, str]]:
             ("per step", f"{ov.step_us:.0f} us"), ("per block call (or own attention call)", f"{ov.block_call_us:.1f} us"),
             ("per sequence in a block call", f"{ov.per_seq_us:.1f} us"),
             ("per prefill token in a block call", f"{ov.per_token_us:.2f} us"),
-            ("planc serve, per streamed token", f"{ov.server_token_us:.1f} us"),
-            ("planc serve, per request", f"{ov.server_request_us:.0f} us"),
+            ("per batched decode attention call", f"{ov.decode_call_us:.1f} us"),
+            ("planc serve, per streamed token", f"{ov.server_token_us:.1f} us (engine loses {ov.engine_token_us:.0f} us)"),
+            ("planc serve, per request", f"{ov.server_request_us:.0f} us (engine loses {ov.engine_request_us:.0f} us)"),
             ("matmul table", _table_summary(profile)), ("memory", f"{profile.memory_gb:g} GB")]
 
 
@@ -202,4 +207,5 @@ def _table_summary(profile: DeviceProfile) -> str:
     if table is None:
         return "none (roofline)"
     dims = sorted({n for lin in table.linears for n in lin.shape})
-    return f"{len(table.linears)} weight shapes ({dims[0]}..{dims[-1]}), {table.rows[0]}..{table.rows[-1]} rows"
+    return (f"{len(table.linears)} weight shapes ({dims[0]}..{dims[-1]}), {table.rows[0]}..{table.rows[-1]} rows, "
+            f"x{table.scale:.2f} live")

@@ -1,22 +1,28 @@
-"""Fit the runtime's fixed overheads (per step, block call, sequence and prefill token in a call) on this machine.
+"""Fit the runtime's fixed overheads, and a scale on the matmul table, on a live run of planc's own engine.
 
-A small random Llama with the tiny example's shape is compiled into a bundle with four variants
-(base, a partial fine-tune of the top layers and head, a full fine-tune, a LoRA adapter), so
-steps differ in how many block calls they make as well as in how many sequences they carry. Its
-steps are timed on planc's own engine, and the part of each step that the roofline does not
-explain is fitted, by least squares, as step_us + block_call_us * calls + per_seq_us * sequences in
-block calls + per_token_us * prefill tokens in block calls, where the calls are the batched block
-calls, the adapter delta calls and the attention calls of one sequence (a prefill, or a lone decode),
-exactly as the simulator counts them (`planc.simulate.step_time` is linear in the overheads, so
-probing it with each one set to 1 us gives the counts). What is left over is measured against the
-device's matmul table when the profile has one (else its roofline), so the fit and the simulator
-agree on what the overheads are not. Counting an attention call of one sequence as a block call
-halved the error against charging it per sequence; the per-prefill-token term halved it again
-(benchmarks/RESULTS.md, "Simulator fidelity").
+Two small random Llamas are compiled into bundles: one with the tiny example's shape and four variants
+(base, a partial fine-tune of the top layers and head, a full fine-tune, a LoRA adapter), so steps
+differ in how many block calls they make as well as in how many sequences they carry, and a wider one
+(base and a LoRA adapter) whose steps are mostly Linears. Each serves a short open-loop workload on
+planc's engine in this process (bursty Gamma arrivals, mixed prompt and output lengths, chunked
+prefill), as a real workload drives it, and every step is logged with the thread CPU time it took.
+
+Fitting on live steps, not on repeated identical batches, is the point: the previous calibration
+timed the fastest of repeated equal-context batches and fitted them within ~10%, yet the same kinds
+of step in a live run took 25-40% longer (benchmarks/RESULTS.md, "Simulator fidelity"). A step's
+time is predicted exactly as the simulator does (`planc.sim_step.StepModel` is linear in the
+overheads and in the table's scale, so probing it with each set to 1 gives the counts), and
+measured = roofline and table + (scale - 1) * table Linears + step_us + block_call_us * calls +
+per_seq_us * sequences + per_token_us * prefill tokens + decode_call_us * batched decode calls
+is fitted by least absolute relative error (a median regression, robust to the steps a burst of
+other load spoils), every overhead >= 0.
+
+>>> fit = fit_overheads(device, [Bundle.open(b) for b in bundles])   # doctest: +SKIP
 """
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,145 +32,207 @@ import numpy as np
 import torch
 
 from planc.cluster import DeviceProfile, Overheads
-from planc.cost import CostModel
 
 SHAPE = dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, bos_token_id=0, eos_token_id=1, pad_token_id=2, max_position_embeddings=1024)
+WIDE_SHAPE = dict(SHAPE, hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=4)
+"""Weights of ~9 MB per Linear, beyond the caches as a ~100M model's are."""
 VARIANTS = ("base", "top", "full", "lora")
-FITTED = ("step_us", "block_call_us", "per_seq_us", "per_token_us")
+WIDE_VARIANTS = ("base", "lora")
+FITTED = ("step_us", "block_call_us", "per_seq_us", "per_token_us", "decode_call_us")
 """The Overheads fields fitted here (the server's are measured apart: planc.profile_server)."""
+LIVE = {"small": dict(rate=12.0, num_requests=160), "wide": dict(rate=2.0, num_requests=30)}
+"""Per bundle: the live run's mean arrivals per second and requests (~15 s each here); quick: a quarter."""
+MAX_BATCH_TOKENS = 256
 
 
 @dataclass
 class Fit:
     overheads: Overheads
+    table_scale: float
+    """Live Linear time over the table's isolated calls (1.0 where the profile has no table)."""
     num_steps: int
-    """Measured step kinds (each the fastest of its repeats)."""
+    """Logged live steps fitted on."""
     rel_error: float
     """Median |predicted - measured| / measured over them, after the fit."""
     samples: list[tuple[str, float, float]]
-    """(step kind, measured seconds, predicted seconds) of every measured step kind."""
+    """(bundle, measured seconds, predicted seconds) of every step."""
 
 
-def calibration_bundle(root: Path) -> Path:
-    """Write the calibration checkpoints under `root` and compile them to `root/bundle`."""
+def calibration_bundle(root: Path, shape: Optional[dict] = None, variants: tuple[str, ...] = VARIANTS) -> Path:
+    """Write the calibration checkpoints of `shape` (default SHAPE) under `root` and compile them to `root/bundle`."""
     import planc
     from planc.example import corpus
     from planc.example.checkpoints import hf_config, perturb, random_state, top_layers, write_adapter, write_checkpoint
     from planc.example.tiny import TinyExample, train_tokenizer, write_tokenizer
 
-    cfg = hf_config("llama", **SHAPE)
+    shape = shape or SHAPE
+    cfg = hf_config("llama", **shape)
     state = random_state(cfg, seed=0)
     base = write_checkpoint(root / "base", cfg, state)
     write_tokenizer(train_tokenizer([corpus.general(200)], 300), base, TinyExample())
-    write_checkpoint(root / "top", cfg, perturb(state, top_layers(SHAPE["num_hidden_layers"], 2), seed=1))
-    write_checkpoint(root / "full", cfg, perturb(state, lambda _name: True, seed=2))
-    write_adapter(root / "lora", cfg, targets=("q_proj", "v_proj"), rank=8, alpha=16.0, seed=3)
-    spec = {"base": {"name": "base", "path": "./base"}, "backend": "local",
-            "variants": [{"name": "top", "path": "./top"}, {"name": "full", "path": "./full"},
-                         {"name": "lora", "adapter": "./lora"}]}
+    entries = []
+    if "top" in variants:
+        write_checkpoint(root / "top", cfg, perturb(state, top_layers(shape["num_hidden_layers"], 2), seed=1))
+        entries.append({"name": "top", "path": "./top"})
+    if "full" in variants:
+        write_checkpoint(root / "full", cfg, perturb(state, lambda _name: True, seed=2))
+        entries.append({"name": "full", "path": "./full"})
+    if "lora" in variants:
+        write_adapter(root / "lora", cfg, targets=("q_proj", "v_proj"), rank=8, alpha=16.0, seed=3)
+        entries.append({"name": "lora", "adapter": "./lora"})
+    spec = {"base": {"name": "base", "path": "./base"}, "backend": "local", "variants": entries}
     (root / "model.yaml").write_text(json.dumps(spec) + "\n")
     out = root / "bundle"
     planc.emit(planc.compile(planc.load(root / "model.yaml")), out=out)
     return out
 
 
-def batches(quick: bool) -> list[tuple[list[str], int]]:
-    """(variant of each sequence, prompt tokens) per measured batch: sizes and mixes chosen so calls and
-    sequences vary apart, at a short and a typical context (attention and KV reads grow with it)."""
-    sizes = (1, 4, 16) if quick else (1, 2, 4, 8, 16)
-    mixes = [("base",), VARIANTS, ("base", "full")]
-    return [([mix[i % len(mix)] for i in range(n * len(mix))], ctx) for ctx in (16, 128) for mix in mixes
-            for n in sizes if n * len(mix) <= 64]
+def calibration_bundles(root: Path) -> list[Path]:
+    """The small (four variants) and the wide (two) calibration bundles under `root`."""
+    return [calibration_bundle(root / "small"), calibration_bundle(root / "wide", WIDE_SHAPE, WIDE_VARIANTS)]
 
 
-def time_steps(engine, variants: list[str], prompt_len: int, decode_steps: int) -> list[tuple[list, float]]:
-    """Time one batch of `variants` on `engine`: a prefill step, and the fastest of `decode_steps` decode
-    steps. Returns (batch state before the step, seconds) for each, where a state lists (variant,
-    tokens, cached) per sequence, as `planc.simulate.step_time` takes it.
-    """
-    from planc.runtime.sampling import SamplingParams
-
-    rng = np.random.default_rng(len(variants))
-    prompts = [[int(t) for t in rng.integers(3, 300, prompt_len)] for _ in variants]
-
-    def submit(max_tokens: int) -> None:
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        for v, prompt in zip(variants, prompts):
-            engine.submit(v, prompt, params, lambda _event: None)
-
-    submit(1)  # max_tokens 1: the batch ends with its prefill step
-    prefill = _timed(engine.step)
-    submit(decode_steps + 2)
-    engine.step()
-    engine.step()  # the first decode after a prefill runs with colder caches: not timed
-    state = [(s.variant, len(s.all_ids), s.num_computed) for s in engine.running]
-    decode = min(_timed(engine.step) for _ in range(decode_steps))
-    while engine.has_work():
-        engine.step()
-    # contexts grow by a token per step (a few tokens change nothing here): the middle step stands for all
-    mid = [(v, n + decode_steps // 2, c + decode_steps // 2) for v, n, c in state]
-    return [([(v, prompt_len, 0) for v in variants], prefill), (mid, decode)]
-
-
-def time_batches(engine, quick: bool, progress: Callable[[str], None]) -> list[tuple[str, list, float]]:
-    """(label, state, seconds) of every batch's prefill and decode step, each the fastest over rounds.
-
-    The rounds go over all batches in turn, so a burst of load from other processes spoils one
-    round of each batch rather than every repeat of one; load only ever adds time, so the fastest
-    round is the best estimate of the step itself.
-    """
-    best: dict[str, tuple[list, float]] = {}
-    rounds = 2
-    for r in range(rounds):
-        progress(f"timing engine steps, round {r + 1} of {rounds}")
-        for variants, prompt_len in batches(quick):
-            for kind, (state, seconds) in zip(("prefill", "decode"), time_steps(engine, variants, prompt_len, 3)):
-                label = f"{kind} {len(variants)} x {'+'.join(sorted(set(variants)))}, {prompt_len}-token prompts"
-                if label not in best or seconds < best[label][1]:
-                    best[label] = (state, seconds)
-    return [(label, state, seconds) for label, (state, seconds) in best.items()]
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    """CPU seconds of this thread (the engine steps in it): robust to other processes on the machine."""
-    start = time.thread_time()
-    fn()
-    return time.thread_time() - start
-
-
-def fit_overheads(device: DeviceProfile, bundle, quick: bool = False,
-                  progress: Optional[Callable[[str], None]] = None) -> Fit:
-    """Measure steps of the calibration bundle and fit `device`'s overheads to what its roofline leaves over."""
-    from planc.sim_model import SimModel
-    from planc.simulate import step_time
-
-    model = SimModel.from_bundle(bundle)
-    bare = device.model_copy(update={"overheads": Overheads()})
-    probes = [CostModel(bare.model_copy(update={"overheads": Overheads(**{k: 1.0})}), 4) for k in FITTED]
+def live_steps(bundle, rate: float, num_requests: int, seed: int = 0) -> list[tuple[list, float]]:
+    """Serve a bursty open-loop workload on `bundle` with planc's engine in a thread of this process;
+    (batch state, thread CPU seconds) of every step, where a state lists (variant, tokens, cached,
+    tokens computed) per sequence in admission order, as `planc.simulate.step_time` takes it."""
     from planc.runtime.engine import Engine, EngineConfig
+    from planc.runtime.sampling import SamplingParams
+    from planc.workload import GammaWorkload
 
-    engine = Engine(bundle, EngineConfig(kv_cache_bytes=32 * 2**20, max_running=256, max_batch_tokens=1 << 16))
-    rows, targets, rooflines, labels = [], [], [], []
-    for label, state, measured in time_batches(engine, quick, progress or (lambda _msg: None)):
-        labels.append(label)
-        roofline = step_time(model, CostModel(bare, 4), state)
-        rows.append([(step_time(model, p, state) - roofline) * 1e6 for p in probes])
-        targets.append((measured - roofline) * 1e6)
-        rooflines.append(roofline * 1e6)
-    a, y = np.asarray(rows), np.asarray(targets)
-    coef = _nonnegative_lstsq(a, y)
+    work = GammaWorkload(seed=seed, rate=rate, cv=2.0, num_requests=num_requests,
+                         prompt_tokens={"dist": "uniform", "low": 8, "high": 192},
+                         output_tokens={"dist": "uniform", "low": 8, "high": 96}).requests(list(bundle.variants))
+    engine = Engine(bundle, EngineConfig(kv_cache_bytes=64 * 2**20, max_batch_tokens=MAX_BATCH_TOKENS))
+    log = _log_steps(engine)
+    done, left = threading.Event(), [len(work)]
+
+    def sink(event) -> None:
+        if event.finished:
+            left[0] -= 1
+            if not left[0]:
+                done.set()
+    stop = threading.Event()
+    thread = threading.Thread(target=engine.run, args=(stop,), daemon=True)
+    thread.start()
+    rng, t0 = np.random.default_rng(seed), time.perf_counter()
+    try:
+        for r in work:
+            time.sleep(max(0.0, t0 + r.arrival_s - time.perf_counter()))
+            engine.submit(r.variant, [int(t) for t in rng.integers(3, 300, r.prompt_tokens)],
+                          SamplingParams(max_tokens=r.output_tokens, temperature=0.0, ignore_eos=True), sink)
+        done.wait(600)
+    finally:
+        stop.set()
+        thread.join(10)
+    return log[1:]  # the first step pays code paths once
+
+
+def _log_steps(engine) -> list[tuple[list, float]]:
+    """Wrap `engine`'s instance methods (the runtime is not changed) to log each step's batch and CPU time."""
+    log, batch = [], []
+    forward, step = engine._forward, engine.step
+
+    def logged_forward(work):
+        batch[:] = [(s.variant, len(s.all_ids), s.num_computed, s.scheduled) for s in work]
+        return forward(work)
+
+    def logged_step():
+        batch.clear()
+        start = time.thread_time()
+        busy = step()
+        if batch:
+            log.append((list(batch), time.thread_time() - start))
+        return busy
+    engine._forward, engine.step = logged_forward, logged_step
+    return log
+
+
+def step_features(device: DeviceProfile, model, states: list[list]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per step: what the profile without overheads predicts (roofline and table, seconds), the table's
+    Linears (seconds; 0 without a table), and one column of counts per FITTED overhead (us per us)."""
+    from planc.cost import CostModel
+    from planc.runtime.engine import EngineConfig
+    from planc.sim_step import StepModel
+
+    bare = device.model_copy(update={"overheads": Overheads()})
+    cfg = EngineConfig(max_batch_tokens=MAX_BATCH_TOKENS)
+    probes = [bare.model_copy(update={"overheads": Overheads(**{k: 1.0})}) for k in FITTED]
+    if bare.matmul_table is not None:
+        twice = bare.matmul_table.model_copy(update={"scale": 2.0 * bare.matmul_table.scale})
+        probes.append(bare.model_copy(update={"matmul_table": twice}))
+    models = [StepModel(model, CostModel(d, 4), cfg) for d in [bare] + probes]
+    index = {name: i for i, name in enumerate(model.variants)}
+    base, cols = [], []
+    for state in states:
+        work = [_Work(index[v], cached, scheduled) for v, _total, cached, scheduled in state]
+        times = [m.step_time(work) for m in models]
+        base.append(times[0])
+        cols.append([t - times[0] for t in times[1:]])
+    cols_a = np.asarray(cols).reshape(len(states), len(models) - 1)
+    table = cols_a[:, len(FITTED)] if bare.matmul_table is not None else np.zeros(len(states))
+    return np.asarray(base), table, cols_a[:, :len(FITTED)] * 1e6
+
+
+@dataclass
+class _Work:
+    variant: int
+    computed: int
+    scheduled: int
+
+
+def fit_overheads(device: DeviceProfile, bundles: list, quick: bool = False,
+                  progress: Optional[Callable[[str], None]] = None) -> Fit:
+    """Run each bundle live and fit `device`'s overheads and table scale to its steps (see the module doc)."""
+    from planc.sim_model import SimModel
+
+    say = progress or (lambda _msg: None)
+    base, table, counts, measured, names = [], [], [], [], []
+    for bundle, name in zip(bundles, ("small", "wide")):
+        live = LIVE[name]
+        say(f"a live run of the {name} calibration model")
+        steps = live_steps(bundle, live["rate"], max(8, live["num_requests"] // (4 if quick else 1)))
+        b, t, c = step_features(device, SimModel.from_bundle(bundle), [s for s, _ in steps])
+        base.append(b), table.append(t), counts.append(c)
+        measured.append(np.array([sec for _, sec in steps]))
+        names += [name] * len(steps)
+    return fit_steps(device, np.concatenate(base), np.concatenate(table), np.concatenate(counts),
+                     np.concatenate(measured), names)
+
+
+def fit_steps(device: DeviceProfile, base: np.ndarray, table: np.ndarray, counts: np.ndarray, measured: np.ndarray,
+              names: Optional[list[str]] = None) -> Fit:
+    """Fit overheads (us, >= 0) and the table's scale to `measured` step seconds (arrays as step_features'),
+    minimizing the sum of |relative error|. The scale's column enters twice, as +table and -table, so
+    that it may go below 1 with every coefficient >= 0."""
+    a = np.column_stack([counts, table * 1e6, -table * 1e6])
+    y = (measured - base) * 1e6
+    coef = _median_fit(a, y, measured * 1e6)
+    scale = float(1.0 + coef[-2] - coef[-1]) if table.any() else 1.0
     overheads = Overheads(**{k: round(float(c), 2) for k, c in zip(FITTED, coef)})
-    # error on whole steps (roofline included): the figure that matters to the simulator
-    roof = np.asarray(rooflines)
-    predicted, measured = (a @ coef + roof) * 1e-6, (y + roof) * 1e-6
+    predicted = (a @ coef) * 1e-6 + base
     error = np.abs(predicted - measured) / measured
-    return Fit(overheads, len(y), float(np.median(error)), list(zip(labels, measured.tolist(), predicted.tolist())))
+    return Fit(overheads, round(scale, 4), len(y), float(np.median(error)),
+               list(zip(names or ["?"] * len(y), measured.tolist(), predicted.tolist())))
+
+
+def _median_fit(a: np.ndarray, y: np.ndarray, scale: np.ndarray, iterations: int = 30) -> np.ndarray:
+    """Nonnegative coefficients minimizing sum |a @ c - y| / scale: iteratively reweighted least squares
+    (each row weighted by 1 / (scale * |residual|)), starting from the relative least squares."""
+    w = 1.0 / scale
+    coef = np.zeros(a.shape[1])
+    for _ in range(iterations):
+        root = np.sqrt(w)
+        coef = _nonnegative_lstsq(a * root[:, None], y * root)
+        residual = np.abs(a @ coef - y)
+        w = 1.0 / (scale * np.maximum(residual, 1e-3 * scale))
+    return coef
 
 
 def _nonnegative_lstsq(a: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Least squares with every coefficient >= 0 (an overhead cannot be negative): drop negatives and refit."""
-    keep = list(range(a.shape[1]))
+    keep = [i for i in range(a.shape[1]) if a[:, i].any()]
     coef = np.zeros(a.shape[1])
     while keep:
         sol, *_ = np.linalg.lstsq(a[:, keep], y, rcond=None)

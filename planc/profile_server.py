@@ -11,20 +11,41 @@ process streams requests to it (token-id prompts, ignore_eos) in two rounds that
 output length, and the main thread's CPU time is read from Linux's /proc before and after each
 round. Two rounds give two equations: CPU = requests * per_request + tokens * per_token.
 
->>> per_request_us, per_token_us = measure_server(bundle_dir)  # doctest: +SKIP
+That CPU is not what the server costs the engine. On a real server the engine thread lost ~0.4 ms
+per streamed token on the calibration model while the server thread used ~0.1 ms (its own CPU grew
+and it waited: the GIL, which the engine retakes after every torch op, and the wake-ups of a
+second busy thread). So each round also runs, after the HTTP one, on an engine in this process
+with the same requests, concurrency and settings (no server), and the difference of the two
+rounds' wall times is fitted the same way: engine_request_us and engine_token_us.
+
+>>> cost = measure_server(bundle_dir)  # doctest: +SKIP
+>>> cost.token_us, cost.engine_token_us  # doctest: +SKIP
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-ROUNDS = ((24, 4), (24, 64))
+ROUNDS = ((32, 4), (32, 64))
 """(requests, output tokens each) per round: the same requests, short and long outputs. Rounds of 16
 and 128 tokens gave the same per-token cost within 5% here: it does not grow with the output."""
 ROUNDS_QUICK = ((8, 4), (8, 32))
-CONCURRENCY = 4
+CONCURRENCY = 6
+
+
+@dataclass(frozen=True)
+class ServerCost:
+    """Microseconds per request and per streamed token: the server thread's CPU, and the engine's loss."""
+
+    request_us: float
+    token_us: float
+    engine_request_us: float
+    engine_token_us: float
 PROMPT_TOKENS = 24
 
 
@@ -40,24 +61,75 @@ def thread_cpu_s(pid: int, tid: Optional[int] = None) -> float:
 
 
 def measure_server(bundle_dir: Path, quick: bool = False,
-                   progress: Optional[Callable[[str], None]] = None) -> tuple[float, float]:
-    """(per request, per streamed token) microseconds of the server's main thread on the bundle at `bundle_dir`.
+                   progress: Optional[Callable[[str], None]] = None) -> ServerCost:
+    """What planc serve costs on the bundle at `bundle_dir`: its main thread's CPU per request and token,
+    and the wall time the engine loses to it per request and token.
 
-    Needs Linux (/proc) and a free port on 127.0.0.1; about 10 s on the calibration bundle (`quick` 5 s)."""
+    Needs Linux (/proc) and a free port on 127.0.0.1; about 20 s on the calibration bundle (`quick` 8 s)."""
     from planc.bench.server import LocalServer
 
     say = progress or (lambda _msg: None)
     server = LocalServer(bundle_dir, "--threads 1 --kv-cache-mb 32", env={"OMP_NUM_THREADS": "1"})
+    rounds = ROUNDS_QUICK if quick else ROUNDS
+    cpu, http = [], []
     with server as url:
         pid = server.proc.pid  # `python -m planc.cli serve`, whose main thread runs the asyncio loop
         asyncio.run(_round(url, 4, 2))  # warm-up: first requests pay imports and code paths
-        cpu, rounds = [], ROUNDS_QUICK if quick else ROUNDS
         for i, (requests, tokens) in enumerate(rounds):
             say(f"server cost, round {i + 1} of {len(rounds)}")
-            before = thread_cpu_s(pid)
+            before, start = thread_cpu_s(pid), time.perf_counter()
             asyncio.run(_round(url, requests, tokens))
+            http.append(time.perf_counter() - start)
             cpu.append(thread_cpu_s(pid) - before)
-    return fit_server(rounds, cpu)
+    alone = engine_rounds(bundle_dir, rounds)
+    request_us, token_us = fit_server(rounds, cpu)
+    engine_request_us, engine_token_us = fit_server(rounds, [h - a for h, a in zip(http, alone)])
+    return ServerCost(request_us, token_us, engine_request_us, engine_token_us)
+
+
+def engine_rounds(bundle_dir: Path, rounds: tuple[tuple[int, int], ...]) -> list[float]:
+    """Wall seconds of each round on planc's engine in this process (its own thread, the server's
+    settings), requests sent as the HTTP rounds send them: CONCURRENCY at a time, the same prompts."""
+    from planc.bundle import Bundle
+    from planc.runtime.engine import Engine
+    from planc.runtime.server import ServeOptions, engine_config
+
+    bundle = Bundle.open(bundle_dir)
+    engine = Engine(bundle, engine_config(bundle, ServeOptions(kv_cache_mb=32, threads=1)))
+    stop = threading.Event()
+    thread = threading.Thread(target=engine.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        _engine_round(engine, 4, 2)
+        out = []
+        for requests, tokens in rounds:
+            start = time.perf_counter()
+            _engine_round(engine, requests, tokens)
+            out.append(time.perf_counter() - start)
+        return out
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def _engine_round(engine, requests: int, tokens: int) -> None:
+    from planc.runtime.sampling import SamplingParams
+
+    gate, done = threading.Semaphore(CONCURRENCY), threading.Semaphore(0)
+
+    def sink(event) -> None:
+        if event.finished:
+            gate.release()
+            done.release()
+    for i in range(requests):
+        gate.acquire()
+        engine.submit("base", _prompt(i), SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True), sink)
+    for _ in range(requests):
+        done.acquire()
+
+
+def _prompt(i: int) -> list[int]:
+    return [3 + (i * 7 + k) % 250 for k in range(PROMPT_TOKENS)]
 
 
 def fit_server(rounds: tuple[tuple[int, int], ...], cpu_s: list[float]) -> tuple[float, float]:
@@ -84,7 +156,7 @@ async def _round(url: str, requests: int, tokens: int) -> None:
 
 
 async def _stream(client, i: int, tokens: int) -> None:
-    body = {"model": "base", "prompt": [3 + (i * 7 + k) % 250 for k in range(PROMPT_TOKENS)], "max_tokens": tokens,
+    body = {"model": "base", "prompt": _prompt(i), "max_tokens": tokens,
             "temperature": 0.0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     usage = None
     async with client.stream("POST", "/v1/completions", json=body) as resp:

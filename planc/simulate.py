@@ -8,19 +8,17 @@ same all-or-nothing KV page reservation per sequence (page_size, the KV budget, 
 the chain), the same preemption by recompute of the most recently admitted sequence, and the same per-step walk over
 chain positions in which the sequences whose block there is the same block instance run as one
 batched call (split at block_batch_cap), plus one delta call per LoRA adapter in the group. A step
-lasts `CostModel.step_overhead()` plus the `CostModel.block_time` of every call (num_seqs = the
-sequences in it; the head computes one row per sequence, as the runtime does), plus the profile's
-block_call_us for every attention call a sequence makes on its own (each prefill in a layer, or a
-lone decode). Data-parallel replicas are independent engines; each request goes to the least-loaded
-one (waiting + running) when it arrives.
+lasts what `planc.sim_step.StepModel` says. Data-parallel replicas are independent engines; each
+request goes to the least-loaded one (waiting + running) when it arrives.
 
 Inside `planc serve` (the default; `server=False` for the engine alone) each replica's process also
 runs the HTTP server's asyncio thread: it parses each request before the engine sees it and streams
-each token after the step that sampled it, holding the GIL for the profile's server_request_us and
-server_token_us. The engine thread holds the GIL only for its Python work (the profile's overheads)
-and releases it inside torch ops (the roofline or matmul-table part of a step), so the server's
-queued work runs in a step's compute time on the other core and lengthens the step only by what
-does not fit there; a token reaches the client when the server has streamed it.
+each token after the step that sampled it (the profile's server_request_us and server_token_us: a
+token reaches the client when the server has streamed it and those before it). The engine thread
+pays for that thread far more than its CPU time (GIL handoffs at every torch op while the server is
+runnable, its wake-ups): the profile's engine_token_us and engine_request_us, measured on a real
+server as planc serve's time minus the engine's alone, lengthen the step during which the server
+streams those tokens and parses those requests.
 
 >>> from planc.cluster import load_device
 >>> from planc.cost import BlockCost, CostModel
@@ -37,12 +35,13 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from planc.cost import BlockCost, CostModel
+from planc.cost import CostModel
 from planc.runtime.engine import EngineConfig
-from planc.sim_model import Group, SimModel
+from planc.sim_model import SimModel
+from planc.sim_step import StepModel
 from planc.sim_report import RequestRecord, SimResult
 from planc.workload import Request
 
@@ -85,10 +84,11 @@ class _Replica:
     busy_s: float = 0.0
     num_steps: int = 0
     preemptions: int = 0
-    server_work_s: float = 0.0
-    """GIL-holding work queued on the server's asyncio thread (tokens to stream, requests to parse)."""
-    server_since: float = 0.0
-    """When that work was last brought up to date (it drains while the engine is idle)."""
+    server_toll_s: float = 0.0
+    """What the server's work since the last step started costs the engine thread (tokens streamed,
+    requests parsed); the next step pays it, less what the engine spent idle meanwhile."""
+    last_end: float = 0.0
+    """When the last step ended (the engine is idle from then until its next step starts)."""
 
     def __post_init__(self) -> None:
         self.free = self.num_pages
@@ -102,16 +102,14 @@ class _Engine:
     """One replica's scheduling decisions, mirroring planc.runtime.engine.Engine."""
 
     def __init__(self, model: SimModel, cost_model: CostModel, config: EngineConfig, server: bool = False):
-        self.model, self.cm, self.cfg = model, cost_model, config
+        self.model, self.cfg = model, config
         self._admissions = 0
-        self._calls: dict[tuple, tuple[float, float]] = {}
-        self._positions = _Position.build_all(model)
+        self.steps = StepModel(model, cost_model, config)
         ov = cost_model.device.overheads
-        self._call_overhead = ov.block_call_us * 1e-6
         self.token_s = ov.server_token_us * 1e-6 if server else 0.0
         self.request_s = ov.server_request_us * 1e-6 if server else 0.0
-        self._gil = 0.0
-        """The engine's GIL-holding share of the step being timed (its overheads; see step_time)."""
+        self.toll_token_s = ov.engine_token_us * 1e-6 if server else 0.0
+        self.toll_request_s = ov.engine_request_us * 1e-6 if server else 0.0
 
     def _reserve_kv(self, r: _Replica, seq: _Seq) -> bool:
         """Grow `seq` to hold all its tokens in every KV layer, or change nothing."""
@@ -139,30 +137,24 @@ class _Engine:
             r.work = self._reserve(r, now)
             if r.work:
                 break
-        duration = self.step_time(r.work)
-        if self.token_s or self.request_s:
-            duration = self._with_server(r, now, duration)
+        self._idle_until(r, now)
+        duration = self.steps.step_time(r.work) + r.server_toll_s
+        r.server_toll_s = 0.0
         r.busy_s += duration
         r.num_steps += 1
         return now + duration
 
-    def _with_server(self, r: _Replica, now: float, duration: float) -> float:
-        """The step as it runs beside `planc serve`'s asyncio thread in one process: both need the GIL.
-        The engine holds it for its Python work (the profile's overheads) and releases it inside torch
-        ops (the roofline or matmul-table part); the server's queued work runs in those windows on the
-        other core, and what does not fit there takes the GIL from the engine and lengthens the step."""
-        backlog = max(0.0, r.server_work_s - (now - r.server_since))  # it drained while the engine idled
-        compute = duration - self._gil
-        r.server_work_s, r.server_since = 0.0, now
-        return duration + max(0.0, backlog - compute)
-
     def server_request(self, r: _Replica, now: float) -> None:
-        """A request's parsing and setup joins the server thread's queue."""
-        self._add_server_work(r, now, self.request_s)
+        """A request's parsing costs the engine thread its share (the next step pays it)."""
+        if not r.work:
+            self._idle_until(r, now)
+        r.server_toll_s += self.toll_request_s
 
-    def _add_server_work(self, r: _Replica, now: float, seconds: float) -> None:
-        r.server_work_s = max(0.0, r.server_work_s - (now - r.server_since)) + seconds
-        r.server_since = now
+    @staticmethod
+    def _idle_until(r: _Replica, now: float) -> None:
+        """The server's work done while the engine had nothing to run cost it nothing."""
+        r.server_toll_s = max(0.0, r.server_toll_s - (now - r.last_end))
+        r.last_end = now
 
     def _admit(self, r: _Replica) -> None:
         """Admit while this step has tokens left (prompts are chunked, so any admitted prompt makes progress)."""
@@ -230,157 +222,14 @@ class _Engine:
             rec.num_tokens = seq.generated
             if seq.generated >= seq.max_tokens or seq.total >= self.cfg.max_model_len:
                 self._finish(r, seq, seen, "ok")
-        if sampled and self.token_s:
-            self._add_server_work(r, now, sampled * self.token_s)
-        r.work = []
+        r.server_toll_s += sampled * self.toll_token_s  # streamed while the next step runs
+        r.work, r.last_end = [], now
 
     def _finish(self, r: _Replica, seq: _Seq, now: float, status: str) -> None:
         self._free_kv(r, seq)
         r.running.remove(seq)
         seq.record.finish_s = now
         seq.record.status = status
-
-    # ------------------------------------------------------------------ step time
-    def step_time(self, work: list[_Seq]) -> float:
-        """step overhead + every batched block call (and adapter delta call) of the step. Leaves in
-        `self._gil` the part of it that is the runtime's overheads (Python, holding the GIL)."""
-        active: dict[int, list[float]] = {}
-        for s in work:
-            _add_pending(active.setdefault(s.variant, [0.0] * 5), s)
-        total = self._gil = self.cm.step_overhead()
-        by_partition: dict[int, dict[int, list[float]]] = {}  # positions that group variants alike share sums
-        for pos in self._positions:
-            calls = by_partition.get(pos.partition)
-            if calls is None:
-                calls = by_partition[pos.partition] = _group_sums(active, pos.group_of)
-            gil = self._gil
-            t = self._position_time(pos, calls, active, work)
-            total += pos.count * t
-            self._gil = gil + pos.count * (self._gil - gil)
-        return total
-
-    def _position_time(self, pos: "_Position", calls: dict[int, list[float]], active: dict[int, list[float]],
-                       work: list[_Seq]) -> float:
-        t, split = 0.0, set()
-        for g, agg in calls.items():
-            if agg[2] + agg[3] > self.cfg.block_batch_cap:
-                split.add(g)
-                t += self._split_time(pos, g, work)
-            else:
-                t += self._call(pos.costs[g], *agg)
-        if pos.deltas:
-            rows: dict[int, list[float]] = {}
-            for v, st in active.items():
-                a = pos.adapter_of[v]
-                if a >= 0 and pos.group_of[v] not in split:
-                    r = rows.setdefault(a, [0.0, 0.0])
-                    r[0] += st[0]
-                    r[1] += st[3]
-            for a, (prefill, decodes) in rows.items():
-                t += self._call(pos.deltas[a], prefill, 0.0, 0.0, decodes, 0.0, adapter=True)
-        return t
-
-    def _split_time(self, pos: "_Position", g: int, work: list[_Seq]) -> float:
-        """A group larger than block_batch_cap runs as several calls, in admission order (as the engine)."""
-        members = [s for s in work if pos.group_of[s.variant] == g]
-        cap, t = self.cfg.block_batch_cap, 0.0
-        for i in range(0, len(members), cap):
-            active: dict[int, list[float]] = {}
-            for s in members[i:i + cap]:
-                _add_pending(active.setdefault(s.variant, [0.0] * 5), s)
-            t += self._position_time(pos, _group_sums(active, pos.group_of), active, members[i:i + cap])
-        return t
-
-    def _call(self, cost: BlockCost, prefill_tokens: float, prefill_pairs: float, prefill_seqs: float,
-              decode_seqs: float, context: float, adapter: bool = False) -> float:
-        seqs = prefill_seqs + decode_seqs
-        if cost.kind == "head":
-            # the runtime computes logits for each sequence's last token only
-            prefill_tokens, prefill_pairs, decode_seqs, context = 0, 0.0, seqs, 0.0
-        key = (id(cost), prefill_tokens, prefill_pairs, seqs, decode_seqs, context, adapter)
-        cached = self._calls.get(key)
-        if cached is None:
-            num_seqs = 0 if adapter else int(seqs)
-            t = self.cm.block_time(cost, prefill_tokens=int(prefill_tokens), decode_seqs=int(decode_seqs),
-                                   context_tokens=context, attn_pairs=context + prefill_pairs, num_seqs=num_seqs)
-            gil = self.cm.overhead_time(int(prefill_tokens), int(decode_seqs), num_seqs)
-            if cost.kv_bytes_per_token > 0 and not adapter:
-                # The executor runs attention once per prefill segment and once for a lone decode (two or
-                # more decodes share one batched call); each such call costs about what a block call
-                # costs in fixed overhead (what `planc profile` fits with this count).
-                own = (prefill_seqs + (decode_seqs == 1)) * self._call_overhead
-                t, gil = t + own, gil + own
-            cached = (t, gil)
-            if len(self._calls) < 100_000:
-                self._calls[key] = cached
-        self._gil += cached[1]
-        return cached[0]
-
-
-@dataclass(frozen=True)
-class _Position:
-    """A compressed chain position with lookup tables for the step loop."""
-
-    count: int
-    costs: tuple[BlockCost, ...]
-    """Per group (block instance)."""
-    group_of: tuple[int, ...]
-    """Variant index -> group index."""
-    deltas: tuple[BlockCost, ...]
-    adapter_of: tuple[int, ...]
-    """Variant index -> index into `deltas`, or -1."""
-    partition: int = 0
-    """Positions with equal `group_of` have equal ids."""
-
-    @classmethod
-    def build(cls, count: int, groups: tuple[Group, ...], num_variants: int) -> "_Position":
-        group_of, adapter_of, deltas = [0] * num_variants, [-1] * num_variants, []
-        for g, group in enumerate(groups):
-            for v in group.variants:
-                group_of[v] = g
-            for delta, users in group.adapters:
-                for v in users:
-                    adapter_of[v] = len(deltas)
-                deltas.append(delta)
-        return cls(count, tuple(g.cost for g in groups), tuple(group_of), tuple(deltas), tuple(adapter_of))
-
-    @staticmethod
-    def build_all(model: SimModel) -> list["_Position"]:
-        out, ids = [], {}
-        for count, groups in model.positions:
-            pos = _Position.build(count, groups, len(model.variants))
-            out.append(replace(pos, partition=ids.setdefault(pos.group_of, len(ids))))
-        return out
-
-
-def _group_sums(active: dict[int, list[float]], group_of: tuple[int, ...]) -> dict[int, list[float]]:
-    """Per group (block call) the sums of its variants' counters: prefill tokens, prefill query/key
-    pairs, prefill sequences, decode sequences, cached context."""
-    calls: dict[int, list[float]] = {}
-    for v, st in active.items():
-        acc = calls.get(group_of[v])
-        if acc is None:
-            calls[group_of[v]] = st[:]
-        else:
-            acc[0] += st[0]
-            acc[1] += st[1]
-            acc[2] += st[2]
-            acc[3] += st[3]
-            acc[4] += st[4]
-    return calls
-
-
-def _add_pending(st: list[float], s: _Seq) -> None:
-    """Add the tokens one sequence computes this step to its variant's counters (see _group_sums)."""
-    n = s.scheduled
-    if n == 1:  # the executor treats any one-token segment as a decode
-        st[3] += 1
-        st[4] += s.computed + 1
-    else:
-        st[0] += n
-        st[1] += n * s.computed + n * (n + 1) / 2
-        st[2] += 1
-        st[4] += s.computed
 
 
 def simulate(model: SimModel, cost_model: CostModel, requests: Sequence[Request],
@@ -445,7 +294,7 @@ def step_time(model: SimModel, cost_model: CostModel, batch: Sequence[tuple],
         seq = _Seq(RequestRecord(i, v, 0.0, total, 1), index[v], total, 1, computed=cached)
         seq.scheduled = scheduled[0] if scheduled else total - cached
         work.append(seq)
-    return _Engine(model, cost_model, engine or EngineConfig()).step_time(work)
+    return StepModel(model, cost_model, engine or EngineConfig()).step_time(work)
 
 
 def _route(reps: list[_Replica], rec: RequestRecord, req: Request, index: dict[str, int], cfg: EngineConfig,

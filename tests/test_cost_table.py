@@ -145,3 +145,11 @@ def test_a_profile_written_before_tables_loads_on_the_roofline(tmp_path):
     assert dev.overheads == Overheads(block_call_us=859.22, per_seq_us=46.84)
     assert yaml.safe_load(OLD_PROFILE)["overheads"] == {"step_us": 0.0, "block_call_us": 859.22, "per_seq_us": 46.84}
     assert CostModel(dev, dtype_bytes=4).table is None
+
+
+def test_table_scale_multiplies_every_lookup_and_defaults_to_one():
+    t = table()
+    scaled = t.model_copy(update={"scale": 1.25})
+    assert t.scale == 1.0
+    for rows, n, k in ((1, 64, 64), (3, 100, 200), (5000, 8192, 256)):
+        assert scaled.linear_us(rows, n, k) == pytest.approx(1.25 * t.linear_us(rows, n, k))

@@ -52,3 +52,29 @@ def test_nonnegative_fit_recovers_overheads_and_drops_negative_terms():
     y2 = a @ np.array([300.0, 50.0, 0.0]) - 0.5 * a[:, 2]
     coef = _nonnegative_lstsq(a, y2)
     assert coef[2] == 0.0 and (coef >= 0).all()
+
+
+def test_live_fit_recovers_overheads_and_table_scale_despite_disturbed_steps():
+    """Steps made from known overheads and a table scale of 1.3, a fifth of them slowed by other load (+40 to
+    +80%): the median fit finds the true figures; a least-squares fit would be pulled up by the slow ones."""
+    from planc.cluster import DeviceProfile
+    from planc.profile_calibrate import FITTED, fit_steps
+
+    rng = np.random.default_rng(1)
+    n = 400
+    counts = np.column_stack([np.ones(n), rng.integers(6, 40, n), rng.integers(1, 60, n), rng.integers(0, 600, n),
+                              rng.integers(0, 8, n)]).astype(float)
+    true = np.array([900.0, 120.0, 40.0, 3.0, 250.0])
+    base, table = rng.uniform(1e-4, 2e-3, n), rng.uniform(5e-4, 2e-2, n)
+    measured = base + 0.3 * table + counts @ true * 1e-6
+    slow = rng.random(n) < 0.2
+    measured[slow] *= rng.uniform(1.4, 1.8, slow.sum())
+    dev = DeviceProfile(name="t", memory_gb=1, peak_tflops={"fp32": 1.0}, mem_bw_gbps=10.0)
+    fit = fit_steps(dev, base, table, counts, measured)
+    got = [getattr(fit.overheads, k) for k in FITTED]
+    assert got == pytest.approx(true.tolist(), rel=0.02)
+    assert fit.table_scale == pytest.approx(1.3, rel=0.01)
+    assert fit.rel_error < 1e-3 and fit.num_steps == n
+    # without a table (zero column) the scale stays 1 and the overheads are still found
+    plain = fit_steps(dev, base + 0.3 * table, np.zeros(n), counts, measured)
+    assert plain.table_scale == 1.0 and plain.overheads.decode_call_us == pytest.approx(250.0, rel=0.02)

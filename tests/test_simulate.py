@@ -237,40 +237,83 @@ def test_bad_inputs_are_refused_with_a_clear_message():
 TOKEN, REQUEST = 30.0, 200.0
 
 
-def served(peak_tflops: float = 1e12) -> CostModel:
-    """overhead_only() plus planc serve's per-token and per-request costs on its asyncio thread."""
+def served(**extra: float) -> CostModel:
+    """overhead_only() plus planc serve's costs: its thread's per-token and per-request CPU (how late a
+    request reaches the engine and a token the client) and what it costs the engine thread."""
     dev = overhead_only().device.model_copy(update={
-        "peak_tflops": {"fp32": peak_tflops},
         "overheads": Overheads(step_us=STEP, block_call_us=CALL, per_seq_us=SEQ, server_token_us=TOKEN,
-                               server_request_us=REQUEST)})
+                               server_request_us=REQUEST, **extra)})
     return CostModel(dev, dtype_bytes=4)
 
 
-def test_server_work_lengthens_steps_that_have_no_compute_to_hide_it_in():
-    """All of this device's step time is overhead (the GIL held): each token the server streams, and the
-    request it parsed, take the GIL from the next step; a token reaches the client when it is streamed."""
+TOLL, REQUEST_TOLL = 700.0, 3000.0
+
+
+def test_the_server_delays_requests_and_tokens_by_its_own_work():
     step = (STEP + 6 * CALL + 4 * SEQ) * US
     engine = simulate(ONE, served(), [Request(0.0, "a", 20, 5)], server=False).requests[0]
     assert engine.ttft_s == pytest.approx(step) and engine.tpot_s == pytest.approx(step)
     http = simulate(ONE, served(), [Request(0.0, "a", 20, 5)]).requests[0]
-    # parsed (REQUEST) before the engine sees it; the prefill step also yields the GIL for that parsing
-    assert http.ttft_s == pytest.approx(REQUEST * US + (step + REQUEST * US) + TOKEN * US)
-    assert http.tpot_s == pytest.approx(step + TOKEN * US)  # each decode step yields to the last token's streaming
+    # parsed (REQUEST) before the engine sees it; each token streamed (TOKEN) before the client sees it
+    assert http.ttft_s == pytest.approx((REQUEST + TOKEN) * US + step)
+    assert http.tpot_s == pytest.approx(step)
 
 
-def test_server_work_hides_in_a_steps_compute():
-    """On a device where a step is mostly torch compute (GIL released), streaming one token per step fits in
-    it: TPOT is the engine's; only the last token's streaming is added after the step."""
-    slow = served(peak_tflops=1e-4)  # 100 MFLOP/s: every block call is compute-bound, milliseconds long
-    engine = simulate(ONE, slow, [Request(0.0, "a", 20, 5)], server=False).requests[0]
-    http = simulate(ONE, slow, [Request(0.0, "a", 20, 5)]).requests[0]
-    assert http.tpot_s == pytest.approx(engine.tpot_s, rel=1e-9)
-    assert http.ttft_s == pytest.approx(engine.ttft_s + (REQUEST + TOKEN) * US, rel=1e-9)
+def test_the_engine_pays_the_servers_toll_in_the_step_that_runs_while_it_streams():
+    step = (STEP + 6 * CALL + 4 * SEQ) * US
+    cm = served(engine_token_us=TOLL, engine_request_us=REQUEST_TOLL)
+    engine = simulate(ONE, cm, [Request(0.0, "a", 20, 5)], server=False).requests[0]
+    assert engine.ttft_s == pytest.approx(step) and engine.tpot_s == pytest.approx(step)
+    http = simulate(ONE, cm, [Request(0.0, "a", 20, 5)]).requests[0]
+    # the prefill step pays for the request's parsing, every decode step for streaming the token before it
+    assert http.ttft_s == pytest.approx((REQUEST + REQUEST_TOLL + TOKEN) * US + step)
+    assert http.tpot_s == pytest.approx(step + TOLL * US)
 
 
-def test_many_tokens_per_step_cost_more_server_time_than_the_compute_hides():
+def test_the_toll_grows_with_the_tokens_streamed_per_step():
     reqs = [Request(0.0, "a", 8, 20) for _ in range(32)]
-    engine = simulate(ONE, served(), reqs, server=False).summary()["tpot_ms"]["p50"]
-    http = simulate(ONE, served(), reqs).summary()["tpot_ms"]["p50"]
-    # 32 tokens per decode step streamed at TOKEN us each, none of it hidden (no compute on this device)
-    assert http == pytest.approx(engine + 32 * TOKEN * 1e-3, rel=1e-6)
+    cm = served(engine_token_us=TOLL)
+    engine = simulate(ONE, cm, reqs, server=False).summary()["tpot_ms"]["p50"]
+    http = simulate(ONE, cm, reqs).summary()["tpot_ms"]["p50"]
+    assert http == pytest.approx(engine + 32 * TOLL * 1e-3, rel=1e-6)
+
+
+def batched(**ov: float) -> CostModel:
+    dev = overhead_only().device.model_copy(update={"overheads": Overheads(**ov)})
+    return CostModel(dev, dtype_bytes=4)
+
+
+def test_two_or_more_decodes_in_a_call_pay_the_batched_decode_call_instead_of_a_lone_attention_call():
+    from planc.simulate import step_time
+
+    cm = batched(step_us=STEP, block_call_us=CALL, decode_call_us=77.0)
+    one = step_time(ONE, cm, [("a", 30, 29)])
+    two = step_time(ONE, cm, [("a", 30, 29), ("a", 40, 39)])
+    three = step_time(ONE, cm, [("a", 30, 29), ("a", 40, 39), ("a", 50, 49)])
+    assert one == pytest.approx((STEP + 4 * CALL + 2 * CALL) * US)  # 4 block calls + a lone decode per layer
+    assert two == pytest.approx((STEP + 4 * CALL + 2 * 77.0) * US) == three
+
+
+def test_batched_decode_attention_reads_kv_up_to_the_longest_context_of_the_call():
+    """The batched decode kernel gathers every sequence's K/V to the longest context: (10, 100) costs what
+    (100, 100) costs, more than (55, 55) with the same total context; a lone decode reads its own."""
+    from planc.cluster import load_device
+    from planc.simulate import step_time
+
+    slow_memory = load_device("H100-80GB").model_copy(update={"mem_bw_gbps": 1e-3, "overheads": Overheads()})
+    cm = CostModel(slow_memory, dtype_bytes=4)
+    ragged = step_time(ONE, cm, [("a", 11, 10), ("a", 101, 100)])
+    assert ragged == pytest.approx(step_time(ONE, cm, [("a", 101, 100), ("a", 101, 100)]))
+    even = step_time(ONE, cm, [("a", 56, 55), ("a", 56, 55)])
+    # both layers read 2 * 101 cached tokens instead of 2 * 56 (contexts include the new token)
+    assert ragged - even == pytest.approx(2 * (202 - 112) * LAYER.kv_bytes_per_token / cm.bandwidth)
+    lone = step_time(ONE, cm, [("a", 101, 100)]) - step_time(ONE, cm, [("a", 11, 10)])
+    assert lone == pytest.approx(2 * 90 * LAYER.kv_bytes_per_token / cm.bandwidth)
+
+
+def test_the_toll_of_tokens_streamed_while_the_engine_idles_is_not_charged():
+    """A request arriving long after the last one ended pays only its own parsing, not the old tokens'."""
+    step = (STEP + 6 * CALL + 4 * SEQ) * US
+    cm = served(engine_token_us=TOLL, engine_request_us=REQUEST_TOLL)
+    first, late = simulate(ONE, cm, [Request(0.0, "a", 20, 5), Request(1.0, "a", 20, 5)]).requests
+    assert late.ttft_s == pytest.approx(first.ttft_s) == pytest.approx((REQUEST + REQUEST_TOLL + TOKEN) * US + step)
