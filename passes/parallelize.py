@@ -74,11 +74,14 @@ def plan_solve(inst: Instance, time_limit_s: float = 10.0, gap: float = 0.01, se
     time_limit_hit = False
     rounds = 0
     while (left := time_limit_s - (time.perf_counter() - start)) > 0.3 and rounds < MAX_ROUNDS:
-        # relaxations asked to beat the incumbent, each run to its gap (the time limit is only a safety
-        # net): the same input and seed give the same rounds, so the same plan, unless the limit cuts in
+        # short relaxations, each asked to beat the incumbent, so that several packings fit in the limit
+        # (a relaxation whose replicas do not pack is retried with less memory: one long first round
+        # would leave no time for that). One that reaches its gap within its share is deterministic;
+        # one cut by it is recorded, since another run may then differ.
         rounds += 1
-        replicas, node_bound, status = solve_nodes(inst, scale, left, gap, seed, solver, floor)
-        if status == "time_limit" or (status == "feasible" and time.perf_counter() - start >= time_limit_s):
+        share = min(left * 0.5, max(1.0, time_limit_s / 4))
+        replicas, node_bound, status = solve_nodes(inst, scale, share, gap, seed, solver, floor)
+        if status in ("time_limit", "feasible", "no_solution_found"):
             time_limit_hit = True
         unscaled = all(x == 1.0 for x in scale)
         if replicas is None:
