@@ -129,7 +129,8 @@ def cpu_name() -> str:
 
 
 def measure_local(quick: bool = False, progress: Optional[Callable[[str], None]] = None) -> DeviceProfile:
-    """Measure this machine (about 20 s; `quick` about 8 s, for tests) on one thread, as the runtime runs."""
+    """Measure this machine (about 2 minutes; `quick` about 1, for tests) on one thread, as the runtime runs:
+    most of it is two ~15 s live engine runs and the server rounds."""
     return with_threads(lambda: _measure(quick, progress or (lambda _msg: None)))
 
 
