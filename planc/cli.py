@@ -216,7 +216,7 @@ app.command("bench")(bench_cmd)  # defined in planc.bench.cli: its flags live be
 def profile_cmd(
     out_path: Path = typer.Option(Path("~/.cache/planc/local-profile.yaml"), "--out", "-o",
                                   help="Profile file to write (what `--cluster local` reads)."),
-    quick: bool = typer.Option(False, help="Smaller measurements (~8 s instead of ~20 s), for tests."),
+    quick: bool = typer.Option(False, help="Smaller measurements (~1 min instead of ~2 min), for tests."),
 ) -> None:
     """Measure this machine's CPU (matmul FLOP/s, memory bandwidth, planc's runtime overheads) into a profile."""
     from rich.table import Table
