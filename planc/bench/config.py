@@ -102,6 +102,9 @@ class BenchConfig(BaseModel):
     scrape_metrics: bool = True
     """Sample the server's queue gauges from its /metrics (planc's or vLLM's names); each scrape costs
     the server a few ms, so throughput benchmarks may turn it off."""
+    scrape_interval_s: float = Field(2.0, gt=0)
+    """How often /metrics is scraped (at most once per sample): rendering it holds a Python server's
+    GIL for 10-30 ms here, which a scrape every sample would add to the latencies being measured."""
     warmup: int = Field(0, ge=0, le=1000)
     """Untimed requests sent first, one variant after another (not part of the result)."""
     seed: int = 0

@@ -76,13 +76,17 @@ def parse_queue(metrics_text: str) -> Optional[dict[str, float]]:
 async def _sample(config: BenchConfig, state: LoadState, timeline: Timeline, t0: float, stop: asyncio.Event,
                   scrape: Optional[httpx.AsyncClient]) -> None:
     interval = config.sample_interval_s
+    last_scrape = -math.inf
     while not stop.is_set():
         now = time.perf_counter() - t0
         timeline.t_s.append(now)
         timeline.in_flight.append(state.in_flight)
         timeline.pending.append(state.pending)
         if scrape is not None:
-            queue = await _scrape(scrape, config.url)
+            queue = None  # between scrapes: a gap in the server's series, not a repeated value
+            if now - last_scrape >= config.scrape_interval_s - 1e-9:
+                last_scrape = now
+                queue = await _scrape(scrape, config.url)
             for key in ("waiting", "running"):
                 series = getattr(timeline, f"server_{key}")
                 series.append(None if queue is None else queue.get(key))
