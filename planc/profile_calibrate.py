@@ -135,7 +135,7 @@ def _log_steps(engine) -> list[tuple[list, float]]:
     forward, step = engine._forward, engine.step
 
     def logged_forward(work):
-        batch[:] = [(s.variant, len(s.all_ids), s.num_computed, s.scheduled) for s in work]
+        batch[:] = [(s.variant, s.num_tokens, s.num_computed, s.scheduled) for s in work]
         return forward(work)
 
     def logged_step():

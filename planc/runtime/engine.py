@@ -84,11 +84,20 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
-    def pending_ids(self) -> list[int]:
-        return self.all_ids[self.num_computed:]
+    @property
+    def num_tokens(self) -> int:
+        """len(all_ids), without building the list (asked for every sequence at every step)."""
+        return len(self.prompt_ids) + len(self.output_ids)
 
     def num_pending(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids) - self.num_computed
+        return self.num_tokens - self.num_computed
+
+    def scheduled_ids(self) -> torch.Tensor:
+        """The ids this step computes: a prompt chunk, or at decode the last output token."""
+        start, end, prompt = self.num_computed, self.num_computed + self.scheduled, len(self.prompt_ids)
+        if start >= prompt:  # decoding: no copy of the whole sequence
+            return torch.tensor(self.output_ids[start - prompt:end - prompt])
+        return torch.tensor(self.all_ids[start:end])
 
 
 class QueueFull(Exception):
@@ -138,14 +147,14 @@ class Engine:
         return sum(stage.cache.num_free for stage in self.stages if stage.cache)
 
     def _fits(self, seq: "Sequence") -> bool:
-        return all(st.can_reserve(seq.id, len(seq.all_ids), seq.variant) for st in self.stages)
+        return all(st.can_reserve(seq.id, seq.num_tokens, seq.variant) for st in self.stages)
 
     def _reserve_kv(self, seq: "Sequence") -> bool:
         """All stages or none (checked first, so no stage is left half-grown)."""
         if not self._fits(seq):
             return False
         for stage in self.stages:
-            assert stage.reserve(seq.id, len(seq.all_ids), seq.variant)
+            assert stage.reserve(seq.id, seq.num_tokens, seq.variant)
         return True
 
     def _free_kv(self, seq_id: int) -> None:
@@ -306,7 +315,7 @@ class Engine:
     def _launch(self, work: list[Sequence]) -> None:
         """Start a lane: its sequences' step in the first stage."""
         self._in_flight.update(s.id for s in work)
-        inputs = {s.id: torch.tensor(s.pending_ids()[:s.scheduled]) for s in work}
+        inputs = {s.id: s.scheduled_ids() for s in work}
         first = self.stages[0]
         self._lanes.append(_Lane(work, 0, first.submit_calls(self._block_calls(first.positions, work), inputs)))
 
@@ -339,7 +348,7 @@ class Engine:
     def _forward(self, work: list[Sequence]) -> dict[int, torch.Tensor]:
         """Run every sequence's pending tokens through its chain, one call per stage; logits of each
         one's last token (the last stage ends with the head)."""
-        out: dict[int, torch.Tensor] = {s.id: torch.tensor(s.pending_ids()[:s.scheduled]) for s in work}
+        out: dict[int, torch.Tensor] = {s.id: s.scheduled_ids() for s in work}
         for stage in self.stages:
             out = stage.run_calls(self._block_calls(stage.positions, work), out)
         return out
@@ -377,7 +386,7 @@ class Engine:
             seq.sink(Event(token))
             if len(seq.output_ids) >= seq.params.max_tokens:
                 self._finish(seq, "length")
-            elif len(seq.all_ids) >= self.config.max_model_len:
+            elif seq.num_tokens >= self.config.max_model_len:
                 self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str, error: Optional[str] = None) -> None:

@@ -112,6 +112,7 @@ class ServerState:
     keys: Optional[dict[str, tuple[str, Optional[set[str]]]]]
     metrics: Metrics
     stop: threading.Event = field(default_factory=threading.Event)
+    pump: Optional["_EventPump"] = None
 
 
 def build_state(bundle: Bundle, options: ServeOptions, config: Optional[EngineConfig] = None,
@@ -233,23 +234,15 @@ class _EventPump:
             queue.put_nowait(event)
 
 
-_pumps: dict[int, _EventPump] = {}
-
-
-def _pump(loop: asyncio.AbstractEventLoop) -> _EventPump:
-    pump = _pumps.get(id(loop))
-    if pump is None or pump.loop is not loop:
-        pump = _pumps[id(loop)] = _EventPump(loop)
-    return pump
-
-
 class _Run:
     """One request in flight: engine events in, text and metrics out."""
 
     def __init__(self, state: ServerState, req: GenerationRequest, loop: asyncio.AbstractEventLoop):
         self.state, self.req, self.loop = state, req, loop
         self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.pump = _pump(loop)
+        if state.pump is None or state.pump.loop is not loop:
+            state.pump = _EventPump(loop)  # the server's loop, known once it runs
+        self.pump = state.pump
         self.detok = Detokenizer(state.codecs[req.variant], req.params.stop)
         self.seq_id = -1
         self.rid = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24]
