@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from planc.cluster import DeviceProfile, MatmulLinear, MatmulTable
-from planc.profile_calibrate import calibration_bundles, fit_overheads, with_threads
+from planc.profile_calibrate import SPLIT_ROWS, calibration_bundles, fit_overheads, scaled_table, with_threads
 from planc.profile_server import measure_server
 
 
@@ -156,11 +156,15 @@ def _measure(quick: bool, say: Callable[[str], None]) -> DeviceProfile:
     overheads = fit.overheads.model_copy(update={
         "server_request_us": server.request_us, "server_token_us": server.token_us,
         "engine_request_us": server.engine_request_us, "engine_token_us": server.engine_token_us})
-    table = device.matmul_table.model_copy(update={"scale": fit.table_scale})
+    # the table's scale is the few-row one; the many-row calls' own scale relative to it goes into their times
+    table = scaled_table(device.matmul_table, 1.0, fit.many_row_scale / fit.table_scale) \
+        .model_copy(update={"scale": fit.table_scale})
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     source = (f"`planc profile{' --quick' if quick else ''}` on {socket.gethostname()} ({cpu_name()}, "
               f"{os.cpu_count()} cores, torch {torch.__version__}, 1 thread) at {when}; overheads and table scale "
-              f"fitted on {fit.num_steps} steps of live engine runs, median step error {100 * fit.rel_error:.1f}%")
+              f"fitted on {fit.num_steps} steps of live engine runs, median step error {100 * fit.rel_error:.1f}%; "
+              f"table times x{fit.table_scale:.3f} up to {SPLIT_ROWS} rows, x{fit.many_row_scale:.3f} beyond "
+              f"(the many-row ratio is in the times)")
     return device.model_copy(update={"overheads": overheads, "matmul_table": table, "source": source})
 
 
@@ -209,4 +213,4 @@ def _table_summary(profile: DeviceProfile) -> str:
         return "none (roofline)"
     dims = sorted({n for lin in table.linears for n in lin.shape})
     return (f"{len(table.linears)} weight shapes ({dims[0]}..{dims[-1]}), {table.rows[0]}..{table.rows[-1]} rows, "
-            f"x{table.scale:.2f} live")
+            f"x{table.scale:.2f} live up to {SPLIT_ROWS} rows (larger calls' own scale is in their times)")
