@@ -14,9 +14,12 @@ round. Two rounds give two equations: CPU = requests * per_request + tokens * pe
 That CPU is not what the server costs the engine. On a real server the engine thread lost ~0.4 ms
 per streamed token on the calibration model while the server thread used ~0.1 ms (its own CPU grew
 and it waited: the GIL, which the engine retakes after every torch op, and the wake-ups of a
-second busy thread). So each round also runs, after the HTTP one, on an engine in this process
-with the same requests, concurrency and settings (no server), and the difference of the two
-rounds' wall times is fitted the same way: engine_request_us and engine_token_us.
+second busy thread). So each round also runs, right after the HTTP one, on an engine in this
+process with the same requests, concurrency and settings (no server), and the difference of the two
+rounds' wall times is fitted the same way: engine_request_us and engine_token_us. That difference is
+noisy here: at concurrency 1 and 3 two repeats of the experiment gave 243 and 0, and 973 and 0 us per
+token; at 6 (what the rounds use) 376 and 382. Whether it is a cost per token or per step (one
+wake-up of the server per step's burst of tokens) those figures cannot tell (benchmarks/RESULTS.md).
 
 >>> cost = measure_server(bundle_dir)  # doctest: +SKIP
 >>> cost.token_us, cost.engine_token_us  # doctest: +SKIP
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ ROUNDS = ((32, 4), (32, 64))
 """(requests, output tokens each) per round: the same requests, short and long outputs. Rounds of 16
 and 128 tokens gave the same per-token cost within 5% here: it does not grow with the output."""
 ROUNDS_QUICK = ((8, 4), (8, 32))
+REPEATS = 3
 CONCURRENCY = 6
 
 
@@ -65,51 +70,58 @@ def measure_server(bundle_dir: Path, quick: bool = False,
     """What planc serve costs on the bundle at `bundle_dir`: its main thread's CPU per request and token,
     and the wall time the engine loses to it per request and token.
 
-    Needs Linux (/proc) and a free port on 127.0.0.1; about 20 s on the calibration bundle (`quick` 8 s)."""
+    Each round runs over HTTP and then, right after, on the in-process engine, and the rounds are
+    repeated REPEATS times; every figure is the median of the repeats' fits. This VM's speed drifts by
+    10-60% within a minute (the same in-process round took 6.2 s and 9.9 s three minutes apart), so all
+    HTTP rounds first and then all in-process ones, as before, measured the drift as much as the server.
+
+    Needs Linux (/proc) and a free port on 127.0.0.1; about 40 s on the calibration bundle (`quick` 8 s)."""
     from planc.bench.server import LocalServer
 
     say = progress or (lambda _msg: None)
     server = LocalServer(bundle_dir, "--threads 1 --kv-cache-mb 32", env={"OMP_NUM_THREADS": "1"})
     rounds = ROUNDS_QUICK if quick else ROUNDS
-    cpu, http = [], []
-    with server as url:
+    fits = []
+    with server as url, _InProcess(bundle_dir) as engine:
         pid = server.proc.pid  # `python -m planc.cli serve`, whose main thread runs the asyncio loop
         asyncio.run(_round(url, 4, 2))  # warm-up: first requests pay imports and code paths
-        for i, (requests, tokens) in enumerate(rounds):
-            say(f"server cost, round {i + 1} of {len(rounds)}")
-            before, start = thread_cpu_s(pid), time.perf_counter()
-            asyncio.run(_round(url, requests, tokens))
-            http.append(time.perf_counter() - start)
-            cpu.append(thread_cpu_s(pid) - before)
-    alone = engine_rounds(bundle_dir, rounds)
-    request_us, token_us = fit_server(rounds, cpu)
-    engine_request_us, engine_token_us = fit_server(rounds, [h - a for h, a in zip(http, alone)])
-    return ServerCost(request_us, token_us, engine_request_us, engine_token_us)
-
-
-def engine_rounds(bundle_dir: Path, rounds: tuple[tuple[int, int], ...]) -> list[float]:
-    """Wall seconds of each round on planc's engine in this process (its own thread, the server's
-    settings), requests sent as the HTTP rounds send them: CONCURRENCY at a time, the same prompts."""
-    from planc.bundle import Bundle
-    from planc.runtime.engine import Engine
-    from planc.runtime.server import ServeOptions, engine_config
-
-    bundle = Bundle.open(bundle_dir)
-    engine = Engine(bundle, engine_config(bundle, ServeOptions(kv_cache_mb=32, threads=1)))
-    stop = threading.Event()
-    thread = threading.Thread(target=engine.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
         _engine_round(engine, 4, 2)
-        out = []
-        for requests, tokens in rounds:
-            start = time.perf_counter()
-            _engine_round(engine, requests, tokens)
-            out.append(time.perf_counter() - start)
-        return out
-    finally:
-        stop.set()
-        thread.join(10)
+        for repeat in range(1 if quick else REPEATS):
+            cpu, http, alone = [], [], []
+            for i, (requests, tokens) in enumerate(rounds):
+                say(f"server cost, round {i + 1} of {len(rounds)}, repeat {repeat + 1}")
+                before, start = thread_cpu_s(pid), time.perf_counter()
+                asyncio.run(_round(url, requests, tokens))
+                http.append(time.perf_counter() - start)
+                cpu.append(thread_cpu_s(pid) - before)
+                start = time.perf_counter()
+                _engine_round(engine, requests, tokens)
+                alone.append(time.perf_counter() - start)
+            fits.append(fit_server(rounds, cpu) + fit_server(rounds, [h - a for h, a in zip(http, alone)]))
+    return ServerCost(*(float(statistics.median(f[i] for f in fits)) for i in range(4)))
+
+
+class _InProcess:
+    """planc's engine on `bundle_dir` in a thread of this process, with planc serve's settings."""
+
+    def __init__(self, bundle_dir: Path):
+        self.bundle_dir = bundle_dir
+
+    def __enter__(self):
+        from planc.bundle import Bundle
+        from planc.runtime.engine import Engine
+        from planc.runtime.server import ServeOptions, engine_config
+
+        bundle = Bundle.open(self.bundle_dir)
+        self.engine = Engine(bundle, engine_config(bundle, ServeOptions(kv_cache_mb=32, threads=1)))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.engine.run, args=(self.stop,), daemon=True)
+        self.thread.start()
+        return self.engine
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(10)
 
 
 def _engine_round(engine, requests: int, tokens: int) -> None:
