@@ -22,9 +22,11 @@ import argparse
 import datetime
 import json
 import os
+import pickle
 import platform
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -130,6 +132,16 @@ def measured_engine(bundle, requests) -> dict:
             **summarize_result(records, {}), "records": records, "steps": steps}
 
 
+def measured_engine_child(model: str, quick: bool) -> dict:
+    """`measured_engine` in a fresh child process (this script with --engine-child): the same fresh state as
+    planc serve's process and `planc profile`'s, not this process's (its heap, its earlier models)."""
+    with tempfile.TemporaryDirectory(prefix="sim-fidelity-") as tmp:
+        out = Path(tmp) / "engine.pickle"
+        cmd = [sys.executable, __file__, "--models", model, "--engine-child", str(out)] + ["--quick"] * quick
+        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return pickle.loads(out.read_bytes())
+
+
 def record_steps(engine) -> list:
     """Log every step of `engine` (wrapping its instance's methods; the runtime is not changed): wall and
     CPU seconds, and the batch it ran as (variant, tokens, cached, tokens computed) per sequence."""
@@ -199,7 +211,9 @@ def _wait_all(engine, events) -> None:
 
 def measured_http(bundle_dir: Path, requests, variants) -> tuple[dict, float]:
     """`planc serve` in a child process, `planc bench`'s open-loop load generator here; also the cores
-    that other processes kept busy meanwhile."""
+    that other processes kept busy meanwhile. /metrics is not scraped: each render holds the server's GIL
+    for ~27 ms, a cost per second of the scraper's interval (a deployment's own choice) that the
+    simulator does not model, not a cost of serving the workload."""
     from planc.bench.config import make_config
     from planc.bench.run import BenchPlan, run_bench
     from planc.bench.server import LocalServer
@@ -209,7 +223,7 @@ def measured_http(bundle_dir: Path, requests, variants) -> tuple[dict, float]:
     with server as url:
         config = make_config(url=url, mode="open", max_requests=len(requests), duration_s=900,
                              request_timeout_s=600, prompt="ids", ignore_eos=True, warmup=len(variants),
-                             label="planc serve")
+                             label="planc serve", scrape_metrics=False)
         cpu, t0 = sl.cpu_now(server.proc.pid), time.perf_counter()
         result = run_bench(BenchPlan(config, requests=requests, variants=variants))
         return result, sl.other_load(cpu, server.proc.pid, time.perf_counter() - t0)
@@ -281,7 +295,7 @@ def report(model: str, mode: str, bundle, measured: dict, sims: dict, cost_model
     meta, rows = measured.get("meta", {}), []
     for name, sim in sims.items():
         rows.append({"model": model, "mode": mode, "cost": name, "requests": measured["summary"]["overall"]["requests"],
-                     "wall_s": meta.get("wall_s"),
+                     "wall_s": meta.get("wall_s"), "profile_age_min": meta.get("profile_age_min"),
                      "other_cores": meta.get("other_cores", float("nan")), "workload": WORKLOADS[model],
                      "compare": compare(sim, measured), "simulate_s": sim["meta"]["simulate_s"],
                      "steps": step_errors(bundle, steps, cost_models[name]) if steps else None})
@@ -308,38 +322,64 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.1f}"
 
 
+def refit(path: Path, wait_s: float) -> tuple[object, float]:
+    """`planc profile --out path` in a child process once the machine is quiet: this machine's profile as
+    it is now (its speed drifts by ~10% within minutes). Returns the profile and when it was written."""
+    from planc.cluster import load_device
+
+    print(f"profiling (others busy {wait_quiet(wait_s):.2f} cores before)", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-m", "planc.cli", "profile", "--out", str(path)], check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
+    return load_device(str(path)), time.time()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="tiny,100m")
     p.add_argument("--modes", default="engine,http")
     p.add_argument("--profile", type=Path, default=None, help="device profile (default: the local one)")
     p.add_argument("--reprofile", action="store_true", help="measure the local profile now (planc profile)")
+    p.add_argument("--refit", action="store_true",
+                   help="run `planc profile` right before each model's runs and predict them with that profile "
+                        "(written to OUT/sim_fidelity_profile_<model>.yaml)")
     p.add_argument("--quick", action="store_true", help="a sixth of the requests")
     p.add_argument("--out", type=Path, default=OUT / "sim_fidelity.json")
     p.add_argument("--wait-quiet", type=float, default=600, help="seconds to wait for a quiet machine before each run")
     p.add_argument("--resimulate", action="store_true",
                    help="measure nothing: compare new simulations with the measured runs saved by an earlier run")
     p.add_argument("--retries", type=int, default=2, help="runs repeated when others kept > 0.25 cores busy")
+    p.add_argument("--engine-child", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     import torch
     from planc.bench.result import write_result
     from planc.bundle import Bundle
     from planc.cluster import LOCAL_PROFILE, load_device
+    from planc.cost import CostModel
 
     torch.set_num_threads(1)
+    if args.engine_child:  # measured_engine_child's child: measure, hand the result back, nothing else
+        bundle = Bundle.open(sl.bundle(args.models, sl.tiny_spec() if args.models == "tiny" else sl.big_spec(), True))
+        requests = workload(args.models, args.quick).requests(VARIANTS[args.models] or list(bundle.variants))
+        args.engine_child.write_bytes(pickle.dumps(measured_engine(bundle, requests)))
+        return
     if args.reprofile:
         from planc.profile import measure_local, write_profile
         print(f"profiling (others busy {wait_quiet(args.wait_quiet):.2f} cores before)", file=sys.stderr, flush=True)
         write_profile(measure_local(), args.profile or LOCAL_PROFILE)
     profile = load_device(str(args.profile) if args.profile else "local")
-    rows = []
+    rows, profiles = [], {}
     for model in args.models.split(","):
         spec = sl.tiny_spec() if model == "tiny" else sl.big_spec()
         bundle_dir = sl.bundle(model, spec, shared=True)
         bundle = Bundle.open(bundle_dir)
         variants = VARIANTS[model] or list(bundle.variants)
         requests = workload(model, args.quick).requests(variants)
-        from planc.cost import CostModel
+        fitted_at = None
+        if args.refit and not args.resimulate:
+            profile, fitted_at = refit(OUT / f"sim_fidelity_profile_{model}.yaml", args.wait_quiet)
+        elif args.refit:
+            profile = load_device(str(OUT / f"sim_fidelity_profile_{model}.yaml"))
+        profiles[model] = profile.model_dump(mode="json")
         cost_model = CostModel(profile, dtype_bytes=4)
         for mode in args.modes.split(","):
             sims = {"profile": simulated(bundle, requests, cost_model, mode)}
@@ -352,10 +392,11 @@ def main() -> None:
             for attempt in range(args.retries + 1):
                 before = wait_quiet(args.wait_quiet)
                 cpu, t0 = sl.cpu_now(), time.perf_counter()
+                age = "" if fitted_at is None else f", profile fitted {(time.time() - fitted_at) / 60:.1f} min before"
                 print(f"{model}: measuring on the {mode} ({len(requests)} requests; others busy {before:.2f} "
-                      "cores before)", file=sys.stderr, flush=True)
+                      f"cores before{age})", file=sys.stderr, flush=True)
                 if mode == "engine":
-                    measured = measured_engine(bundle, requests)
+                    measured = measured_engine_child(model, args.quick)
                     other = sl.other_load(cpu, 0, time.perf_counter() - t0)
                 else:
                     measured, other = measured_http(bundle_dir, requests, variants)
@@ -363,10 +404,11 @@ def main() -> None:
                 print(f"  others kept {other:.2f} cores busy during the run", file=sys.stderr, flush=True)
                 if other <= 0.25:
                     break
-            measured["meta"].update(other_cores=other, wall_s=wall)
+            measured["meta"].update(other_cores=other, wall_s=wall, attempts=attempt + 1,
+                                    profile_age_min=None if fitted_at is None else (time.time() - wall - fitted_at) / 60)
             write_result(OUT / f"sim_fidelity_{model}_{mode}.json", measured)
             rows += report(model, mode, bundle, measured, sims, cost_models)
-    out = {"machine": machine(), "profile": profile.model_dump(mode="json"), "rows": rows}
+    out = {"machine": machine(), "profile": profile.model_dump(mode="json"), "profiles": profiles, "rows": rows}
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print_table(rows)
 
