@@ -1,15 +1,19 @@
-"""Simulate a plan: every group replica runs planc's engine over its own blocks, on its own devices.
+"""Simulate a plan: every group replica runs planc's engine over its own blocks, on its devices.
 
 Each block group with replicas in the plan becomes one simulated engine: its blocks sharded at
 the layout's TP degree (the cost model sees the plan's `tp`), as many data-parallel replicas as the
 plan gives it, its layout's batch cap, and KV for that many sequences. Every request runs through
 each group of its variant's chain (the same arrivals); a token's time is the sum of the times
-through its groups, since it passes them one after another. Groups on different devices run
-concurrently, as on a real cluster. Within a replica of `pp` stages the runtime keeps `pp` lanes of
-sequences in flight, one per stage (its engine pipelines concurrent stages), so a replica is
-simulated as `pp` engines over the whole group, each with the layout's batch: exact when the stages
-take equal time, optimistic by the imbalance otherwise. Groups that share a device are simulated as
-if each had it alone (the plan's device-time constraint keeps their sum under the device's time).
+through its groups, since it passes them one after another. Within a replica of `pp` stages the
+runtime keeps `pp` lanes of sequences in flight, one per stage (its engine pipelines concurrent
+stages), so a replica is simulated as `pp` engines over the whole group, each with the layout's
+batch: exact when the stages take equal time, optimistic by the imbalance otherwise.
+
+All groups run on one clock. The runtime places each stage (a Ray actor) on its devices, several
+stages of different groups possibly on one device, which then time-slices them: a lane's step asks
+for 1/pp of each of its replica's stage devices, and where the steps in flight ask for more than a
+device has they slow down together (`planc.sim_devices`). A replica alone on its devices steps as
+it would with no other group in the plan.
 `simulated_capacity` finds the highest arrival rate whose requests still meet the SLO.
 """
 from __future__ import annotations
@@ -23,7 +27,7 @@ from planc.program import Program
 from planc.runtime.engine import EngineConfig
 from planc.sim_model import SimModel
 from planc.sim_report import RequestRecord, summarize_records
-from planc.simulate import simulate
+from planc.simulate import EngineRun, simulate_engines
 from planc.workload import Fixed, GammaWorkload, Request
 
 
@@ -35,6 +39,9 @@ class GroupEngine:
     config: EngineConfig
     replicas: int
     """Engines the group's requests are spread over: its replicas times their pipeline lanes."""
+    devices: list[dict[int, float]]
+    """Per engine (lane), the share of each device a step asks for: 1/pp on each of its replica's
+    stage devices, per stage placed there."""
 
 
 def group_engines(program: Program, plan: Plan) -> list[GroupEngine]:
@@ -56,8 +63,31 @@ def group_engines(program: Program, plan: Plan) -> list[GroupEngine]:
         config = EngineConfig(kv_cache_bytes=kv, max_running=batch, block_batch_cap=batch,
                               max_batch_tokens=max(2048, int(traffic.prompt_tokens) * 2), max_queue=1 << 30,
                               max_model_len=int(context * 4))
-        engines.append(GroupEngine(g["id"], tuple(g["users"]), model, config, max(1, lanes)))
+        devices = lane_devices(plan, g)
+        assert len(devices) == lanes, f"{g['id']}: {len(devices)} lanes placed, the layouts have {lanes}"
+        engines.append(GroupEngine(g["id"], tuple(g["users"]), model, config, lanes, devices))
     return engines
+
+
+def lane_devices(plan: Plan, group: dict) -> list[dict[int, float]]:
+    """The device shares of each lane of a group's replicas, from the plan's placements (a replica's
+    stages are listed in order from stage 0, as `passes.parallelize.to_plan` writes them)."""
+    replicas: list[list] = []
+    for p in plan.placements:
+        if p.group != group["id"]:
+            continue
+        if p.stage == 0:
+            replicas.append([])
+        assert replicas and p.stage == len(replicas[-1]), f"{group['id']}: stage {p.stage} placed out of order"
+        replicas[-1].append(p.devices)
+    lanes = []
+    for stages in replicas:
+        share: dict[int, float] = {}
+        for devices in stages:
+            for d in devices:
+                share[d] = share.get(d, 0.0) + 1.0 / len(stages)
+        lanes += [share] * len(stages)
+    return lanes
 
 
 def _names(group: dict, costs: dict) -> list[str]:
@@ -70,23 +100,31 @@ def _names(group: dict, costs: dict) -> list[str]:
 def simulate_plan(program: Program, plan: Plan, cost_model: CostModel, rate: float, num_requests: int = 400,
                   seed: int = 0) -> dict:
     """Serve a Gamma workload at `rate` with the plan's traffic mix and mean lengths; overall summary."""
-    traffic = program.extras["plan_inputs"]["traffic"]
-    workload = GammaWorkload(rate=rate, cv=1.0, num_requests=num_requests, seed=seed,
-                             variants={v: s for v, s in traffic.shares.items() if s > 0},
-                             prompt_tokens=Fixed(value=max(1, round(traffic.prompt_tokens))),
-                             output_tokens=Fixed(value=max(1, round(traffic.output_tokens))))
-    requests = workload.requests(list(traffic.shares))
+    requests = plan_requests(program, rate, num_requests, seed)
     through: dict[int, list[RequestRecord]] = {i: [] for i in range(len(requests))}
+    runs, served = [], []
     for engine in group_engines(program, plan):
         mine = [i for i, r in enumerate(requests) if r.variant in engine.users]
-        if not mine:
-            continue
-        result = simulate(engine.model, cost_model, [requests[i] for i in mine], engine.config, engine.replicas)
+        if mine:
+            runs.append(EngineRun(engine.model, [requests[i] for i in mine], engine.config, engine.replicas,
+                                  engine.devices))
+            served.append(mine)
+    for mine, result in zip(served, simulate_engines(runs, cost_model)):
         for i, rec in zip(mine, result.requests):
             through[i].append(rec)
     records = [_combine(i, requests[i], recs) for i, recs in through.items()]
     slo = plan.settings["slo"]
     return summarize_records(records, slo["ttft_ms"], slo["tpot_ms"])
+
+
+def plan_requests(program: Program, rate: float, num_requests: int, seed: int = 0) -> list[Request]:
+    """Gamma arrivals at `rate` (cv 1) with the plan's traffic mix and mean lengths."""
+    traffic = program.extras["plan_inputs"]["traffic"]
+    workload = GammaWorkload(rate=rate, cv=1.0, num_requests=num_requests, seed=seed,
+                             variants={v: s for v, s in traffic.shares.items() if s > 0},
+                             prompt_tokens=Fixed(value=max(1, round(traffic.prompt_tokens))),
+                             output_tokens=Fixed(value=max(1, round(traffic.output_tokens))))
+    return workload.requests(list(traffic.shares))
 
 
 def _combine(index: int, request: Request, parts: list[RequestRecord]) -> RequestRecord:

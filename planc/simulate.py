@@ -9,7 +9,8 @@ the chain), the same preemption by recompute of the most recently admitted seque
 chain positions in which the sequences whose block there is the same block instance run as one
 batched call (split at block_batch_cap), plus one delta call per LoRA adapter in the group. A step
 lasts what `planc.sim_step.StepModel` says. Data-parallel replicas are independent engines; each
-request goes to the least-loaded one (waiting + running) when it arrives.
+request goes to the least-loaded one (waiting + running) when it arrives. `simulate_engines` runs
+several engines on one clock, time-slicing the devices their replicas share (`planc.sim_devices`).
 
 Inside `planc serve` (the default; `server=False` for the engine alone) each replica's process also
 runs the HTTP server's asyncio thread: it parses each request before the engine sees it and streams
@@ -32,20 +33,20 @@ streams those tokens and parses those requests.
 """
 from __future__ import annotations
 
-import heapq
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from planc.cost import CostModel
 from planc.runtime.engine import EngineConfig
+from planc.sim_devices import DeviceClock
 from planc.sim_model import SimModel
 from planc.sim_step import StepModel
 from planc.sim_report import RequestRecord, SimResult
 from planc.workload import Request
 
-__all__ = ["simulate", "step_time", "SimModel", "SimResult", "RequestRecord", "EngineConfig"]
+__all__ = ["simulate", "simulate_engines", "EngineRun", "step_time", "SimModel", "SimResult", "RequestRecord", "EngineConfig"]
 
 
 @dataclass(eq=False, slots=True)
@@ -239,44 +240,90 @@ def simulate(model: SimModel, cost_model: CostModel, requests: Sequence[Request]
     `server`: each replica runs inside `planc serve`, whose asyncio thread parses requests and streams
     tokens (the profile's server_request_us and server_token_us) under the GIL the engine thread also
     needs; False simulates the engine alone, as a benchmark that calls it in-process sees it."""
-    cfg = engine or EngineConfig()
-    if replicas < 1:
-        raise ValueError("replicas must be >= 1")
-    index = {name: i for i, name in enumerate(model.variants)}
-    unknown = sorted({r.variant for r in requests} - set(index))
-    if unknown:
-        raise ValueError(f"requests name unknown variants {unknown}; the model serves {list(index)}")
-    sim = _Engine(model, cost_model, cfg, server)
-    page_bytes = cfg.page_size * model.kv_bytes_per_token
-    num_pages = max(1, int(cfg.kv_cache_bytes // page_bytes)) if page_bytes else 1 << 62
-    capacity = (num_pages // model.num_kv_layers) * cfg.page_size if model.num_kv_layers else 1 << 62
-    reps = [_Replica(i, num_pages) for i in range(replicas)]
-    order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))
-    records = [RequestRecord(i, r.variant, r.arrival_s, r.prompt_tokens, r.output_tokens) for i, r in enumerate(requests)]
-    busy: list[tuple[float, int]] = []  # (step end, replica)
-    due = [requests[i].arrival_s + sim.request_s for i in order]  # the engine sees a request once it is parsed
-    nxt = 0
-    while nxt < len(order) or busy:
-        t = min(busy[0][0] if busy else math.inf, due[nxt] if nxt < len(order) else math.inf)
+    return simulate_engines([EngineRun(model, requests, engine or EngineConfig(), replicas)], cost_model, server)[0]
+
+
+@dataclass
+class EngineRun:
+    """One engine of a co-simulation: its model and settings, its replicas and the requests it serves."""
+
+    model: SimModel
+    requests: Sequence[Request]
+    config: EngineConfig = field(default_factory=EngineConfig)
+    replicas: int = 1
+    devices: Sequence[Mapping[int, float]] = ()
+    """Per replica, the share of each device one of its steps asks for (`planc.sim_devices`); none: it
+    has devices of its own."""
+
+
+def simulate_engines(runs: Sequence[EngineRun], cost_model: CostModel, server: bool = True) -> list[SimResult]:
+    """Serve each run's requests on its engine's replicas, all on one clock: replicas whose `devices`
+    overlap share those devices' time (`planc.sim_devices.DeviceClock`); the others step as they would
+    alone. One result per run."""
+    for run in runs:
+        if run.replicas < 1:
+            raise ValueError("replicas must be >= 1")
+        if run.devices and len(run.devices) != run.replicas:
+            raise ValueError(f"devices are given for {len(run.devices)} replicas; the engine has {run.replicas}")
+    fleets = [_Fleet(run, cost_model, server) for run in runs]
+    clock = DeviceClock({(f, i): dev for f, run in enumerate(runs) for i, dev in enumerate(run.devices)})
+    while True:
+        t = min(clock.next_end(), min(f.next_due for f in fleets))
+        if t == math.inf:
+            break
         ready = set()
-        while busy and busy[0][0] <= t:
-            _, i = heapq.heappop(busy)
-            sim.end_step(reps[i], t)
-            ready.add(i)
-        while nxt < len(order) and due[nxt] <= t:
-            i = _route(reps, records[order[nxt]], requests[order[nxt]], index, cfg, capacity, t)
-            if i is not None:
-                sim.server_request(reps[i], t)
-                if not any(j == i for _, j in busy):
-                    ready.add(i)
-            nxt += 1
-        for i in sorted(ready):
-            end = sim.start_step(reps[i], t)
+        for f, i in clock.pop_ended(t):
+            fleets[f].sim.end_step(fleets[f].reps[i], t)
+            ready.add((f, i))
+        for f, fleet in enumerate(fleets):
+            ready.update((f, i) for i in fleet.arrive(t) if not clock.busy((f, i)))
+        for f, i in sorted(ready):
+            end = fleets[f].sim.start_step(fleets[f].reps[i], t)
             if end is not None:
-                heapq.heappush(busy, (end, i))
-    makespan = max((r.finish_s for r in records if r.finish_s is not None), default=0.0)
-    return SimResult(records, [(r.busy_s, r.num_steps, r.preemptions) for r in reps], makespan,
-                     capacity_tokens=capacity, num_pages=num_pages)
+                clock.start((f, i), t, end)
+    return [f.result() for f in fleets]
+
+
+class _Fleet:
+    """One engine's replicas and the requests still to reach them."""
+
+    def __init__(self, run: EngineRun, cost_model: CostModel, server: bool):
+        model, cfg, requests = run.model, run.config, run.requests
+        self.index = {name: i for i, name in enumerate(model.variants)}
+        unknown = sorted({r.variant for r in requests} - set(self.index))
+        if unknown:
+            raise ValueError(f"requests name unknown variants {unknown}; the model serves {list(self.index)}")
+        self.sim, self.cfg, self.requests = _Engine(model, cost_model, cfg, server), cfg, requests
+        page_bytes = cfg.page_size * model.kv_bytes_per_token
+        self.num_pages = max(1, int(cfg.kv_cache_bytes // page_bytes)) if page_bytes else 1 << 62
+        self.capacity = (self.num_pages // model.num_kv_layers) * cfg.page_size if model.num_kv_layers else 1 << 62
+        self.reps = [_Replica(i, self.num_pages) for i in range(run.replicas)]
+        self.order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))
+        self.records = [RequestRecord(i, r.variant, r.arrival_s, r.prompt_tokens, r.output_tokens)
+                        for i, r in enumerate(requests)]
+        self.due = [requests[i].arrival_s + self.sim.request_s for i in self.order]  # seen once parsed
+        self.nxt = 0
+
+    @property
+    def next_due(self) -> float:
+        return self.due[self.nxt] if self.nxt < len(self.order) else math.inf
+
+    def arrive(self, now: float) -> list[int]:
+        """Route the requests due by `now`; the replicas they went to."""
+        out = []
+        while self.nxt < len(self.order) and self.due[self.nxt] <= now:
+            j = self.order[self.nxt]
+            i = _route(self.reps, self.records[j], self.requests[j], self.index, self.cfg, self.capacity, now)
+            if i is not None:
+                self.sim.server_request(self.reps[i], now)
+                out.append(i)
+            self.nxt += 1
+        return out
+
+    def result(self) -> SimResult:
+        makespan = max((r.finish_s for r in self.records if r.finish_s is not None), default=0.0)
+        return SimResult(self.records, [(r.busy_s, r.num_steps, r.preemptions) for r in self.reps], makespan,
+                         capacity_tokens=self.capacity, num_pages=self.num_pages)
 
 
 def step_time(model: SimModel, cost_model: CostModel, batch: Sequence[tuple],
