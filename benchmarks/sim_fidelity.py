@@ -13,8 +13,12 @@ seeded Gamma workload (open loop) is
 Both use the server's engine settings (`--kv-cache-mb 64`, one thread). Compared: TPOT p50/p95,
 TTFT p50/p95 and output tokens/s; error = simulated / measured - 1.
 
+With --refit each measured run is predicted with a profile re-fitted on live calibration runs right
+before it (a minute old when the run starts) and, as a check of how far the machine drifted during
+the run, with one re-fitted right after it.
+
     OMP_NUM_THREADS=1 python benchmarks/sim_fidelity.py [--models tiny,100m] [--modes engine,http]
-        [--profile PATH | --reprofile] [--quick] [--resimulate]
+        [--profile PATH] [--reprofile] [--refit] [--quick] [--resimulate]
 """
 from __future__ import annotations
 
@@ -132,12 +136,13 @@ def measured_engine(bundle, requests) -> dict:
             **summarize_result(records, {}), "records": records, "steps": steps}
 
 
-def measured_engine_child(model: str, quick: bool) -> dict:
+def measured_engine_child(model: str, bundle_dir: Path, quick: bool) -> dict:
     """`measured_engine` in a fresh child process (this script with --engine-child): the same fresh state as
     planc serve's process and `planc profile`'s, not this process's (its heap, its earlier models)."""
     with tempfile.TemporaryDirectory(prefix="sim-fidelity-") as tmp:
         out = Path(tmp) / "engine.pickle"
-        cmd = [sys.executable, __file__, "--models", model, "--engine-child", str(out)] + ["--quick"] * quick
+        cmd = [sys.executable, __file__, "--models", model, "--engine-child", str(out), "--bundle-dir", str(bundle_dir)] \
+            + ["--quick"] * quick
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         return pickle.loads(out.read_bytes())
 
@@ -295,7 +300,7 @@ def report(model: str, mode: str, bundle, measured: dict, sims: dict, cost_model
     meta, rows = measured.get("meta", {}), []
     for name, sim in sims.items():
         rows.append({"model": model, "mode": mode, "cost": name, "requests": measured["summary"]["overall"]["requests"],
-                     "wall_s": meta.get("wall_s"), "profile_age_min": meta.get("profile_age_min"),
+                     "wall_s": meta.get("wall_s"), "attempts": meta.get("attempts"),
                      "other_cores": meta.get("other_cores", float("nan")), "workload": WORKLOADS[model],
                      "compare": compare(sim, measured), "simulate_s": sim["meta"]["simulate_s"],
                      "steps": step_errors(bundle, steps, cost_models[name]) if steps else None})
@@ -322,15 +327,55 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.1f}"
 
 
-def refit(path: Path, wait_s: float) -> tuple[object, float]:
-    """`planc profile --out path` in a child process once the machine is quiet: this machine's profile as
-    it is now (its speed drifts by ~10% within minutes). Returns the profile and when it was written."""
-    from planc.cluster import load_device
+def reprofile(path: Path, wait_s: float, retries: int) -> float:
+    """`planc profile --out path` in a child process once the machine is quiet (the matmul table, planc serve's
+    costs, and a first live fit); repeated when other processes kept more than 0.25 cores busy meanwhile.
+    Returns the cores others kept busy."""
+    return _quiet_child([sys.executable, "-m", "planc.cli", "profile", "--out", str(path)], "profiling", wait_s,
+                        retries)
 
-    print(f"profiling (others busy {wait_quiet(wait_s):.2f} cores before)", file=sys.stderr, flush=True)
-    subprocess.run([sys.executable, "-m", "planc.cli", "profile", "--out", str(path)], check=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
-    return load_device(str(path)), time.time()
+
+def refit_child(base: Path, out: Path, calibration: Path, wait_s: float, retries: int) -> float:
+    """The live calibration alone (`planc.profile_calibrate.refit`, ~35 s) on the profile at `base`, written to
+    `out`, in a child process: the overheads and table scales of the machine as it is now (its speed drifts
+    by 10-50% within minutes here). Returns the cores others kept busy meanwhile."""
+    return _quiet_child([sys.executable, __file__, "--refit-child", str(base), str(out), str(calibration)],
+                        "re-fitting", wait_s, retries)
+
+
+def _quiet_child(cmd: list[str], what: str, wait_s: float, retries: int) -> float:
+    for _ in range(retries + 1):
+        print(f"{what} (others busy {wait_quiet(wait_s):.2f} cores before)", file=sys.stderr, flush=True)
+        cpu, t0 = sl.cpu_now(), time.perf_counter()
+        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
+        other = sl.other_load(cpu, 0, time.perf_counter() - t0)
+        print(f"  others kept {other:.2f} cores busy while {what}", file=sys.stderr, flush=True)
+        if other <= 0.25:
+            break
+    return other
+
+
+def _refit_in_child(base: Path, out: Path, calibration: Path) -> None:
+    from planc.bundle import Bundle
+    from planc.cluster import load_device
+    from planc.profile import write_profile
+    from planc.profile_calibrate import calibration_bundles, refit
+
+    dirs = [calibration / "small" / "bundle", calibration / "wide" / "bundle"]
+    if not all((d / "manifest.json").is_file() for d in dirs):
+        dirs = calibration_bundles(calibration)
+    device, fit = refit(load_device(str(base)), [Bundle.open(d) for d in dirs])
+    write_profile(device.model_copy(update={"source": f"{device.source}; re-fitted at {time.strftime('%H:%M:%S')} "
+                                            f"on {fit.num_steps} live steps (median error {100 * fit.rel_error:.1f}%; "
+                                            f"{_rusage()})"}), out)
+
+
+def _rusage() -> str:
+    """This process's user and system CPU and page faults: a slow phase that is the kernel's shows in them."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return f"user {r.ru_utime:.1f} s, system {r.ru_stime:.1f} s, {r.ru_minflt} minor faults, {r.ru_nivcsw} preemptions"
 
 
 def main() -> None:
@@ -338,10 +383,11 @@ def main() -> None:
     p.add_argument("--models", default="tiny,100m")
     p.add_argument("--modes", default="engine,http")
     p.add_argument("--profile", type=Path, default=None, help="device profile (default: the local one)")
-    p.add_argument("--reprofile", action="store_true", help="measure the local profile now (planc profile)")
+    p.add_argument("--reprofile", action="store_true", help="measure the profile now (planc profile, in a child)")
     p.add_argument("--refit", action="store_true",
-                   help="run `planc profile` right before each model's runs and predict them with that profile "
-                        "(written to OUT/sim_fidelity_profile_<model>.yaml)")
+                   help="re-fit the profile's overheads and table scales on live calibration runs right before "
+                        "each measured run (its prediction) and right after it (how far the machine drifted); "
+                        "profiles written to OUT/sim_fidelity_profile_<model>_<mode>_{before,after}.yaml")
     p.add_argument("--quick", action="store_true", help="a sixth of the requests")
     p.add_argument("--out", type=Path, default=OUT / "sim_fidelity.json")
     p.add_argument("--wait-quiet", type=float, default=600, help="seconds to wait for a quiet machine before each run")
@@ -349,6 +395,8 @@ def main() -> None:
                    help="measure nothing: compare new simulations with the measured runs saved by an earlier run")
     p.add_argument("--retries", type=int, default=2, help="runs repeated when others kept > 0.25 cores busy")
     p.add_argument("--engine-child", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--bundle-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--refit-child", type=Path, nargs=3, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     import torch
     from planc.bench.result import write_result
@@ -358,15 +406,20 @@ def main() -> None:
 
     torch.set_num_threads(1)
     if args.engine_child:  # measured_engine_child's child: measure, hand the result back, nothing else
-        bundle = Bundle.open(sl.bundle(args.models, sl.tiny_spec() if args.models == "tiny" else sl.big_spec(), True))
+        bundle = Bundle.open(args.bundle_dir)  # the parent's: not recompiled when a source changed meanwhile
         requests = workload(args.models, args.quick).requests(VARIANTS[args.models] or list(bundle.variants))
-        args.engine_child.write_bytes(pickle.dumps(measured_engine(bundle, requests)))
+        measured = measured_engine(bundle, requests)
+        measured["meta"]["rusage"] = _rusage()
+        args.engine_child.write_bytes(pickle.dumps(measured))
         return
-    if args.reprofile:
-        from planc.profile import measure_local, write_profile
-        print(f"profiling (others busy {wait_quiet(args.wait_quiet):.2f} cores before)", file=sys.stderr, flush=True)
-        write_profile(measure_local(), args.profile or LOCAL_PROFILE)
-    profile = load_device(str(args.profile) if args.profile else "local")
+    if args.refit_child:
+        _refit_in_child(*args.refit_child)
+        return
+    profile_path = (args.profile or LOCAL_PROFILE).expanduser()
+    meta = {}
+    if args.reprofile and not args.resimulate:
+        meta["profile_other_cores"] = reprofile(profile_path, args.wait_quiet, args.retries)
+    profile = load_device(str(profile_path))
     rows, profiles = [], {}
     for model in args.models.split(","):
         spec = sl.tiny_spec() if model == "tiny" else sl.big_spec()
@@ -374,43 +427,51 @@ def main() -> None:
         bundle = Bundle.open(bundle_dir)
         variants = VARIANTS[model] or list(bundle.variants)
         requests = workload(model, args.quick).requests(variants)
-        fitted_at = None
-        if args.refit and not args.resimulate:
-            profile, fitted_at = refit(OUT / f"sim_fidelity_profile_{model}.yaml", args.wait_quiet)
-        elif args.refit:
-            profile = load_device(str(OUT / f"sim_fidelity_profile_{model}.yaml"))
-        profiles[model] = profile.model_dump(mode="json")
-        cost_model = CostModel(profile, dtype_bytes=4)
         for mode in args.modes.split(","):
-            sims = {"profile": simulated(bundle, requests, cost_model, mode)}
-            write_result(OUT / f"sim_fidelity_{model}_simulated_{mode}.json", sims["profile"])
-            cost_models = {"profile": cost_model}
+            fitted = {when: OUT / f"sim_fidelity_profile_{model}_{mode}_{when}.yaml" for when in ("before", "after")}
             if args.resimulate:
                 measured = json.loads((OUT / f"sim_fidelity_{model}_{mode}.json").read_text())
-                rows += report(model, mode, bundle, measured, sims, cost_models)
-                continue
-            for attempt in range(args.retries + 1):
-                before = wait_quiet(args.wait_quiet)
-                cpu, t0 = sl.cpu_now(), time.perf_counter()
-                age = "" if fitted_at is None else f", profile fitted {(time.time() - fitted_at) / 60:.1f} min before"
-                print(f"{model}: measuring on the {mode} ({len(requests)} requests; others busy {before:.2f} "
-                      f"cores before{age})", file=sys.stderr, flush=True)
-                if mode == "engine":
-                    measured = measured_engine_child(model, args.quick)
-                    other = sl.other_load(cpu, 0, time.perf_counter() - t0)
-                else:
-                    measured, other = measured_http(bundle_dir, requests, variants)
-                wall = time.perf_counter() - t0
-                print(f"  others kept {other:.2f} cores busy during the run", file=sys.stderr, flush=True)
-                if other <= 0.25:
-                    break
-            measured["meta"].update(other_cores=other, wall_s=wall, attempts=attempt + 1,
-                                    profile_age_min=None if fitted_at is None else (time.time() - wall - fitted_at) / 60)
-            write_result(OUT / f"sim_fidelity_{model}_{mode}.json", measured)
+            else:
+                if args.refit:
+                    meta[f"{model}_{mode}_before_other_cores"] = refit_child(
+                        profile_path, fitted["before"], OUT / "sim_fidelity_calibration", args.wait_quiet, args.retries)
+                measured = measure(model, mode, bundle_dir, requests, variants, args)
+                if args.refit:
+                    meta[f"{model}_{mode}_after_other_cores"] = refit_child(
+                        profile_path, fitted["after"], OUT / "sim_fidelity_calibration", args.wait_quiet, args.retries)
+                write_result(OUT / f"sim_fidelity_{model}_{mode}.json", measured)
+            devices = {when: load_device(str(path)) for when, path in fitted.items()} if args.refit \
+                else {"profile": profile}
+            cost_models = {when: CostModel(d, dtype_bytes=4) for when, d in devices.items()}
+            profiles.update({f"{model}_{mode}_{when}": d.model_dump(mode="json") for when, d in devices.items()})
+            sims = {when: simulated(bundle, requests, cm, mode) for when, cm in cost_models.items()}
+            for when, sim in sims.items():
+                write_result(OUT / f"sim_fidelity_{model}_simulated_{mode}_{when}.json", sim)
             rows += report(model, mode, bundle, measured, sims, cost_models)
-    out = {"machine": machine(), "profile": profile.model_dump(mode="json"), "profiles": profiles, "rows": rows}
+    out = {"machine": machine(), "meta": meta, "profile": profile.model_dump(mode="json"), "profiles": profiles,
+           "rows": rows}
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print_table(rows)
+
+
+def measure(model: str, mode: str, bundle_dir: Path, requests, variants, args) -> dict:
+    """One measured run (repeated up to args.retries times while other processes kept > 0.25 cores busy)."""
+    for attempt in range(args.retries + 1):
+        before = wait_quiet(args.wait_quiet)
+        cpu, t0 = sl.cpu_now(), time.perf_counter()
+        print(f"{model}: measuring on the {mode} ({len(requests)} requests; others busy {before:.2f} cores before)",
+              file=sys.stderr, flush=True)
+        if mode == "engine":
+            measured = measured_engine_child(model, bundle_dir, args.quick)
+            other = sl.other_load(cpu, 0, time.perf_counter() - t0)
+        else:
+            measured, other = measured_http(bundle_dir, requests, variants)
+        wall = time.perf_counter() - t0
+        print(f"  others kept {other:.2f} cores busy during the run", file=sys.stderr, flush=True)
+        if other <= 0.25:
+            break
+    measured["meta"].update(other_cores=other, wall_s=wall, attempts=attempt + 1, ended=time.time())
+    return measured
 
 
 if __name__ == "__main__":

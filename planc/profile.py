@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from planc.cluster import DeviceProfile, MatmulLinear, MatmulTable
-from planc.profile_calibrate import SPLIT_ROWS, calibration_bundles, fit_overheads, scaled_table, with_threads
+from planc.profile_calibrate import SPLIT_ROWS, calibration_bundles, refit, with_threads
 from planc.profile_server import measure_server
 
 
@@ -150,22 +150,19 @@ def _measure(quick: bool, say: Callable[[str], None]) -> DeviceProfile:
         from planc.bundle import Bundle
 
         bundle_dirs = calibration_bundles(Path(tmp))
-        fit = fit_overheads(device, [Bundle.open(d) for d in bundle_dirs], quick, say)
+        device, fit = refit(device, [Bundle.open(d) for d in bundle_dirs], quick, say)
         say("planc serve's cost per request and token")
         server = measure_server(bundle_dirs[0], quick, say)
-    overheads = fit.overheads.model_copy(update={
+    overheads = device.overheads.model_copy(update={
         "server_request_us": server.request_us, "server_token_us": server.token_us,
         "engine_request_us": server.engine_request_us, "engine_token_us": server.engine_token_us})
-    # the table's scale is the few-row one; the many-row calls' own scale relative to it goes into their times
-    table = scaled_table(device.matmul_table, 1.0, fit.many_row_scale / fit.table_scale) \
-        .model_copy(update={"scale": fit.table_scale})
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     source = (f"`planc profile{' --quick' if quick else ''}` on {socket.gethostname()} ({cpu_name()}, "
               f"{os.cpu_count()} cores, torch {torch.__version__}, 1 thread) at {when}; overheads and table scale "
               f"fitted on {fit.num_steps} steps of live engine runs, median step error {100 * fit.rel_error:.1f}%; "
               f"table times x{fit.table_scale:.3f} up to {SPLIT_ROWS} rows, x{fit.many_row_scale:.3f} beyond "
               f"(the many-row ratio is in the times)")
-    return device.model_copy(update={"overheads": overheads, "matmul_table": table, "source": source})
+    return device.model_copy(update={"overheads": overheads, "source": source})
 
 
 def write_profile(profile: DeviceProfile, path: Union[str, Path]) -> Path:
