@@ -259,7 +259,17 @@ class EngineRun:
 def simulate_engines(runs: Sequence[EngineRun], cost_model: CostModel, server: bool = True) -> list[SimResult]:
     """Serve each run's requests on its engine's replicas, all on one clock: replicas whose `devices`
     overlap share those devices' time (`planc.sim_devices.DeviceClock`); the others step as they would
-    alone. One result per run."""
+    alone. One result per run.
+
+    >>> from planc.cluster import load_device
+    >>> from planc.cost import BlockCost
+    >>> layer = BlockCost("layer", linear_flops_per_token=2e6, kv_bytes_per_token=512.0, weight_bytes=1e9)
+    >>> model, cm = SimModel.from_data({"a": [("L", None)]}, {"L": layer}), CostModel(load_device("H100-80GB"), 2)
+    >>> alone = simulate(model, cm, [Request(0.0, "a", 16, 4)]).requests[0]
+    >>> both = simulate_engines([EngineRun(model, [Request(0.0, "a", 16, 4)], devices=[{0: 1.0}])] * 2, cm)
+    >>> round(both[1].requests[0].e2e_s / alone.e2e_s, 3)  # one device, two engines: each at half speed
+    2.0
+    """
     for run in runs:
         if run.replicas < 1:
             raise ValueError("replicas must be >= 1")
@@ -268,7 +278,7 @@ def simulate_engines(runs: Sequence[EngineRun], cost_model: CostModel, server: b
     fleets = [_Fleet(run, cost_model, server) for run in runs]
     clock = DeviceClock({(f, i): dev for f, run in enumerate(runs) for i, dev in enumerate(run.devices)})
     while True:
-        t = min(clock.next_end(), min(f.next_due for f in fleets))
+        t = min(clock.next_end(), min((f.next_due for f in fleets), default=math.inf))
         if t == math.inf:
             break
         ready = set()
