@@ -20,7 +20,7 @@ other load spoils), every overhead >= 0, then refitted by least squares on the s
 not find spoiled, so that the prediction is a step's mean time, not its median (`_trimmed_fit`).
 Two table scales, because live decode-sized calls (which stream their weight from memory) run
 ~1.3-1.7x their isolated times while prefill-sized ones (compute-bound) run ~1.1-1.3x: with one scale
-the wide model's prefill steps came out 17-21% slow in two calibration runs, with two within 3%.
+the wide model's prefill steps came out 17-21% slow in two calibration runs, with two within 4%.
 
 >>> fit = fit_overheads(device, [Bundle.open(b) for b in bundles])   # doctest: +SKIP
 """
@@ -252,8 +252,9 @@ def refit(device: DeviceProfile, bundles: list, quick: bool = False,
 def fit_steps(device: DeviceProfile, base: np.ndarray, table: np.ndarray, counts: np.ndarray, measured: np.ndarray,
               names: Optional[list[str]] = None, split: bool = True, mean: bool = True) -> Fit:
     """Fit overheads (us, >= 0) and the table's scales to `measured` step seconds (arrays as step_features';
-    `table` one column, or few-row and many-row columns), minimizing the sum of |relative error|; `split`
-    False fits one scale for both. Each scale's column enters twice, as +table and -table, so that it may
+    `table` one column, or few-row and many-row columns), minimizing the sum of |relative error|, then (`mean`)
+    refitted by least squares on the steps that fit does not find spoiled (`_trimmed_fit`); `split` False
+    fits one scale for both. Each scale's column enters twice, as +table and -table, so that it may
     go below 1 with every coefficient >= 0."""
     table = table.reshape(len(measured), -1)
     if not split or table.shape[1] == 1:
