@@ -97,9 +97,6 @@ def measured_engine(bundle, requests) -> dict:
     # untimed warm-up, one request per variant, as bench sends
     _wait_all(engine, [engine_submit(engine, name, list(range(3, 19)), 4, lambda e: None) for name in bundle.variants])
     steps = record_steps(engine)
-    stop = threading.Event()
-    thread = threading.Thread(target=engine.run, args=(stop,), daemon=True)
-    thread.start()
     times: dict[int, list[float]] = {i: [] for i in range(len(requests))}
     done = threading.Event()
     left = [len(requests)]
@@ -114,14 +111,13 @@ def measured_engine(bundle, requests) -> dict:
                     done.set()
         return sink
 
-    t0 = time.perf_counter()
-    for i, r in enumerate(requests):
-        time.sleep(max(0.0, t0 + r.arrival_s - time.perf_counter()))
-        engine.submit(r.variant, prompt_ids(i, r.prompt_tokens, ids_config),
-                      SamplingParams(max_tokens=r.output_tokens, temperature=0.0, ignore_eos=True), sink_for(i))
-    done.wait(600)
-    stop.set()
-    thread.join(10)
+    with engine.in_thread():
+        t0 = time.perf_counter()
+        for i, r in enumerate(requests):
+            time.sleep(max(0.0, t0 + r.arrival_s - time.perf_counter()))
+            engine.submit(r.variant, prompt_ids(i, r.prompt_tokens, ids_config),
+                          SamplingParams(max_tokens=r.output_tokens, temperature=0.0, ignore_eos=True), sink_for(i))
+        done.wait(600)
     records = []
     for i, r in enumerate(requests):
         ts = times[i]

@@ -130,19 +130,13 @@ def live_steps(bundle, rate: float, num_requests: int, seed: int = 0) -> list[tu
             left[0] -= 1
             if not left[0]:
                 done.set()
-    stop = threading.Event()
-    thread = threading.Thread(target=engine.run, args=(stop,), daemon=True)
-    thread.start()
-    rng, t0 = np.random.default_rng(seed), time.perf_counter()
-    try:
+    with engine.in_thread():
+        rng, t0 = np.random.default_rng(seed), time.perf_counter()
         for r in work:
             time.sleep(max(0.0, t0 + r.arrival_s - time.perf_counter()))
             engine.submit(r.variant, [int(t) for t in rng.integers(3, 300, r.prompt_tokens)],
                           SamplingParams(max_tokens=r.output_tokens, temperature=0.0, ignore_eos=True), sink)
         done.wait(600)
-    finally:
-        stop.set()
-        thread.join(10)
     return log[1:]  # the first step pays code paths once
 
 

@@ -82,7 +82,7 @@ def measure_server(bundle_dir: Path, quick: bool = False,
     server = LocalServer(bundle_dir, "--threads 1 --kv-cache-mb 32", env={"OMP_NUM_THREADS": "1"})
     rounds = ROUNDS_QUICK if quick else ROUNDS
     fits = []
-    with server as url, _InProcess(bundle_dir) as engine:
+    with server as url, _in_process(bundle_dir).in_thread() as engine:
         pid = server.proc.pid  # `python -m planc.cli serve`, whose main thread runs the asyncio loop
         asyncio.run(_round(url, 4, 2))  # warm-up: first requests pay imports and code paths
         _engine_round(engine, 4, 2)
@@ -101,27 +101,14 @@ def measure_server(bundle_dir: Path, quick: bool = False,
     return ServerCost(*(float(statistics.median(f[i] for f in fits)) for i in range(4)))
 
 
-class _InProcess:
-    """planc's engine on `bundle_dir` in a thread of this process, with planc serve's settings."""
+def _in_process(bundle_dir: Path):
+    """planc's engine on `bundle_dir` with planc serve's settings (no server): to run in this process."""
+    from planc.bundle import Bundle
+    from planc.runtime.engine import Engine
+    from planc.runtime.server import ServeOptions, engine_config
 
-    def __init__(self, bundle_dir: Path):
-        self.bundle_dir = bundle_dir
-
-    def __enter__(self):
-        from planc.bundle import Bundle
-        from planc.runtime.engine import Engine
-        from planc.runtime.server import ServeOptions, engine_config
-
-        bundle = Bundle.open(self.bundle_dir)
-        self.engine = Engine(bundle, engine_config(bundle, ServeOptions(kv_cache_mb=32, threads=1)))
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.engine.run, args=(self.stop,), daemon=True)
-        self.thread.start()
-        return self.engine
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join(10)
+    bundle = Bundle.open(bundle_dir)
+    return Engine(bundle, engine_config(bundle, ServeOptions(kv_cache_mb=32, threads=1)))
 
 
 def _engine_round(engine, requests: int, tokens: int) -> None:

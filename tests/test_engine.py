@@ -179,21 +179,17 @@ def test_a_failing_step_fails_its_sequences_not_the_engine(family_bundle):
         return original(*args)
 
     engine.stages[0].run = flaky
-    stop = threading.Event()
-    thread = threading.Thread(target=engine.run, args=(stop,), daemon=True)
-    thread.start()
-    engine.submit("base", PROMPTS[0], SamplingParams(max_tokens=3, temperature=0.0), events.append)
-    for _ in range(200):
-        if events and events[-1].finished:
-            break
-        threading.Event().wait(0.05)
-    assert events[-1].finish_reason == "error" and "boom" in events[-1].error
-    done = []
-    engine.submit("base", PROMPTS[1], SamplingParams(max_tokens=3, temperature=0.0), done.append)
-    for _ in range(200):
-        if done and done[-1].finished:
-            break
-        threading.Event().wait(0.05)
-    stop.set()
-    thread.join(5)
+    with engine.in_thread():
+        engine.submit("base", PROMPTS[0], SamplingParams(max_tokens=3, temperature=0.0), events.append)
+        for _ in range(200):
+            if events and events[-1].finished:
+                break
+            threading.Event().wait(0.05)
+        assert events[-1].finish_reason == "error" and "boom" in events[-1].error
+        done = []
+        engine.submit("base", PROMPTS[1], SamplingParams(max_tokens=3, temperature=0.0), done.append)
+        for _ in range(200):
+            if done and done[-1].finished:
+                break
+            threading.Event().wait(0.05)
     assert done[-1].finish_reason == "length" and len(done) == 4  # the engine kept serving after the failure

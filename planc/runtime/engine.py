@@ -19,8 +19,9 @@ import threading
 import time
 import traceback
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from planc.bundle import Bundle
@@ -187,6 +188,19 @@ class Engine:
         return self._inbox.qsize() + len(self.waiting)
 
     # ------------------------------------------------------------------ the loop (engine thread)
+    @contextmanager
+    def in_thread(self) -> Iterator["Engine"]:
+        """The loop in a daemon thread of this process for the block (in-process use: profiling,
+        benchmarks); stopped and joined on exit. planc serve starts its own thread in its lifespan."""
+        stop = threading.Event()
+        thread = threading.Thread(target=self.run, args=(stop,), name="planc-engine", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join(10)
+
     def run(self, stop: threading.Event) -> None:
         """The engine thread's loop. A failing step fails the sequences in it, not the server."""
         while not stop.is_set():
