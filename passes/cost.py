@@ -49,15 +49,25 @@ class GroupOption:
     memory: tuple[float, ...]
     """Bytes per device, per stage."""
     tau: tuple[float, ...]
-    """Device-seconds one request takes on each device of each stage (prefill + its decode share)."""
+    """Device-seconds each request adds on each device of each stage: its prefill, and per output
+    token what one more sequence adds to a decode step (the part of device time that grows with load)."""
     cap_rps: float
-    """Requests/s one replica sustains at this batch."""
+    """Requests/s one replica sustains at this batch, its sequences spending the whole chain's
+    latency in it (the runtime steps a chain as one engine)."""
     tpot_s: float
     ttft_s: float
+    copy_busy: tuple[float, ...] = ()
+    """Per stage, the share of each of its devices a copy takes whatever its load: each decode step
+    streams the stage's weights however few sequences it runs, about once per TPOT of the chain
+    (empty: none). At `cap_rps` the two parts add up to the time of full-batch steps."""
 
     @property
     def num_devices(self) -> int:
         return self.pp * self.tp
+
+    def busy(self, stage: int) -> float:
+        """`copy_busy` of one stage (0 when the option gives none)."""
+        return self.copy_busy[stage] if self.copy_busy else 0.0
 
 
 def chain_block_names(num_layers: int) -> list[str]:
@@ -229,12 +239,21 @@ class OptionBuilder:
         chosen = feasible[-1:] + ([feasible[-3]] if len(feasible) >= 3 else [])
         out = []
         lo = self.traffic.output_tokens
+        single = feasible[0][1] if feasible else []
         for batch, decode, memory in chosen:
-            tau = tuple(d / batch * lo + p for d, p in zip(decode, prefill))
-            e2e = sum(prefill) + lo * sum(decode)
-            cap = min(1.0 / max(tau), pp * batch / e2e)
+            full = [d / batch * lo + p for d, p in zip(decode, prefill)]
+            # A request stays for the whole chain's latency, which the group's part of it is `share` of.
+            e2e = (sum(prefill) + lo * sum(decode)) / share
+            cap = min(1.0 / max(full), pp * batch / e2e)
+            if batch > 1:
+                # decode step time ~ fixed (weights) + per sequence: the fixed part is paid per copy
+                slope = [max(d - s, 0.0) / (batch - 1) for d, s in zip(decode, single)]
+                tau = tuple(p + lo * k for p, k in zip(prefill, slope))
+                busy = tuple(max(f - t, 0.0) * cap for f, t in zip(full, tau))
+            else:
+                tau, busy = tuple(full), ()
             out.append(GroupOption(group.id, pp, tp, batch, tuple(stages), memory, tau, cap,
-                                   tpot_s=sum(decode), ttft_s=sum(prefill)))
+                                   tpot_s=sum(decode), ttft_s=sum(prefill), copy_busy=busy))
         return out
 
 

@@ -104,12 +104,14 @@ def greedy_copies(inst: Instance, grow: bool = True) -> Optional[dict[tuple, int
     return state.copies
 
 
-def pack_replicas(inst: Instance, replicas: dict[tuple, int]) -> tuple[Optional[dict[tuple, int]], Optional[int]]:
+def pack_replicas(inst: Instance, replicas: dict[tuple, int],
+                  rate: float) -> tuple[Optional[dict[tuple, int]], Optional[int]]:
     """Place the given replicas per (group, option, node) on devices, balancing device time.
 
-    Each stage copy carries its group's share of the traffic split evenly over the group's
-    replicas; copies go widest and largest first to the slot whose busiest device ends up least
-    busy (memory permitting), then single copies move off the busiest device while that helps.
+    Each stage copy carries its group's share of `rate` (requests/s) split evenly over the group's
+    replicas, and takes its device time for that load plus what it takes whatever the load; copies
+    go widest and largest first to the slot whose busiest device ends up least busy (memory
+    permitting), then single copies move off the busiest device while that helps.
     Returns (stage copies, None), or (None, node) naming a node whose replicas did not fit.
     """
     cluster = inst.cluster
@@ -121,10 +123,10 @@ def pack_replicas(inst: Instance, replicas: dict[tuple, int]) -> tuple[Optional[
     items = []
     for (gid, oi, node), count in replicas.items():
         opt = inst.options[gid][oi]
-        share = inst.shares[gid] / per_group[gid]
+        load = rate * inst.shares[gid] / per_group[gid]
         for _ in range(count):
             for p in range(opt.pp):
-                items.append((opt.tp, opt.memory[p], share * opt.tau[p], gid, oi, p, node))
+                items.append((opt.tp, opt.memory[p], load * opt.tau[p] + opt.busy(p), gid, oi, p, node))
     items.sort(key=lambda it: (-it[0], -it[1], -it[2], it[3], it[4], it[5]))
     placed = []
     for tp, mem, work, gid, oi, p, node in items:

@@ -10,7 +10,8 @@ of tp(o) devices inside one node):
 - ``u[d]`` binary: device d is used; ``lam``: the throughput scale.
 Constraints: each group serves its users' share of the traffic (``sum_o y = lam * share``);
 per device, memory of the copies it holds <= usable memory * u[d], and device time
-``sum z * tau <= 1`` (co-located stages share the device); every group has 1..max_replicas replicas;
+``sum z * tau + n * busy <= 1`` (co-located stages share the device; every copy streams its
+weights at each step whatever its load, and each request adds its own work); every group has 1..max_replicas replicas;
 a group runs on a node only if each group feeding it does (a chain stays on a node).
 Objective ``throughput``: maximise lam (ties: fewer devices); ``devices``: fewest devices for
 ``lam = rate``. Used devices are packed to the front of each node and nodes to the front of the
@@ -156,7 +157,7 @@ class _Builder:
                         z_terms.append(z)
                         for d in devices:
                             device_mem[d].append(opt.memory[p] * n)
-                            device_time[d].append(opt.tau[p] * z)
+                            device_time[d].append(opt.tau[p] * z + opt.busy(p) * n)
                     for k in range(cluster.nodes):
                         m.add_linear_constraint(sum(per_node[k]) == r[k])
                     m.add_linear_constraint(sum(z_terms) == y)
@@ -272,6 +273,7 @@ class _NodeBuilder:
             for oi, opt in enumerate(inst.options[g.id]):
                 device_bytes = sum(mem * opt.tp for mem in opt.memory) / 1e9
                 device_time = sum(t * opt.tp for t in opt.tau)
+                copy_time = sum(opt.busy(p) * opt.tp for p in range(opt.pp))
                 for k in range(cluster.nodes):
                     r = m.add_integer_variable(lb=0, ub=inst.max_replicas, name=f"r_{g.id}_{oi}_{k}")
                     on = m.add_binary_variable(name=f"a_{g.id}_{oi}_{k}")
@@ -283,7 +285,7 @@ class _NodeBuilder:
                     m.add_linear_constraint(r <= inst.max_replicas * host[k])
                     m.add_linear_constraint(z <= opt.cap_rps * r)
                     memory[k].append(device_bytes * r)
-                    busy[k].append(device_time * z)
+                    busy[k].append(device_time * z + copy_time * r)
                     y_terms.append(z)
                     replicas.append(r)
             _serve_group(m, inst, g.id, y_terms, replicas, self.lam)
@@ -305,8 +307,9 @@ class _NodeBuilder:
 
 
 def solve_nodes(inst: Instance, memory_scale: list[float], time_limit_s: float, gap: float, seed: int,
-                solver: str, floor: Optional[float] = None) -> tuple[Optional[dict[tuple, int]], float, str]:
-    """Replicas per (group, option, node) from the node-level relaxation, its dual bound, its status.
+                solver: str, floor: Optional[float] = None) -> tuple[Optional[dict[tuple, int]], float, str, float]:
+    """Replicas per (group, option, node) from the node-level relaxation, its dual bound, its status
+    and the throughput (requests/s) of its solution.
 
     `floor`: only solutions better than that (throughput at least, or devices at most).
     """
@@ -321,10 +324,10 @@ def solve_nodes(inst: Instance, memory_scale: list[float], time_limit_s: float, 
     result = mathopt.solve(b.model, _SOLVERS[solver], params=params)
     status = result.termination.reason.name.lower()
     if not result.has_primal_feasible_solution():
-        return None, float("nan"), status
+        return None, float("nan"), status, 0.0
     values = result.variable_values()
     replicas = {k: int(round(values[v])) for k, v in b.r.items() if values[v] > 0.5}
-    return replicas, result.termination.objective_bounds.dual_bound, status
+    return replicas, result.termination.objective_bounds.dual_bound, status, values[b.lam]
 
 
 def relaxation_bound(inst: Instance) -> float:

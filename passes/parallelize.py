@@ -80,7 +80,7 @@ def plan_solve(inst: Instance, time_limit_s: float = 10.0, gap: float = 0.01, se
         # one cut by it is recorded, since another run may then differ.
         rounds += 1
         share = min(left * 0.5, max(1.0, time_limit_s / 4))
-        replicas, node_bound, status = solve_nodes(inst, scale, share, gap, seed, solver, floor)
+        replicas, node_bound, status, lam = solve_nodes(inst, scale, share, gap, seed, solver, floor)
         if status in ("time_limit", "feasible", "no_solution_found"):
             time_limit_hit = True
         unscaled = all(x == 1.0 for x in scale)
@@ -92,7 +92,7 @@ def plan_solve(inst: Instance, time_limit_s: float = 10.0, gap: float = 0.01, se
             # the relaxation bounds the exact model (a floor only cuts off worse solutions)
             bound = node_bound if math.isnan(bound) else (min(bound, node_bound) if inst.objective == "throughput"
                                                            else max(bound, node_bound))
-        copies, failed = pack_replicas(inst, replicas)
+        copies, failed = pack_replicas(inst, replicas, lam)
         if copies is None:
             scale[failed] *= 0.95  # the node did not pack: ask the relaxation for less memory there
             continue

@@ -20,9 +20,10 @@ def _cluster(nodes: int, per_node: int, memory_gb: float = 10.0) -> Cluster:
     return Cluster(nodes=nodes, devices_per_node=per_node, device=device, links=Links())
 
 
-def _opt(gid, pp, tp, mem_gb, tau, cap, blocks=("b",)):
+def _opt(gid, pp, tp, mem_gb, tau, cap, blocks=("b",), busy=0.0):
     stages = tuple((f"{b}{i}",) for i, b in enumerate(blocks * pp))[:pp]
-    return GroupOption(gid, pp, tp, 1, stages, tuple([mem_gb * 1e9] * pp), tuple([tau] * pp), cap, 0.01, 0.1)
+    return GroupOption(gid, pp, tp, 1, stages, tuple([mem_gb * 1e9] * pp), tuple([tau] * pp), cap, 0.01, 0.1,
+                       copy_busy=tuple([busy] * pp) if busy else ())
 
 
 def _instance(cluster, objective="throughput", rate=None, max_replicas=2, shares=(0.5, 0.5)):
@@ -54,7 +55,7 @@ def _route(inst: Instance, copies: dict) -> float:
             z = m.add_variable(lb=0.0, ub=opt.cap_rps * count)
             stage_loads.setdefault((oi, p), []).append(z)
             for d in slots(inst.cluster, opt.tp)[si][1]:
-                busy[d].append(opt.tau[p] * z)
+                busy[d].append(opt.tau[p] * z + count * (opt.copy_busy[p] if opt.copy_busy else 0.0))
         by_option = {}
         for (oi, p), zs in stage_loads.items():
             by_option.setdefault(oi, []).append(sum(zs))
@@ -145,18 +146,38 @@ def test_mip_objective_equals_brute_force(case):
     assert sol.status == "optimal"
 
 
-def test_many_groups_on_few_devices_equal_brute_force():
-    """Six block groups (a trunk and five private tops with uneven traffic) packed onto two devices."""
+def _tops(busy: float, max_replicas: int = 1) -> Instance:
+    """A trunk and five private tops with uneven traffic on two devices; every copy takes `busy` of
+    its device whatever its load (the weights its steps stream)."""
     names = "abcde"
     groups = groups_from_instances(["embedding", "layer.0", "head"], {v: ["e", "l", f"h{v}"] for v in names})
-    options = {groups[0].id: [_opt(groups[0].id, 1, 1, 4.0, 0.05, 30.0)]}
+    options = {groups[0].id: [_opt(groups[0].id, 1, 1, 4.0, 0.05, 30.0, busy=busy)]}
     shares = {groups[0].id: 1.0}
     for g, share, tau in zip(groups[1:], (0.4, 0.3, 0.15, 0.1, 0.05), (0.02, 0.03, 0.05, 0.04, 0.06)):
-        options[g.id] = [_opt(g.id, 1, 1, 1.5, tau, 25.0)]
+        options[g.id] = [_opt(g.id, 1, 1, 1.5, tau, 25.0, busy=busy)]
         shares[g.id] = share
-    inst = Instance(groups, options, shares, _cluster(1, 2, memory_gb=9.0), "throughput", None, 1)
+    return Instance(groups, options, shares, _cluster(1, 2, memory_gb=9.0), "throughput", None, max_replicas)
+
+
+@pytest.mark.parametrize("busy", [0.0, 0.12])
+def test_many_groups_on_few_devices_equal_brute_force(busy):
+    """Six block groups packed onto two devices, with and without a load-independent part."""
+    inst = _tops(busy)
     sol = plan_solve(inst, time_limit_s=30, gap=0.0, method="exact")
     assert sol.objective == pytest.approx(brute_force(inst), rel=1e-6)
+
+
+def test_copies_pay_for_their_weights_whatever_their_load():
+    """Each copy's load-independent device time lowers what the devices carry, and an extra replica of
+    a group is no longer free on a device with time left (two replicas of the trunk: 0.12 each)."""
+    free, paid = (plan_solve(_tops(busy, max_replicas=2), time_limit_s=30, gap=0.0, method="exact")
+                  for busy in (0.0, 0.12))
+    assert paid.objective < free.objective - 0.5
+    # six copies at 0.12 on two devices leave 2 - 0.72 of device time for the load
+    load_time = sum(z * inst_opt.tau[p] for (g, oi, p, si), z in paid.load.items()
+                    for inst_opt in [_tops(0.12).options[g][oi]])
+    copies = sum(paid.copies.values())
+    assert load_time + 0.12 * copies <= 2.0 + 1e-6
 
 
 def test_fewest_devices_objective_equals_brute_force():
