@@ -32,7 +32,8 @@ class _Step:
     rate: float = 1.0
     """Fraction of its own speed the step runs at now."""
     version: int = 0
-    """Which heap entry for this step is current (older ones are skipped)."""
+    """Which heap entry for this step is current (older ones are skipped). Unique over the clock's
+    life: a key's next step must not take a stale entry of its previous one for its own."""
 
 
 class DeviceClock:
@@ -47,6 +48,7 @@ class DeviceClock:
         """Per device: the demands of the steps in flight on it."""
         self.steps: dict[Hashable, _Step] = {}
         self._heap: list[tuple[float, Hashable, int]] = []
+        self._versions = 0
 
     def busy(self, key: Hashable) -> bool:
         return key in self.steps
@@ -59,8 +61,9 @@ class DeviceClock:
     def start(self, key: Hashable, now: float, end: float) -> None:
         """A step of `key` starts at `now` and would end at `end` on devices of its own."""
         assert key not in self.steps, f"{key} is already stepping"
-        self.steps[key] = _Step(end)
-        heapq.heappush(self._heap, (end, key, 0))
+        self._versions += 1
+        self.steps[key] = _Step(end, version=self._versions)
+        heapq.heappush(self._heap, (end, key, self._versions))
         self._change(key, now, +1)
 
     def pop_ended(self, now: float) -> list[Hashable]:
@@ -100,7 +103,8 @@ class DeviceClock:
             if rate != step.rate:
                 step.end = now + (step.end - now) * step.rate / rate
                 step.rate = rate
-                step.version += 1
+                self._versions += 1
+                step.version = self._versions
                 heapq.heappush(self._heap, (step.end, key, step.version))
 
     def _fair_rates(self) -> dict[Hashable, float]:
