@@ -4,9 +4,10 @@ Llama-3-70B-shaped base (config.json only, no weights), variants that change the
 the head (3 of every 4) or are rank-16 LoRA adapters (1 of 4), planned on H100-80GB clusters with the
 default settings (time limit 5 s per node). Each case runs in a fresh process, so the time includes
 everything `planc plan` does after start-up (reading the spec, tracing on meta, costing, solving).
-The SIMULATED cases also report the simulator's capacity within the SLO (`planc.plan_sim`) of the
-plan, of the baselines, and of the plan with every stage copy moved onto devices of its own (what
-co-locating groups on shared devices costs in the simulation).
+The SIMULATED cases also report the simulator's capacity within the SLO (`planc.plan_sim`: one engine
+over the plan's stages, as the ray backend runs it) of the plan, of the baselines, and of the plan
+with every stage copy moved onto devices of its own (what co-locating groups on shared devices costs
+in the simulation).
 
     OMP_NUM_THREADS=1 python benchmarks/plan_scaling.py [--quick] [--out benchmarks/out/plan_scaling.json]
 """
@@ -44,8 +45,8 @@ if simulate:
     from planc.plan_sim import simulated_capacity
     cm = CostModel.for_cluster(program.extras["plan_inputs"]["cluster"], 2)
     program.plan.predicted["simulated_capacity_rps"] = simulated_capacity(program, program.plan, cm)
-    # The same plan with every stage copy on devices of its own: what the simulation gave before it
-    # time-sliced devices that several groups share (how much the plan's co-location costs).
+    # The same plan with every stage copy on devices of its own: how much the plan's co-location of
+    # groups on shared devices costs in the simulation.
     import dataclasses
     own = [dataclasses.replace(q, devices=tuple(range(100 * i, 100 * i + q.tp)))
            for i, q in enumerate(program.plan.placements)]

@@ -1,120 +1,101 @@
-"""Simulate a plan: every group replica runs planc's engine over its own blocks, on its devices.
+"""Simulate a plan as planc's runtime serves it on Ray: one engine over the plan's stages.
 
-Each block group with replicas in the plan becomes one simulated engine: its blocks sharded at
-the layout's TP degree (the cost model sees the plan's `tp`), as many data-parallel replicas as the
-plan gives it, its layout's batch cap, and KV for that many sequences. Every request runs through
-each group of its variant's chain (the same arrivals); a token's time is the sum of the times
-through its groups, since it passes them one after another. Within a replica of `pp` stages the
-runtime keeps `pp` lanes of sequences in flight, one per stage (its engine pipelines concurrent
-stages), so a replica is simulated as `pp` engines over the whole group, each with the layout's
-batch: exact when the stages take equal time, optimistic by the imbalance otherwise.
+What is modelled (`planc.sim_stages` has the engine's side):
+- The stages are the plan's `stage_ranges` (cut at every group boundary and at the pipeline cuts of
+  each group's busiest layout), as the runtime builds them; one engine schedules every sequence of
+  the deployment (the Ray ingress runs one replica) and pipelines up to one lane per stage.
+- At each stage every group that covers it has one actor with as many copies as the plan gives the
+  group (its placements' replicas, across layouts), as `backends/ray_layout.py` lays them out; a
+  copy runs its calls on the devices of its placement that holds the stage's blocks, with the block
+  costs at that placement's TP. A sequence sticks to one copy per stage (the one with the most free
+  KV when it is admitted); a lane's stage is one call per copy in use, all at once, and the lane
+  moves on when the slowest is done. A call occupies all of its copy's devices while it runs; calls
+  of copies that share a device (the plan packs groups together) are time-sliced, so they slow
+  each other (`planc.sim_devices`).
+- A request's TTFT and TPOT are those of its one pass through the chain, stage after stage.
+- Engine settings from the plan: each copy's KV holds its layout's batch of sequences at the
+  traffic's mean context (x1.25); max_running is the smallest total batch of a stage's copies;
+  each block's batch cap is its group's largest layout batch; the token budget per step is
+  max(2048, 2 x the mean prompt). The bundle's `serving` settings are not consulted.
 
-All groups run on one clock. The runtime places each stage (a Ray actor) on its devices, several
-stages of different groups possibly on one device, which then time-slices them: a lane's step asks
-for 1/pp of each of its replica's stage devices, and where the steps in flight ask for more than a
-device has they slow down together (`planc.sim_devices`). A replica alone on its devices steps as
-it would with no other group in the plan.
+Not modelled: LoRA adapters' delta calls (a LoRA variant runs its group's base blocks), the
+transfer of hidden states between stages and Ray's per-call cost, the engine thread's own time and
+what the HTTP server costs it, the local backend (all stages in one process, no pipelining).
 `simulated_capacity` finds the highest arrival rate whose requests still meet the SLO.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 from planc.cost import CostModel
-from planc.plan import Plan
+from planc.plan import Plan, StagePlacement
 from planc.program import Program
 from planc.runtime.engine import EngineConfig
 from planc.sim_model import SimModel
-from planc.sim_report import RequestRecord, summarize_records
-from planc.simulate import EngineRun, simulate_engines
+from planc.sim_report import summarize_records
+from planc.sim_stages import CopySpec, StagedRun, simulate_staged
 from planc.workload import Fixed, GammaWorkload, Request
 
-
-@dataclass
-class GroupEngine:
-    group: str
-    users: tuple[str, ...]
-    model: SimModel
-    config: EngineConfig
-    replicas: int
-    """Engines the group's requests are spread over: its replicas times their pipeline lanes."""
-    devices: list[dict[int, float]]
-    """Per engine (lane), the share of each device a step asks for: 1/pp on each of its replica's
-    stage devices, per stage placed there."""
+KV_HEADROOM = 1.25
+"""A copy's KV holds its batch of sequences at the mean context times this."""
 
 
-def group_engines(program: Program, plan: Plan) -> list[GroupEngine]:
+def staged_run(program: Program, plan: Plan, requests: list[Request]) -> StagedRun:
+    """The plan's deployment as the runtime runs it (see the module docstring), serving `requests`."""
     inputs = program.extras["plan_inputs"]
     costs, traffic = inputs["costs"], inputs["traffic"]
-    engines = []
+    names = list(costs)  # block names in chain order
     context = traffic.prompt_tokens + traffic.output_tokens
-    for g in plan.groups:
-        if not g["layouts"]:
-            continue
-        tp = max(lay["tp"] for lay in g["layouts"])
-        batch = max(lay["batch"] for lay in g["layouts"])
-        lanes = sum(lay["replicas"] * lay["pp"] for lay in g["layouts"])
-        block_costs = {key: dataclasses.replace(costs[name], tp=tp)
-                       for name, key in zip(_names(g, costs), g["instance_keys"])}
-        chain = [(key, None) for key in g["instance_keys"]]
-        model = SimModel.from_data({v: chain for v in g["users"]}, block_costs)
-        kv = int(model.kv_bytes_per_token * max(model.num_kv_layers, 1) * context * batch * 1.25) + 1
-        config = EngineConfig(kv_cache_bytes=kv, max_running=batch, block_batch_cap=batch,
-                              max_batch_tokens=max(2048, int(traffic.prompt_tokens) * 2), max_queue=1 << 30,
-                              max_model_len=int(context * 4))
-        devices = lane_devices(plan, g)
-        assert len(devices) == lanes, f"{g['id']}: {len(devices)} lanes placed, the layouts have {lanes}"
-        engines.append(GroupEngine(g["id"], tuple(g["users"]), model, config, lanes, devices))
-    return engines
+    ranges = plan.stage_ranges(len(names))
+    stages, totals, caps = [], [], {}
+    for r in ranges:
+        actors, total = {}, 0
+        for g in plan.groups:
+            lo, hi = g["first_position"], g["first_position"] + g["num_blocks"]
+            if r.start < lo or r.stop > hi:
+                continue  # stages are cut at group boundaries: a group covers a stage or misses it
+            cap = min(256, max((lay["batch"] for lay in g["layouts"]), default=1))
+            keys = g["instance_keys"][r.start - lo:r.stop - lo]
+            models: dict[int, SimModel] = {}
+            copies = []
+            for copy in plan_copies(plan, g["id"]):
+                hit = [p for p in copy if set(p.blocks) & set(names[r.start:r.stop])] or copy[:1]
+                tp = max(p.tp for p in hit)
+                if tp not in models:
+                    block_costs = {key: dataclasses.replace(costs[names[pos]], tp=tp) for pos, key in zip(r, keys)}
+                    chain = [(key, None) for key in keys]
+                    models[tp] = SimModel.from_data({v: chain for v in g["users"]}, block_costs)
+                batch = max(p.batch for p in hit)
+                devices = {(p.node, d): 1.0 for p in hit for d in p.devices}
+                copies.append(CopySpec(models[tp], devices, int(batch * context * KV_HEADROOM), cap))
+                total += batch
+            actors.update({v: copies for v in g["users"]})
+        stages.append(actors)
+        totals.append(total)
+    config = EngineConfig(max_running=max(1, min(totals)), max_batch_tokens=max(2048, int(traffic.prompt_tokens) * 2),
+                          max_queue=1 << 30, max_model_len=int(context * 4))
+    return StagedRun(stages, requests, config)
 
 
-def lane_devices(plan: Plan, group: dict) -> list[dict[int, float]]:
-    """The device shares of each lane of a group's replicas, from the plan's placements (a replica's
-    stages are listed in order from stage 0, as `passes.parallelize.to_plan` writes them)."""
-    replicas: list[list] = []
+def plan_copies(plan: Plan, group: str) -> list[list[StagePlacement]]:
+    """A group's copies, each its pipeline stages in order: placements come copy by copy, stage by
+    stage from stage 0 (`passes.parallelize.to_plan`), so a copy starts at each stage 0."""
+    copies: list[list[StagePlacement]] = []
     for p in plan.placements:
-        if p.group != group["id"]:
-            continue
-        if p.stage == 0:
-            replicas.append([])
-        assert replicas and p.stage == len(replicas[-1]), f"{group['id']}: stage {p.stage} placed out of order"
-        replicas[-1].append(p.devices)
-    lanes = []
-    for stages in replicas:
-        share: dict[int, float] = {}
-        for devices in stages:
-            for d in devices:
-                share[d] = share.get(d, 0.0) + 1.0 / len(stages)
-        lanes += [share] * len(stages)
-    return lanes
-
-
-def _names(group: dict, costs: dict) -> list[str]:
-    """Block names of a group in chain order (costs are keyed by block name)."""
-    names = list(costs)
-    start = names.index(group["blocks"][0])
-    return names[start:start + group["num_blocks"]]
+        if p.group == group:
+            if p.stage == 0 or not copies:
+                copies.append([])
+            copies[-1].append(p)
+    return copies
 
 
 def simulate_plan(program: Program, plan: Plan, cost_model: CostModel, rate: float, num_requests: int = 400,
                   seed: int = 0) -> dict:
     """Serve a Gamma workload at `rate` with the plan's traffic mix and mean lengths; overall summary."""
     requests = plan_requests(program, rate, num_requests, seed)
-    through: dict[int, list[RequestRecord]] = {i: [] for i in range(len(requests))}
-    runs, served = [], []
-    for engine in group_engines(program, plan):
-        mine = [i for i, r in enumerate(requests) if r.variant in engine.users]
-        if mine:
-            runs.append(EngineRun(engine.model, [requests[i] for i in mine], engine.config, engine.replicas,
-                                  engine.devices))
-            served.append(mine)
-    for mine, result in zip(served, simulate_engines(runs, cost_model)):
-        for i, rec in zip(mine, result.requests):
-            through[i].append(rec)
-    records = [_combine(i, requests[i], recs) for i, recs in through.items()]
+    result = simulate_staged(staged_run(program, plan, requests), cost_model)
     slo = plan.settings["slo"]
-    return summarize_records(records, slo["ttft_ms"], slo["tpot_ms"])
+    return summarize_records(result.requests, slo["ttft_ms"], slo["tpot_ms"])
 
 
 def plan_requests(program: Program, rate: float, num_requests: int, seed: int = 0) -> list[Request]:
@@ -125,22 +106,6 @@ def plan_requests(program: Program, rate: float, num_requests: int, seed: int = 
                              prompt_tokens=Fixed(value=max(1, round(traffic.prompt_tokens))),
                              output_tokens=Fixed(value=max(1, round(traffic.output_tokens))))
     return workload.requests(list(traffic.shares))
-
-
-def _combine(index: int, request: Request, parts: list[RequestRecord]) -> RequestRecord:
-    """One request's record from its passes through each group: times add up along the chain."""
-    out = RequestRecord(index, request.variant, request.arrival_s, request.prompt_tokens, request.output_tokens)
-    if not parts or any(p.status != "ok" for p in parts):
-        out.status = next((p.status for p in parts if p.status != "ok"), "error")
-        return out
-    ttft = sum(p.first_token_s - p.arrival_s for p in parts)
-    decode = sum(p.last_token_s - p.first_token_s for p in parts)
-    out.first_token_s = request.arrival_s + ttft
-    out.last_token_s = out.finish_s = out.first_token_s + decode
-    out.num_tokens = min(p.num_tokens for p in parts)
-    out.num_preemptions = sum(p.num_preemptions for p in parts)
-    out.status = "ok"
-    return out
 
 
 def simulated_capacity(program: Program, plan: Plan, cost_model: CostModel, attainment: float = 0.9,

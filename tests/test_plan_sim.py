@@ -1,8 +1,12 @@
-"""Simulating a plan on shared devices: steps of replicas that share a device are time-sliced.
+"""Simulating a plan as the runtime serves it: one engine whose lanes walk the stages, each stage's
+calls on the devices of the group copies that serve them, time-sliced where copies share a device.
 
 The device clock is checked against hand-computed end times; the co-simulation of several engines
-against independent runs (no shared device: the same records); a plan against itself with its two
-block groups moved onto one device (about half the capacity)."""
+against independent runs (no shared device: the same records); plans against hand-computed token
+times (lanes through a trunk stage and per-variant top stages, with and without a top on the
+trunk's device; copies of a group serving sequences side by side); a plan against itself with its
+two block groups moved onto one device (about half the capacity); the stages and copies against the
+ray backend's layout of the same plan."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +22,7 @@ from planc.runtime.engine import EngineConfig
 from planc.sim_devices import DeviceClock
 from planc.sim_model import SimModel
 from planc.simulate import EngineRun, simulate, simulate_engines
-from planc.workload import Fixed, GammaWorkload
+from planc.workload import Fixed, GammaWorkload, Request
 
 LLAMA70B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
             "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
@@ -37,6 +41,19 @@ def test_steps_on_one_device_share_its_time():
     clock.start("a", 0.0, 1.0)
     clock.start("b", 0.5, 1.5)  # a has 0.5 s left; both now run at half speed
     assert _ends(clock) == [("a", pytest.approx(1.5)), ("b", pytest.approx(2.0))]
+
+
+def test_a_keys_next_step_does_not_end_at_a_stale_entry_of_its_last():
+    """a is slowed by b, then sped up again when b ends: its slowed end stays in the heap, stale. a's next
+    step, slowed once by b's next step, must end when its own work is done (3.5), not at that entry (2.0)."""
+    clock = DeviceClock({"a": {0: 1.0}, "b": {0: 1.0}})
+    clock.start("a", 0.0, 1.0)
+    clock.start("b", 0.0, 0.5)
+    assert clock.next_end() == pytest.approx(1.0) and clock.pop_ended(1.0) == ["b"]
+    assert clock.next_end() == pytest.approx(1.5) and clock.pop_ended(1.5) == ["a"]
+    clock.start("a", 1.5, 2.5)  # at once, as an engine starts its next step
+    clock.start("b", 1.5, 2.5)
+    assert _ends(clock) == [("a", pytest.approx(3.5)), ("b", pytest.approx(3.5))]
 
 
 def test_pipeline_lanes_fill_their_devices_without_slowing():
@@ -89,32 +106,126 @@ def test_engines_on_devices_of_their_own_step_as_they_would_alone():
         simulate_engines([dataclasses.replace(runs[0], devices=[{0: 1.0}])], cm)
 
 
-@pytest.fixture(scope="module")
-def two_group_program(tmp_path_factory):
-    """base and a variant that changes every block: two block groups, half the traffic each."""
-    from planc.planner import plan
-
-    root = tmp_path_factory.mktemp("plan_sim")
+def _spec(root, changes: str):
     (root / "base").mkdir()
     (root / "base" / "config.json").write_text(json.dumps(LLAMA70B))
     (root / "w.yaml").write_text("kind: gamma\nrate: 10\nnum_requests: 200\nvariants: {base: 1, ft0: 1}\n"
                                  "prompt_tokens: {dist: fixed, value: 256}\noutput_tokens: {dist: fixed, value: 64}\n")
     (root / "model.yaml").write_text(
-        "base: {name: base, path: ./base}\nvariants:\n  - {name: ft0, changes: [embedding, layers.0-79, head]}\n"
+        f"base: {{name: base, path: ./base}}\nvariants:\n  - {{name: ft0, changes: [{changes}]}}\n"
         "plan: {cluster: 8xH100-80GB, time_limit_s: 2, workload: w.yaml, slo: {tpot_ms: 100, ttft_ms: 2000}}\n")
-    program = plan(root / "model.yaml")
+    return root / "model.yaml"
+
+
+@pytest.fixture(scope="module")
+def two_group_program(tmp_path_factory):
+    """base and a variant that changes every block: two block groups, half the traffic each."""
+    from planc.planner import plan
+
+    program = plan(_spec(tmp_path_factory.mktemp("plan_sim"), "embedding, layers.0-79, head"))
     assert [g["users"] for g in program.plan.groups] == [["base"], ["ft0"]]
     return program
 
 
-def _one_replica_each(plan: Plan, devices: list[tuple[int, ...]]) -> Plan:
-    """The plan with one single-stage replica per group (TP 2, batch 64), group i on devices[i]."""
-    groups, placements = [], []
-    for g, devs in zip(plan.groups, devices):
-        lay = {**g["layouts"][0], "pp": 1, "tp": 2, "batch": 64, "replicas": 1, "stage_blocks": [g["num_blocks"]]}
+@pytest.fixture(scope="module")
+def trunk_program(tmp_path_factory):
+    """base and a variant that changes the top 8 layers and the head: a shared trunk and two tops."""
+    from planc.planner import plan
+
+    program = plan(_spec(tmp_path_factory.mktemp("plan_sim"), "layers.72-79, head"))
+    assert [g["users"] for g in program.plan.groups] == [["base", "ft0"], ["base"], ["ft0"]]
+    return program
+
+
+def _names(program) -> list[str]:
+    return list(program.extras["plan_inputs"]["costs"])
+
+
+def _placed(program, copies: dict[str, list[tuple[int, ...]]], batch: int = 64) -> Plan:
+    """The program's plan with every group laid out anew: group id -> the devices of each of its copies
+    (single-stage, TP = number of devices, batch `batch`)."""
+    names, groups, placements = _names(program), [], []
+    for g in program.plan.groups:
+        devices = copies[g["id"]]
+        lay = {**g["layouts"][0], "pp": 1, "tp": len(devices[0]), "batch": batch, "replicas": len(devices),
+               "stage_blocks": [g["num_blocks"]]}
         groups.append({**g, "layouts": [lay]})
-        placements.append(StagePlacement(g["id"], 0, 0, tuple(g["blocks"]), devs, 0, 2, 64, 1.0, 1.0))
-    return dataclasses.replace(plan, groups=groups, placements=placements)
+        blocks = tuple(names[g["first_position"]:g["first_position"] + g["num_blocks"]])
+        placements += [StagePlacement(g["id"], i, 0, blocks, devs, 0, len(devs), batch, 1.0, 1.0)
+                       for i, devs in enumerate(devices)]
+    return dataclasses.replace(program.plan, groups=groups, placements=placements)
+
+
+def _prefill_s(program, cm: CostModel, positions: range, tp: int, prompt: int) -> float:
+    """One sequence's prompt through `positions` at TP `tp`, block by block (the head: one row)."""
+    costs, names, t = program.extras["plan_inputs"]["costs"], _names(program), 0.0
+    for p in positions:
+        cost = dataclasses.replace(costs[names[p]], tp=tp)
+        if cost.kind == "head":
+            t += cm.block_time(cost, decode_seqs=1, context_tokens=0.0, attn_pairs=0.0, num_seqs=1)
+        else:
+            t += cm.block_time(cost, prefill_tokens=prompt, attn_pairs=prompt * (prompt + 1) / 2, num_seqs=1)
+    return t
+
+
+def _run(program, plan: Plan, requests: list[Request], cm: CostModel):
+    from planc.plan_sim import staged_run
+    from planc.sim_stages import simulate_staged
+
+    ov = cm.device.overheads  # the hand-computed times below leave out the runtime's fixed costs
+    assert ov.step_us == ov.block_call_us == ov.per_seq_us == ov.server_token_us == ov.server_request_us == 0
+    return simulate_staged(staged_run(program, plan, requests), cm)
+
+
+def test_lanes_walk_the_trunk_then_each_variants_top_once(trunk_program):
+    """Two requests at once, two stages (trunk, tops): the engine runs two lanes of one sequence each.
+    Lane 1's trunk call, then lane 2's on the same copy; lane 1's top meanwhile; lane 1 samples once
+    the engine has handed lane 2 on. One TTFT per request along the lanes, not a sum of per-group
+    passes (which gave the trunk's time for both sequences batched, plus a top's, to both)."""
+    program = trunk_program
+    cm = CostModel.for_cluster(program.extras["plan_inputs"]["cluster"], 2)
+    plan = _placed(program, {"g0": [(0, 1)], "g1": [(2,)], "g2": [(3,)]})
+    assert plan.stage_ranges(82) == [range(0, 73), range(73, 82)]
+    trunk, top = _prefill_s(program, cm, range(0, 73), 2, 64), _prefill_s(program, cm, range(73, 82), 1, 64)
+    assert 0 < top < trunk
+    result = _run(program, plan, [Request(0.0, "base", 64, 4), Request(0.0, "ft0", 64, 4)], cm)
+    a, b = result.requests
+    assert a.status == b.status == "ok" and a.num_tokens == b.num_tokens == 4
+    assert a.first_token_s == pytest.approx(2 * trunk, rel=1e-9)
+    assert b.first_token_s == pytest.approx(2 * trunk + top, rel=1e-9)
+    assert [calls for _, calls, _ in result.replicas] == [8, 4, 4]  # the trunk copy runs both lanes' steps
+
+
+def test_a_top_on_the_trunks_device_slows_the_trunk_steps_it_overlaps(trunk_program):
+    """The same requests with base's top on device 0, which the trunk (devices 0-1) also runs on: lane 1's
+    top and lane 2's trunk call share device 0 at half speed each; the top ends after 2 x its time,
+    lane 2's trunk call `top` later than alone, and every token after it waits for that."""
+    program = trunk_program
+    cm = CostModel.for_cluster(program.extras["plan_inputs"]["cluster"], 2)
+    plan = _placed(program, {"g0": [(0, 1)], "g1": [(0,)], "g2": [(3,)]})
+    trunk, top = _prefill_s(program, cm, range(0, 73), 2, 64), _prefill_s(program, cm, range(73, 82), 1, 64)
+    a, b = _run(program, plan, [Request(0.0, "base", 64, 4), Request(0.0, "ft0", 64, 4)], cm).requests
+    assert a.first_token_s == pytest.approx(2 * trunk + top, rel=1e-9)
+    assert b.first_token_s == pytest.approx(2 * trunk + 2 * top, rel=1e-9)
+    apart = _run(program, _placed(program, {"g0": [(0, 1)], "g1": [(2,)], "g2": [(3,)]}),
+                 [Request(0.0, "base", 64, 4), Request(0.0, "ft0", 64, 4)], cm).requests
+    assert a.last_token_s > apart[0].last_token_s and b.last_token_s > apart[1].last_token_s
+
+
+def test_copies_of_a_group_serve_sequences_side_by_side(two_group_program):
+    """One stage; base's group has two copies: two base requests go one to each copy (the one with the
+    most free KV) and both take one sequence's time; with one copy they share a batched call."""
+    program = two_group_program
+    cm = CostModel.for_cluster(program.extras["plan_inputs"]["cluster"], 2)
+    alone = _prefill_s(program, cm, range(82), 2, 512)
+    two = _placed(program, {"g0": [(0, 1), (2, 3)], "g1": [(4, 5)]})
+    result = _run(program, two, [Request(0.0, "base", 512, 3), Request(0.0, "base", 512, 3)], cm)
+    assert [r.first_token_s for r in result.requests] == [pytest.approx(alone, rel=1e-9)] * 2
+    assert [calls for _, calls, _ in result.replicas] == [3, 3, 0]
+    one = _run(program, _placed(program, {"g0": [(0, 1)], "g1": [(4, 5)]}),
+               [Request(0.0, "base", 512, 3), Request(0.0, "base", 512, 3)], cm)
+    assert one.requests[0].first_token_s > alone * 1.5  # 1024 prompt tokens in one call: compute-bound
+    assert [calls for _, calls, _ in one.replicas] == [3, 0]
 
 
 def test_two_groups_on_one_device_reach_about_half_the_capacity(two_group_program):
@@ -122,8 +233,8 @@ def test_two_groups_on_one_device_reach_about_half_the_capacity(two_group_progra
 
     program = two_group_program
     cm = CostModel.for_cluster(program.extras["plan_inputs"]["cluster"], 2)
-    apart = _one_replica_each(program.plan, [(0, 1), (2, 3)])
-    together = _one_replica_each(program.plan, [(0, 1), (0, 1)])
+    apart = _placed(program, {"g0": [(0, 1)], "g1": [(2, 3)]})
+    together = _placed(program, {"g0": [(0, 1)], "g1": [(0, 1)]})
 
     def capacity(p):
         return simulated_capacity(program, p, cm, num_requests=200, steps=5, max_requests=1500)
@@ -132,25 +243,19 @@ def test_two_groups_on_one_device_reach_about_half_the_capacity(two_group_progra
     assert alone > 0 and 0.35 < shared / alone < 0.65
 
 
-def test_a_plan_without_shared_devices_simulates_as_before(two_group_program):
-    """Groups on devices of their own: the co-simulation gives each group's records exactly as a run
-    of its engine alone (how plan_sim simulated every plan before it honoured shared devices)."""
-    from planc.plan_sim import group_engines, plan_requests, simulate_plan
-    from planc.sim_report import summarize_records
+def test_stages_and_copies_follow_the_ray_layout(trunk_program):
+    """The simulated stages and each variant's copies per stage are those the ray backend starts for the plan."""
+    from planc.backends.ray_layout import layout_for
+    from planc.plan_sim import staged_run
 
-    program = two_group_program
-    cm = CostModel.for_cluster(program.extras["plan_inputs"]["cluster"], 2)
-    plan = _one_replica_each(program.plan, [(0, 1), (2, 3)])
-    together = simulate_plan(program, plan, cm, rate=20.0, num_requests=300)
-    requests = plan_requests(program, 20.0, 300)
-    records = []
-    for engine in group_engines(program, plan):  # every group's records are whole requests here
-        mine = [r for r in requests if r.variant in engine.users]
-        records += simulate(engine.model, cm, mine, engine.config, engine.replicas).requests
-    slo = plan.settings["slo"]
-    before = summarize_records(records, slo["ttft_ms"], slo["tpot_ms"])
-    for key in ("ttft_ms", "tpot_ms", "e2e_ms"):  # equal but for the order of a sum
-        assert together[key] == pytest.approx(before[key], rel=1e-12)
-    assert together["slo"] == before["slo"] and together["requests"] == before["requests"]
-    shared = simulate_plan(program, _one_replica_each(program.plan, [(0, 1), (0, 1)]), cm, rate=20.0, num_requests=300)
-    assert shared["tpot_ms"]["p50"] > 1.5 * together["tpot_ms"]["p50"]
+    program = trunk_program
+    for plan in (program.plan, _placed(program, {"g0": [(0, 1), (2, 3)], "g1": [(4,)], "g2": [(4,), (5,)]})):
+        layout = layout_for(["base", "ft0"], 82, plan, "gpu")
+        run = staged_run(program, plan, [])
+        assert [range(*s) for s in layout.stages] == plan.stage_ranges(82) and len(run.stages) == len(layout.stages)
+        for i, stage in enumerate(run.stages):
+            actors = layout.actors_of(i)
+            assert sorted(v for a in actors for v in a.variants) == sorted(stage)
+            for a in actors:
+                assert all(len(stage[v]) == a.copies for v in a.variants)
+                assert [sorted({node for node, _ in c.devices}) for c in stage[a.variants[0]]] == [[n] for n in a.nodes]

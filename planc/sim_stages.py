@@ -1,0 +1,362 @@
+"""One engine whose steps walk stages served by actors: planc's runtime on Ray, simulated.
+
+`planc.runtime.engine.Engine` with `RemoteStage`s (backends/ray_stage.py) schedules every sequence
+of the deployment. The chain is cut into stages (ranges of positions); at each stage, every variant
+has one actor (its block group's) with one or more copies, and a sequence sticks to one copy per
+stage, chosen when its KV is first reserved: the copy with the most free KV pages (the first on a
+tie, as `max` picks). The engine pipelines: with S stages it keeps up to S lanes in flight, each
+with ceil(running / S) of the running sequences that are not in flight; every iteration it starts
+lanes until S are in flight, then waits for the oldest lane's current stage and hands the lane on
+to the next stage (or samples after the last). A lane's stage is one call per copy its sequences
+stick to, all sent at once; a copy (one actor process) runs its calls one at a time in the order
+they were sent. A call lasts `planc.sim_step.StepModel.step_time` of its sequences over the stage's
+positions on that copy's blocks (its TP), and occupies all of the copy's devices while it runs;
+calls of different copies on one device are time-sliced (`planc.sim_devices.DeviceClock`).
+
+Scheduling mirrors the engine as `planc.simulate` does (admission under max_running and the token
+budget, KV reserved in every stage or none, preemption of the newest sequence not in flight, decodes
+first then prompt chunks). The engine thread's own time and the transport of hidden states between
+stages are not modelled (zero); the HTTP server's parse and stream delays are (profile
+server_request_us / server_token_us), its cost to the engine thread is not.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+from planc.cost import CostModel
+from planc.runtime.engine import EngineConfig
+from planc.sim_devices import DeviceClock
+from planc.sim_model import SimModel
+from planc.sim_report import RequestRecord, SimResult
+from planc.sim_step import StepModel
+from planc.workload import Request
+
+
+@dataclass
+class CopySpec:
+    """One copy of a group's actor over one stage."""
+
+    model: SimModel
+    """The group's users' chains over the stage's positions, block costs at the copy's TP."""
+    devices: Mapping[int, float]
+    """Share of each device a call asks for while it runs (1 on each of its TP devices)."""
+    kv_tokens: int
+    """Tokens of KV each layer of the copy holds (ignored when the stage has no KV layers)."""
+    block_batch_cap: int = 256
+
+
+@dataclass
+class StagedRun:
+    """A deployment: per stage (in chain order), per variant, the copies that may serve it there."""
+
+    stages: Sequence[Mapping[str, Sequence[CopySpec]]]
+    requests: Sequence[Request]
+    config: EngineConfig = field(default_factory=EngineConfig)
+    """Engine-wide settings: max_running, max_batch_tokens, page_size, max_queue, max_model_len."""
+
+
+@dataclass(eq=False, slots=True)
+class _View:
+    """A sequence as one copy's StepModel reads it (variant index in the copy's model)."""
+
+    variant: int
+    computed: int
+    scheduled: int
+
+
+@dataclass(eq=False, slots=True)
+class _Seq:
+    record: RequestRecord
+    variant: str
+    prompt: int
+    max_tokens: int
+    generated: int = 0
+    total: int = 0
+    computed: int = 0
+    pages: int = 0
+    """Pages held in each KV layer of every stage (all stages hold the same tokens)."""
+    admitted: int = 0
+    scheduled: int = 0
+    copies: Optional[list] = None
+    """Per stage the `_Copy` it sticks to (None until its KV is reserved, and again once freed)."""
+    in_flight: bool = False
+
+    @property
+    def pending(self) -> int:
+        return self.total - self.computed
+
+
+class _Copy:
+    """A copy's runtime state: its free KV pages and its queue of calls."""
+
+    def __init__(self, key: tuple, spec: CopySpec, step: StepModel, page_size: int):
+        self.key, self.spec, self.step = key, spec, step
+        self.local = {name: i for i, name in enumerate(spec.model.variants)}
+        self.num_pages = spec.kv_tokens // page_size if spec.model.num_kv_layers else None
+        self.free = self.num_pages if self.num_pages is not None else 0
+        self.queue: deque = deque()
+        self.running: Optional["_Lane"] = None
+        self.busy_s, self.num_calls = 0.0, 0
+
+
+@dataclass(eq=False)
+class _Lane:
+    work: list
+    stage: int = 0
+    pending: int = 0
+    """Calls of its current stage not yet done."""
+
+
+class _StagedEngine:
+    def __init__(self, run: StagedRun, cost_model: CostModel, server: bool):
+        self.cfg, self.requests = run.config, run.requests
+        ov = cost_model.device.overheads
+        self.token_s = ov.server_token_us * 1e-6 if server else 0.0
+        request_s = ov.server_request_us * 1e-6 if server else 0.0
+        steps: dict[tuple, StepModel] = {}
+        self.stages: list[dict[str, list[_Copy]]] = []
+        made: dict[int, _Copy] = {}
+        for i, actors in enumerate(run.stages):
+            by_variant = {}
+            for variant, specs in actors.items():
+                copies = []
+                for spec in specs:
+                    if id(spec) not in made:
+                        key = (id(spec.model), spec.block_batch_cap)
+                        if key not in steps:
+                            steps[key] = StepModel(spec.model, cost_model,
+                                                   EngineConfig(block_batch_cap=spec.block_batch_cap))
+                        made[id(spec)] = _Copy((i, len(made)), spec, steps[key], self.cfg.page_size)
+                    copies.append(made[id(spec)])
+                by_variant[variant] = copies
+            self.stages.append(by_variant)
+        self.copies = list(made.values())
+        self.by_key = {c.key: c for c in self.copies}
+        self.clock = DeviceClock({c.key: c.spec.devices for c in self.copies})
+        with_kv = [c.num_pages * self.cfg.page_size for c in self.copies if c.num_pages is not None]
+        self.capacity = min(with_kv, default=1 << 62)
+        self.records = [RequestRecord(i, r.variant, r.arrival_s, r.prompt_tokens, r.output_tokens)
+                        for i, r in enumerate(self.requests)]
+        self.order = sorted(range(len(self.requests)), key=lambda i: (self.requests[i].arrival_s, i))
+        self.due = [self.requests[i].arrival_s + request_s for i in self.order]
+        self.nxt = 0
+        self.waiting: deque[_Seq] = deque()
+        self.running: list[_Seq] = []
+        self.lanes: deque[_Lane] = deque()
+        self._admissions = self.preemptions = 0
+
+    # ------------------------------------------------------------------ the clock
+    def run(self) -> SimResult:
+        now, blocked = 0.0, None
+        while True:
+            if blocked is None:
+                blocked = self._iterate(now)
+            if blocked is None:  # idle until the next request is parsed
+                if self.nxt >= len(self.order):
+                    break
+                now = self.due[self.nxt]
+                continue
+            now = self.clock.next_end()
+            assert now < math.inf, "the engine waits on a lane with no call in flight"
+            for key in self.clock.pop_ended(now):
+                self._call_ended(self.by_key[key], now)
+            if blocked.pending == 0:
+                lane, blocked = blocked, None
+                self._advance(lane, now)
+        makespan = max((r.finish_s for r in self.records if r.finish_s is not None), default=0.0)
+        return SimResult(self.records, [(c.busy_s, c.num_calls, 0) for c in self.copies], makespan,
+                         capacity_tokens=self.capacity, num_pages=sum(c.num_pages or 0 for c in self.copies))
+
+    def _iterate(self, now: float) -> Optional[_Lane]:
+        """Engine iterations at `now` until it waits on a lane (returned) or has nothing to do (None)."""
+        num_stages = len(self.stages)
+        while True:
+            self._drain(now)
+            self._admit()
+            if not self.running and not self.lanes:
+                return None
+            share = -(-len(self.running) // num_stages)
+            while len(self.lanes) < num_stages:
+                work = self._reserve([s for s in self.running if not s.in_flight][:share], now)
+                if not work:
+                    break
+                for s in work:
+                    s.in_flight = True
+                lane = _Lane(work)
+                self._submit(lane, now)
+                self.lanes.append(lane)
+            if not self.lanes:
+                return None
+            lane = self.lanes.popleft()
+            if lane.pending:
+                return lane
+            self._advance(lane, now)
+
+    def _submit(self, lane: _Lane, now: float) -> None:
+        """The lane's calls at its stage: one per copy its sequences stick to, queued on that copy."""
+        parts: dict[_Copy, list[_View]] = {}
+        for s in lane.work:
+            copy = s.copies[lane.stage]
+            parts.setdefault(copy, []).append(_View(copy.local[s.variant], s.computed, s.scheduled))
+        lane.pending = len(parts)
+        for copy, views in parts.items():
+            copy.queue.append((lane, copy.step.step_time(views)))
+            if copy.running is None:
+                self._start(copy, now)
+
+    def _start(self, copy: _Copy, now: float) -> None:
+        lane, duration = copy.queue.popleft()
+        copy.running = lane
+        copy.busy_s += duration
+        copy.num_calls += 1
+        self.clock.start(copy.key, now, now + duration)
+
+    def _call_ended(self, copy: _Copy, now: float) -> None:
+        copy.running.pending -= 1
+        copy.running = None
+        if copy.queue:
+            self._start(copy, now)
+
+    def _advance(self, lane: _Lane, now: float) -> None:
+        if lane.stage + 1 < len(self.stages):
+            lane.stage += 1
+            self._submit(lane, now)
+            self.lanes.append(lane)
+            return
+        for s in lane.work:
+            s.in_flight = False
+        self._sample(lane.work, now)
+
+    # ------------------------------------------------------------------ scheduling (as the engine)
+    def _drain(self, now: float) -> None:
+        while self.nxt < len(self.order) and self.due[self.nxt] <= now:
+            j = self.order[self.nxt]
+            self.nxt += 1
+            req, rec = self.requests[j], self.records[j]
+            if any(req.variant not in stage or not stage[req.variant] for stage in self.stages):
+                rec.status, rec.finish_s = "error", now  # no copy serves its chain somewhere
+            elif req.prompt_tokens + req.output_tokens > min(self.cfg.max_model_len, self.capacity):
+                rec.status, rec.finish_s = "rejected", now
+            elif len(self.waiting) >= self.cfg.max_queue:
+                rec.status, rec.finish_s = "refused", now
+            else:
+                self.waiting.append(_Seq(rec, req.variant, req.prompt_tokens, req.output_tokens,
+                                         total=req.prompt_tokens))
+
+    def _admit(self) -> None:
+        cap = self.cfg.max_batch_tokens
+        budget = cap - sum(min(s.pending, cap) for s in self.running)
+        while self.waiting and len(self.running) < self.cfg.max_running and (budget > 0 or not self.running):
+            seq = self.waiting[0]
+            if not self._reserve_kv(seq):
+                break
+            self.waiting.popleft()
+            self._admissions += 1
+            seq.admitted = self._admissions
+            self.running.append(seq)
+            budget -= seq.pending
+
+    def _reserve_kv(self, seq: _Seq) -> bool:
+        """Grow `seq` to hold all its tokens in every stage's copy, or change nothing."""
+        need = -(-seq.total // self.cfg.page_size)
+        extra = need - seq.pages
+        if extra <= 0 and seq.copies is not None:
+            return True
+        copies = seq.copies or [max(stage[seq.variant], key=lambda c: c.free) for stage in self.stages]
+        if any(c.num_pages is not None and c.free < extra for c in copies):
+            return False
+        for c in copies:
+            if c.num_pages is not None:
+                c.free -= extra
+        seq.pages, seq.copies = need, copies
+        return True
+
+    def _free_kv(self, seq: _Seq) -> None:
+        for c in seq.copies or ():
+            if c.num_pages is not None:
+                c.free += seq.pages
+        seq.pages, seq.copies = 0, None
+
+    def _reserve(self, candidates: list[_Seq], now: float) -> list[_Seq]:
+        work = []
+        for seq in sorted(candidates, key=lambda s: s.admitted):
+            if seq not in self.running:
+                continue  # preempted below, while making room for an older sequence
+            while not self._reserve_kv(seq):
+                victim = max((s for s in self.running if s is not seq and not s.in_flight),
+                             key=lambda s: s.admitted, default=None)
+                if victim is None:
+                    if not any(s.in_flight for s in self.running):
+                        self._finish(seq, now, "error")
+                    break
+                self._preempt(victim)
+            else:
+                work.append(seq)
+        return self._schedule([s for s in work if s in self.running])
+
+    def _schedule(self, work: list[_Seq]) -> list[_Seq]:
+        budget, out = self.cfg.max_batch_tokens, []
+        for seq in sorted(work, key=lambda s: s.pending > 1):  # stable sort: admission order within each
+            seq.scheduled = min(seq.pending, budget)
+            if seq.scheduled:
+                out.append(seq)
+                budget -= seq.scheduled
+        return out
+
+    def _preempt(self, seq: _Seq) -> None:
+        self._free_kv(seq)
+        seq.computed = 0
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+        seq.record.num_preemptions += 1
+
+    def _sample(self, work: list[_Seq], now: float) -> None:
+        sampled = 0
+        for seq in work:
+            seq.computed += seq.scheduled
+            if seq.pending:
+                continue  # a prompt chunk: no token yet
+            seq.generated += 1
+            seq.total += 1
+            sampled += 1
+            rec = seq.record
+            seen = now + sampled * self.token_s
+            if rec.first_token_s is None:
+                rec.first_token_s = seen
+            rec.last_token_s = seen
+            rec.num_tokens = seq.generated
+            if seq.generated >= seq.max_tokens or seq.total >= self.cfg.max_model_len:
+                self._finish(seq, seen, "ok")
+
+    def _finish(self, seq: _Seq, now: float, status: str) -> None:
+        self._free_kv(seq)
+        self.running.remove(seq)
+        seq.record.finish_s = now
+        seq.record.status = status
+
+
+def simulate_staged(run: StagedRun, cost_model: CostModel, server: bool = True) -> SimResult:
+    """Serve `run.requests` on one engine over `run.stages`. The result's `replicas` are the copies
+    (busy seconds, calls, 0), in the order they were first met stage by stage.
+
+    >>> from planc.cluster import load_device
+    >>> from planc.cost import BlockCost
+    >>> layer = BlockCost("layer", linear_flops_per_token=2e6, kv_bytes_per_token=512.0, weight_bytes=1e9)
+    >>> top = SimModel.from_data({"a": [("L1", None)]}, {"L1": layer})
+    >>> trunk = SimModel.from_data({"a": [("L0", None)]}, {"L0": layer})
+    >>> cm, one, two = CostModel(load_device("H100-80GB"), 2), [Request(0.0, "a", 16, 2)], [Request(0.0, "a", 16, 2)] * 2
+    >>> def run(top_device, requests):
+    ...     stages = [{"a": [CopySpec(trunk, {0: 1.0}, 4096)]}, {"a": [CopySpec(top, {top_device: 1.0}, 4096)]}]
+    ...     return max(r.e2e_s for r in simulate_staged(StagedRun(stages, requests), cm).requests)
+    >>> run(0, one) == run(1, one)  # one lane: its stages never overlap, sharing a device costs nothing
+    True
+    >>> run(0, two) > run(1, two)  # two lanes: one's top and the other's trunk now share device 0
+    True
+    """
+    if not run.stages:
+        raise ValueError("a staged run needs at least one stage")
+    return _StagedEngine(run, cost_model, server).run()
