@@ -20,6 +20,7 @@ from planc.errors import BundleError
 from planc.jsonfile import read_json_object
 from planc.manifest import validate_manifest
 from planc.models.config import ArchConfig
+from planc.models.safetensors_index import TensorRef, read_header
 from planc.plan import Plan
 from planc.store import verify_file
 
@@ -90,6 +91,22 @@ class Bundle:
         if relpath not in self._files:
             self._files[relpath] = load_file(str(self.root / relpath))
         return self._files[relpath]
+
+    def tensor_ref(self, key: str, rel: str) -> TensorRef:
+        """Where block `key`'s tensor `rel` (e.g. embed_tokens.weight) lies in the bundle's files."""
+        loc = self.blocks[key]["tensors"][rel]
+        return read_header(self.root / loc["file"])[loc["name"]]
+
+    def read_by_other_blocks(self, key: str, rel: str) -> bool:
+        """Whether a block other than `key` uses its tensor `rel`: tied to it, or stored once for both."""
+        entry = self.blocks[key]
+        loc = entry["tensors"][rel]
+        for other in self.blocks.values():
+            if other["key"] == key:
+                continue
+            if loc in other["tensors"].values() or [entry["name"], rel] in map(list, other["ties"].values()):
+                return True
+        return False
 
     def adapter_deltas(self, key: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         """Module path inside the block (self_attn.q_proj) -> (A, B, scaling) of one stored adapter delta."""

@@ -15,6 +15,7 @@ from planc.bundle import Bundle
 from planc.errors import PlancError
 from planc.kernels import KernelSelection, use_kernels
 from planc.runtime import executor as ex
+from planc.runtime.file_rows import FileRows
 from planc.runtime.kv_cache import KVCache
 
 
@@ -57,6 +58,8 @@ class Stage:
         self.kinds: dict[int, str] = {}
         self.modules: dict[str, torch.nn.Module] = {}
         self.adapters: dict[str, ex.AdapterTensors] = {}
+        self.file_rows: dict[str, FileRows] = {}
+        """Embedding block key -> its table read row by row from the bundle file (see file_rows)."""
         for name in variants or bundle.variants:
             self._load(bundle, name)
         self.layers = [p - 1 for p in positions if self.kinds.get(p) == "layer"]
@@ -82,6 +85,10 @@ class Stage:
                 continue
             self.kinds[position] = entry["kind"]
             self.modules[link["block"]] = module
+            if entry["kind"] == "embedding" and link["block"] not in self.file_rows:
+                rows = _file_rows(bundle, link["block"], module)
+                if rows is not None:
+                    self.file_rows[link["block"]] = rows
             if link["adapter"] and link["adapter"] not in self.adapters:
                 self.adapters[link["adapter"]] = bundle.adapter_deltas(link["adapter"])
 
@@ -128,7 +135,8 @@ class Stage:
         batch = ex.RaggedBatch(segments)
         with use_kernels(self.kernels):
             if kind == "embedding":
-                return ex.run_embedding(module, x)
+                rows = self.file_rows.get(key)
+                return rows(x) if rows is not None else ex.run_embedding(module, x)
             if kind == "layer":
                 return ex.run_layer(module, position - 1, x, batch, self.cache, self.adapters)
             return ex.run_head(module, x, batch)
@@ -153,6 +161,19 @@ class Stage:
     def submit_calls(self, calls: list[BlockCall], inputs: dict[int, torch.Tensor]) -> PendingCalls:
         """`run_calls`, for the engine's pipelined path; in process it is done on return."""
         return PendingCalls(self.run_calls(calls, inputs))
+
+
+def _file_rows(bundle: Bundle, key: str, module: torch.nn.Module) -> Optional[FileRows]:
+    """The embedding's rows read from its file, where only lookups read the table: not when the head
+    ties to it (its matmul reads the whole table every step) or when it is not a CPU tensor."""
+    rel = "embed_tokens.weight"
+    weight = module.get_parameter(rel)
+    if weight.device.type != "cpu" or bundle.read_by_other_blocks(key, rel):
+        return None
+    ref = bundle.tensor_ref(key, rel)
+    if ref.shape != tuple(weight.shape) or ref.torch_dtype != weight.dtype:
+        return None  # the module holds something else than the stored tensor
+    return FileRows(ref)
 
 
 def _kernel_selection(kernels: Optional[KernelSelection], device: torch.device) -> KernelSelection:
