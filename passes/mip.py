@@ -34,6 +34,25 @@ from planc.passes.cost import GroupOption
 DEVICE_TIE_BREAK = 1e-6
 """Requests/s the throughput objective gives up per device used: prefers fewer devices among equals."""
 
+WORK_PER_SECOND = 6e5
+"""Search effort that one second of `plan.time_limit_s` buys, in branch-and-bound nodes times the
+model's nonzeros (each node re-solves an LP, whose cost grows with the model's size). A search stops
+on the node limit this gives, which the solver (single-threaded, seeded) reproduces exactly, so a
+plan is the same on every run and every machine; the wall clock only backs it up. Measured with
+this machine's SCIP on the node-level model of 8B x 32 variants (7534 nonzeros), the slowest
+instance per node of the benchmark's: 1.1-1.7 M node-nonzeros per second."""
+MIN_NODES = 50
+"""Fewest branch-and-bound nodes a search gets, however small its effort."""
+ROOT_NODES = 70
+"""What a search costs before its first branch (presolve, the root LP), in nodes of the same model:
+measured 0.5 s, about 70 nodes' time, on the 8B x 32 node-level model."""
+
+
+def node_limit(model: mathopt.Model, effort_s: float) -> int:
+    """Branch-and-bound nodes worth `effort_s` seconds of `WORK_PER_SECOND` on `model`."""
+    nonzeros = sum(1 for _ in model.linear_constraint_matrix_entries())
+    return max(MIN_NODES, int(WORK_PER_SECOND * effort_s / max(nonzeros, 1)))
+
 
 @dataclass
 class Instance:
@@ -65,7 +84,7 @@ class Solution:
     used: list[int] = field(default_factory=list)
     method: str = "exact"
     time_limit_hit: bool = False
-    """The wall-clock limit stopped the search: another run may find a different plan."""
+    """The wall-clock backstop stopped the search before its node limit: another run may differ."""
 
     @property
     def gap(self) -> float:
@@ -205,43 +224,117 @@ _SOLVERS = {"scip": mathopt.SolverType.GSCIP, "highs": mathopt.SolverType.HIGHS}
 
 def solve(inst: Instance, time_limit_s: float = 10.0, gap: float = 0.01, seed: int = 0,
           solver: str = "scip", hint: Optional[dict[tuple, int]] = None,
-          fixed: Optional[dict[tuple, int]] = None, replicas: Optional[dict[tuple, int]] = None) -> Solution:
-    """Build and solve the MIP. Deterministic for a seed (single-threaded solver).
+          fixed: Optional[dict[tuple, int]] = None, replicas: Optional[dict[tuple, int]] = None,
+          effort_s: Optional[float] = None) -> Solution:
+    """Build and solve the MIP. Deterministic for a seed (single-threaded solver) unless `time_limit_s`
+    (the wall clock) stops it before the node limit worth `effort_s` does (then `time_limit_hit`).
 
     `hint`: a placement (stage copies) to start from; `fixed`: evaluate exactly that placement (the
     integer variables are fixed, leaving the LP that routes the traffic); `replicas`: fix how many
     replicas of each (group, option, node) there are and search only where their stages go.
     """
+    if fixed is not None:
+        return evaluate(inst, fixed)
     b = _Builder(inst)
     b.build()
     model_params = mathopt.ModelSolveParameters()
-    if fixed is not None:
-        for var, value in b.integer_values(fixed).items():
-            var.lower_bound = var.upper_bound = value
-    elif replicas is not None:
+    if replicas is not None:
         for key, var in b.r.items():
             var.lower_bound = var.upper_bound = float(replicas.get(key, 0))
         for key, var in b.n.items():
             if not any(replicas.get((key[0], key[1], k), 0) for k in range(inst.cluster.nodes)):
                 var.upper_bound = 0.0
-    if hint is not None and fixed is None:
+    if hint is not None:
         model_params = mathopt.ModelSolveParameters(
             solution_hints=[mathopt.SolutionHint(variable_values=b.integer_values(hint))])
     params = mathopt.SolveParameters(time_limit=timedelta(seconds=time_limit_s), relative_gap_tolerance=gap,
-                                     random_seed=seed, threads=1, enable_output=False)
+                                     random_seed=seed, threads=1, enable_output=False,
+                                     node_limit=None if effort_s is None else node_limit(b.model, effort_s))
     start = time.perf_counter()
     result = mathopt.solve(b.model, _SOLVERS[solver], params=params, model_params=model_params)
     seconds = time.perf_counter() - start
     reason = result.termination.reason
+    timed_out = result.termination.limit == mathopt.Limit.TIME
     if not result.has_primal_feasible_solution():
-        return Solution(status=reason.name.lower(), objective=float("nan"), bound=float("nan"), seconds=seconds, lam=0.0)
+        return Solution(status=reason.name.lower(), objective=float("nan"), bound=float("nan"), seconds=seconds,
+                        lam=0.0, time_limit_hit=timed_out)
     values = result.variable_values()
     copies = {k: int(round(values[v])) for k, v in b.n.items() if values[v] > 0.5}
     load = {k: values[b.z[k]] for k in copies}
     used = [d for d, u in enumerate(b.u) if values[u] > 0.5]
     bound = result.termination.objective_bounds.dual_bound
     return Solution(status=reason.name.lower(), objective=result.objective_value(), bound=bound,
-                    seconds=seconds, lam=values[b.lam], copies=copies, load=load, used=used)
+                    seconds=seconds, lam=values[b.lam], copies=copies, load=load, used=used, time_limit_hit=timed_out)
+
+
+def evaluate(inst: Instance, copies: dict[tuple, int]) -> Solution:
+    """The exact model with every integer fixed to the placement `copies`: the LP that routes the
+    traffic over them, built over the placed copies only (a placement that breaks a constraint of the
+    model, memory, replicas, one node per replica or chain locality, is `infeasible`)."""
+    start = time.perf_counter()
+    cluster = inst.cluster
+
+    def infeasible() -> Solution:
+        return Solution(status="infeasible", objective=float("nan"), bound=float("nan"),
+                        seconds=time.perf_counter() - start, lam=0.0)
+
+    m = mathopt.Model(name="planc-placement")
+    lam = _throughput_variable(m, inst)
+    memory = [0.0] * cluster.num_devices
+    fixed_time = [0.0] * cluster.num_devices
+    load_time: dict[int, list] = {}
+    z: dict[tuple, mathopt.Variable] = {}
+    per_stage: dict[tuple, dict[int, list]] = {}
+    counts: dict[tuple, list[int]] = {}
+    for key, count in sorted(copies.items()):
+        if count <= 0:
+            continue
+        gid, oi, p, si = key
+        opt = inst.options[gid][oi]
+        node, devices = slots(cluster, opt.tp)[si]
+        z[key] = m.add_variable(lb=0.0, ub=opt.cap_rps * count)
+        per_stage.setdefault((gid, oi), {}).setdefault(p, []).append(z[key])
+        counts.setdefault((gid, oi, node), [0] * opt.pp)[p] += count
+        for d in devices:
+            memory[d] += opt.memory[p] * count
+            fixed_time[d] += opt.busy(p) * count
+            load_time.setdefault(d, []).append(opt.tau[p] * z[key])
+    hosts: dict[str, set[int]] = {g.id: set() for g in inst.groups}
+    replicas = {g.id: 0 for g in inst.groups}
+    for (gid, oi, node), stages in counts.items():
+        if len(set(stages)) > 1:
+            return infeasible()  # a replica's stages all sit on one node
+        hosts[gid].add(node)
+        replicas[gid] += stages[0]
+    if any(not 1 <= r <= inst.max_replicas for r in replicas.values()):
+        return infeasible()
+    if any(not hosts[g.id] <= hosts[pred] for g in inst.groups for pred in g.predecessors):
+        return infeasible()
+    if any(mem > cluster.device.usable_bytes * (1 + 1e-9) for mem in memory):
+        return infeasible()
+    if any(t > 1.0 for t in fixed_time):
+        return infeasible()
+    for g in inst.groups:
+        ys = []
+        for (gid, oi), stages in per_stage.items():
+            if gid == g.id:
+                first = sum(stages[0])
+                for p in range(1, inst.options[gid][oi].pp):
+                    m.add_linear_constraint(sum(stages[p]) == first)
+                ys.append(first)
+        m.add_linear_constraint(sum(ys) == inst.shares[g.id] * lam)
+    for d, terms in load_time.items():
+        m.add_linear_constraint(sum(terms) <= 1.0 - fixed_time[d])
+    used = sorted(load_time)
+    m.maximize(lam)  # (objective `devices` fixes lam to the rate: then any feasible routing)
+    result = mathopt.solve(m, mathopt.SolverType.GLOP)
+    if result.termination.reason != mathopt.TerminationReason.OPTIMAL:
+        return infeasible()
+    values = result.variable_values()
+    objective = float(len(used)) if inst.objective == "devices" else values[lam] - DEVICE_TIE_BREAK * len(used)
+    return Solution(status="optimal", objective=objective, bound=objective, seconds=time.perf_counter() - start,
+                    lam=values[lam], copies={k: c for k, c in copies.items() if c > 0},
+                    load={k: values[v] for k, v in z.items()}, used=used)
 
 
 class _NodeBuilder:
@@ -306,10 +399,22 @@ class _NodeBuilder:
             m.maximize(self.lam - DEVICE_TIE_BREAK * sum(self.v))
 
 
+@dataclass
+class NodeLevelResult:
+    replicas: Optional[dict[tuple, int]]
+    """(group, option, node) -> replicas; None when no solution was found."""
+    bound: float
+    status: str
+    """`time_limit` when the wall clock stopped the search before its node limit did."""
+    lam: float
+    """Throughput (requests/s) of the solution."""
+    nodes: int
+    """Branch-and-bound nodes explored."""
+
+
 def solve_nodes(inst: Instance, memory_scale: list[float], time_limit_s: float, gap: float, seed: int,
-                solver: str, floor: Optional[float] = None) -> tuple[Optional[dict[tuple, int]], float, str, float]:
-    """Replicas per (group, option, node) from the node-level relaxation, its dual bound, its status
-    and the throughput (requests/s) of its solution.
+                solver: str, floor: Optional[float] = None, max_nodes: Optional[int] = None) -> NodeLevelResult:
+    """Replicas per (group, option, node) from the node-level relaxation, with its dual bound.
 
     `floor`: only solutions better than that (throughput at least, or devices at most).
     """
@@ -320,14 +425,23 @@ def solve_nodes(inst: Instance, memory_scale: list[float], time_limit_s: float, 
                     heuristics=mathopt.Emphasis.LOW) if solver == "scip" else {}
     params = mathopt.SolveParameters(time_limit=timedelta(seconds=max(time_limit_s, 0.1)),
                                      relative_gap_tolerance=gap, random_seed=seed, threads=1,
-                                     enable_output=False, **emphasis)
+                                     enable_output=False, node_limit=max_nodes, **emphasis)
     result = mathopt.solve(b.model, _SOLVERS[solver], params=params)
-    status = result.termination.reason.name.lower()
+    status = ("time_limit" if result.termination.limit == mathopt.Limit.TIME
+              else result.termination.reason.name.lower())
+    nodes = result.solve_stats.node_count
     if not result.has_primal_feasible_solution():
-        return None, float("nan"), status, 0.0
+        return NodeLevelResult(None, float("nan"), status, 0.0, nodes)
     values = result.variable_values()
     replicas = {k: int(round(values[v])) for k, v in b.r.items() if values[v] > 0.5}
-    return replicas, result.termination.objective_bounds.dual_bound, status, values[b.lam]
+    return NodeLevelResult(replicas, result.termination.objective_bounds.dual_bound, status, values[b.lam], nodes)
+
+
+def node_level_limit(inst: Instance, effort_s: float) -> int:
+    """Branch-and-bound nodes worth `effort_s` seconds on the instance's node-level model."""
+    b = _NodeBuilder(inst, [1.0] * inst.cluster.nodes)
+    b.build()
+    return node_limit(b.model, effort_s)
 
 
 def relaxation_bound(inst: Instance) -> float:

@@ -18,15 +18,15 @@ from typing import Optional
 from planc.errors import PlancError
 from planc.pass_manager import Pass, PassContext
 from planc.passes.greedy import greedy_copies, pack_replicas
-from planc.passes.mip import (Instance, Solution, group_shares, relaxation_bound, slots, solve as solve_exact,
-                              solve_nodes)
+from planc.passes.mip import (MIN_NODES, ROOT_NODES, Instance, Solution, group_shares, node_level_limit, relaxation_bound,
+                              slots, solve as solve_exact, solve_nodes)
 from planc.plan import BlockGroup, Plan, StagePlacement
 from planc.program import Program
 
 EXACT_MAX_SLOT_VARIABLES = 150
+"""Instances with at most this many slot-level integer variables are solved exactly."""
 MAX_ROUNDS = 6
 """Relaxation + packing rounds per solve (each must beat the previous plan)."""
-"""Instances with at most this many slot-level integer variables are solved exactly."""
 
 
 def slot_variables(inst: Instance) -> int:
@@ -49,40 +49,49 @@ def _beat(best: Optional[Solution], objective: str, gap: float) -> Optional[floa
 
 
 def plan_solve(inst: Instance, time_limit_s: float = 10.0, gap: float = 0.01, seed: int = 0,
-               solver: str = "scip", method: str = "auto") -> Solution:
-    """The best placement found within the time limit, its objective and a valid bound."""
+               solver: str = "scip", method: str = "auto", backstop_s: Optional[float] = None) -> Solution:
+    """The best placement found within the search effort, its objective and a valid bound.
+
+    `time_limit_s` sets the search effort as branch-and-bound nodes (`mip.WORK_PER_SECOND`), which
+    makes the result the same for a seed on every run and machine; `backstop_s` (default twice
+    `time_limit_s`) is the wall clock that stops a search anyway on a slow or busy machine, recorded
+    as `time_limit_hit`."""
     import time
 
     start = time.perf_counter()
+    deadline = start + (2 * time_limit_s if backstop_s is None else backstop_s)
     greedy = greedy_copies(inst)
     if method not in ("auto", "exact", "node-level"):
         raise PlancError(f"plan: unknown method {method!r} (auto, exact, node-level)")
     if method == "exact" or (method == "auto" and slot_variables(inst) <= EXACT_MAX_SLOT_VARIABLES):
-        sol = solve_exact(inst, time_limit_s, gap, seed, solver, hint=greedy)
+        sol = solve_exact(inst, max(deadline - start, 0.1), gap, seed, solver, hint=greedy, effort_s=time_limit_s)
         sol.method = "exact"
-        sol.time_limit_hit = sol.status not in ("optimal", "infeasible")
         return sol
-    best = solve_exact(inst, time_limit_s, 0.0, seed, solver, fixed=greedy) if greedy else None
+    best = solve_exact(inst, max(deadline - start, 1.0), 0.0, seed, solver, fixed=greedy) if greedy else None
     if best is not None and not best.copies:
         best = None  # the greedy placement cannot carry the required rate
     if best is not None:
         best.method = "greedy"
     if inst.cluster.nodes > 1 and inst.variant_shares and method == "auto":
-        return _per_node(inst, best, time_limit_s, gap, seed, solver, start)
+        return _per_node(inst, best, time_limit_s, gap, seed, solver, start, deadline)
     scale = [1.0] * inst.cluster.nodes
     bound, floor = float("nan"), None  # the first relaxation runs without a floor: it gives the bound
     time_limit_hit = False
-    rounds = 0
-    while (left := time_limit_s - (time.perf_counter() - start)) > 0.3 and rounds < MAX_ROUNDS:
-        # short relaxations, each asked to beat the incumbent, so that several packings fit in the limit
-        # (a relaxation whose replicas do not pack is retried with less memory: one long first round
-        # would leave no time for that). One that reaches its gap within its share is deterministic;
-        # one cut by it is recorded, since another run may then differ.
-        rounds += 1
-        share = min(left * 0.5, max(1.0, time_limit_s / 4))
-        replicas, node_bound, status, lam = solve_nodes(inst, scale, share, gap, seed, solver, floor)
-        if status in ("time_limit", "feasible", "no_solution_found"):
+    nodes_left = node_level_limit(inst, time_limit_s)
+    for _ in range(MAX_ROUNDS):
+        # short relaxations (a third of the effort left each), each asked to beat the incumbent, so
+        # that several packings fit (a relaxation whose replicas do not pack is retried with less
+        # memory: one long first round would leave no effort for that)
+        if nodes_left < ROOT_NODES + MIN_NODES:
+            break
+        if (left := deadline - time.perf_counter()) <= 0:
             time_limit_hit = True
+            break
+        result = solve_nodes(inst, scale, left, gap, seed, solver, floor,
+                             max_nodes=max(MIN_NODES, (nodes_left - ROOT_NODES) // 3))
+        replicas, node_bound, status = result.replicas, result.bound, result.status
+        nodes_left -= ROOT_NODES + result.nodes
+        time_limit_hit = time_limit_hit or status == "time_limit"
         unscaled = all(x == 1.0 for x in scale)
         if replicas is None:
             if status == "infeasible" and unscaled and floor is not None and inst.objective == "throughput":
@@ -92,12 +101,11 @@ def plan_solve(inst: Instance, time_limit_s: float = 10.0, gap: float = 0.01, se
             # the relaxation bounds the exact model (a floor only cuts off worse solutions)
             bound = node_bound if math.isnan(bound) else (min(bound, node_bound) if inst.objective == "throughput"
                                                            else max(bound, node_bound))
-        copies, failed = pack_replicas(inst, replicas, lam)
+        copies, failed = pack_replicas(inst, replicas, result.lam)
         if copies is None:
             scale[failed] *= 0.95  # the node did not pack: ask the relaxation for less memory there
             continue
-        sol = solve_exact(inst, max(time_limit_s - (time.perf_counter() - start), 1.0), 0.0, seed, solver,
-                          fixed=copies)
+        sol = solve_exact(inst, max(deadline - time.perf_counter(), 1.0), 0.0, seed, solver, fixed=copies)
         sol.method = "node-level"
         best = better(sol, best, inst.objective)
         if best is None:
@@ -109,7 +117,7 @@ def plan_solve(inst: Instance, time_limit_s: float = 10.0, gap: float = 0.01, se
             break
     if best is None:
         return Solution(status="infeasible", objective=float("nan"), bound=bound,
-                        seconds=time.perf_counter() - start, lam=0.0)
+                        seconds=time.perf_counter() - start, lam=0.0, time_limit_hit=time_limit_hit)
     best.bound = bound if not math.isnan(bound) else relaxation_bound(inst)
     best.seconds = time.perf_counter() - start
     best.status = "optimal" if best.gap <= gap + 1e-9 else "feasible"  # the fixed LP's status says nothing
@@ -136,9 +144,10 @@ def assign_variants(inst: Instance) -> list[list[str]]:
 
 
 def _per_node(inst: Instance, best: Optional[Solution], time_limit_s: float, gap: float, seed: int,
-              solver: str, start: float) -> Solution:
+              solver: str, start: float, deadline: float) -> Solution:
     """Multi-node clusters: give each node a set of variants, plan each node on its own (the groups its
-    variants need, their traffic), then score the union exactly. A chain never leaves its node."""
+    variants need, their traffic), then score the union exactly. A chain never leaves its node.
+    Each node gets an equal share of the effort; the wall clock left is shared out as its backstop."""
     import time
 
     cluster = inst.cluster
@@ -148,7 +157,7 @@ def _per_node(inst: Instance, best: Optional[Solution], time_limit_s: float, gap
     hit = False
     parts = [vs for vs in assign_variants(inst) if vs]
     for k, variants in enumerate(parts):
-        budget = (time_limit_s - (time.perf_counter() - start)) / (len(parts) - k) * 0.9
+        backstop = (deadline - time.perf_counter()) / (len(parts) - k) * 0.9
         mine = set(variants)
         groups = [g for g in inst.groups if mine & set(g.users)]
         ids = {g.id for g in groups}
@@ -159,7 +168,7 @@ def _per_node(inst: Instance, best: Optional[Solution], time_limit_s: float, gap
                        one_node, inst.objective, (inst.rate or 0.0) * total if inst.rate else None,
                        max(1, inst.max_replicas // len(parts)),
                        {v: inst.variant_shares[v] / total for v in variants})
-        sol = plan_solve(sub, max(budget, 0.5), gap, seed, solver)
+        sol = plan_solve(sub, time_limit_s / len(parts) * 0.9, gap, seed, solver, backstop_s=max(backstop, 0.5))
         hit = hit or sol.time_limit_hit
         if not sol.copies:
             return best or sol
@@ -167,8 +176,7 @@ def _per_node(inst: Instance, best: Optional[Solution], time_limit_s: float, gap
             tp = inst.options[gid][oi].tp
             key = (gid, oi, p, k * (per // tp) + si)
             copies[key] = copies.get(key, 0) + count
-    whole = solve_exact(inst, max(time_limit_s - (time.perf_counter() - start), 1.0), 0.0, seed, solver,
-                        fixed=copies)
+    whole = solve_exact(inst, max(deadline - time.perf_counter(), 1.0), 0.0, seed, solver, fixed=copies)
     whole.method = "per-node"
     chosen = better(whole, best, inst.objective) or whole
     chosen.bound = relaxation_bound(inst)

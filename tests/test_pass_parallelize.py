@@ -206,3 +206,48 @@ def test_node_level_method_gives_a_valid_placement_and_bound():
     nodes = plan_solve(inst, time_limit_s=3, gap=0.0, method="node-level")
     assert _valid(inst, nodes.copies)
     assert nodes.objective <= exact.objective + 1e-9 <= nodes.bound + 1e-6
+
+
+@pytest.mark.parametrize("busy", [0.0, 0.12])
+def test_evaluating_a_placement_equals_the_independent_routing_lp(busy):
+    """`evaluate` (the exact model with the integers fixed) against the LP written here, on every
+    placement of one copy per group on two devices, valid or not."""
+    from planc.passes.mip import evaluate
+
+    inst = _tops(busy)
+    keys = [(g.id, 0, 0, si) for g in inst.groups for si in range(2)]
+    checked = 0
+    for counts in itertools.product(range(2), repeat=len(keys)):
+        copies = {k: c for k, c in zip(keys, counts) if c}
+        expected = _route(inst, copies) if _valid(inst, copies) else None
+        sol = evaluate(inst, copies)
+        if expected is None:
+            assert not sol.copies
+        else:
+            assert sol.copies and sol.objective == pytest.approx(expected, rel=1e-6, abs=1e-9)
+            checked += 1
+    assert checked > 10
+
+
+def test_node_level_search_stops_on_node_counts_not_the_clock(monkeypatch):
+    """With a small effort, node limits (which SCIP reproduces exactly) end every search, so two runs give one placement and the clock is never reported as the cause."""
+    import planc.passes.mip as mip
+
+    calls = []
+    solve_nodes = mip.solve_nodes
+
+    def counted(*args, **kwargs):
+        result = solve_nodes(*args, **kwargs)
+        calls.append((kwargs["max_nodes"], result.nodes, result.status))
+        return result
+
+    monkeypatch.setattr("planc.passes.parallelize.solve_nodes", counted)
+    effort = 3 * (mip.ROOT_NODES + mip.MIN_NODES)  # a few small rounds, whatever the model's size
+    monkeypatch.setattr("planc.passes.parallelize.node_level_limit", lambda inst, seconds: effort)
+    inst = _instance(_cluster(2, 4, memory_gb=8.0), max_replicas=3)
+    first = plan_solve(inst, time_limit_s=30, gap=0.0, method="node-level")
+    again = plan_solve(inst, time_limit_s=30, gap=0.0, method="node-level")
+    assert first.copies == again.copies and first.objective == again.objective
+    assert not first.time_limit_hit and _valid(inst, first.copies)
+    assert calls and all(nodes <= limit and status != "time_limit" for limit, nodes, status in calls)
+    assert sum(mip.ROOT_NODES + nodes for _, nodes, _ in calls) <= 2 * effort  # first and again
