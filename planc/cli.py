@@ -160,6 +160,9 @@ def serve(
                                                      "private one bound to 127.0.0.1)."),
     stage_timeout: Optional[float] = typer.Option(None, min=0, help="Seconds a restarting stage actor may take "
                                                   "before its requests get 503 (ray bundles; default 30)."),
+    lanes: Optional[int] = typer.Option(None, min=1, help="Lanes of sequences in flight through pipelined stages "
+                                        "(ray bundles; default: the plan's deepest pipeline, else one per "
+                                        "stage)."),
 ) -> None:
     """Serve every variant of BUNDLE over an OpenAI-compatible HTTP API."""
     import socket
@@ -169,7 +172,7 @@ def serve(
 
     opened = Bundle.open(bundle)
     options = ServeOptions(kv_cache_mb, max_running, max_queue, max_model_len, threads, kernels, stage_timeout,
-                           max_batch_tokens)
+                           max_batch_tokens, lanes)
     serve_with = _backend_server(opened)
     if serve_with is not None:  # e.g. the ray backend: stages in actors, its own HTTP front
         serve_with(opened, options, host, port, shutdown_timeout, address)

@@ -1,7 +1,9 @@
 """Concurrent stages are pipelined: while one lane of sequences is in a later stage, the next lane
 runs in an earlier one. Outputs stay those of one in-process stage, also through aborts and a tight
 KV cache. Stages on worker threads stand in for the processes (Ray actors) they are in production:
-each runs its calls one at a time, in the order sent, as an actor does."""
+each runs its calls one at a time, in the order sent, as an actor does. The number of lanes is a
+policy (EngineConfig.lanes; a bundle's plan sets it to its deepest pipeline): it changes what is in
+flight at once, never the tokens."""
 from __future__ import annotations
 
 import threading
@@ -10,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import planc
-from planc.runtime.engine import Engine, EngineConfig
+from planc.runtime.engine import Engine, EngineConfig, plan_lanes
 from planc.runtime.sampling import SamplingParams
 from planc.runtime.stage import local_stages
 
@@ -98,3 +100,73 @@ def test_an_abort_in_flight_leaves_the_other_lanes_exact(bundle):
     assert [o for i, o in enumerate(got) if i != 1] == [o for i, o in enumerate(want) if i != 1]
     assert len(got[1]) < PARAMS.max_tokens and got[1] == want[1][:len(got[1])]
     assert engine.kv_free_pages() == engine.kv_pages() and not engine._in_flight and not engine._free_later
+
+
+@pytest.mark.parametrize("kv_bytes", [2**20, 96 * 1024], ids=["roomy", "tight"])
+def test_one_lane_or_two_through_two_stages_give_the_same_tokens(bundle, kv_bytes):
+    """Two concurrent stages: one lane keeps one stage busy at a time (the whole batch walks the stages),
+    two lanes overlap them; greedy tokens are those of one in-process stage either way."""
+    want = _run(Engine(bundle, EngineConfig(kv_cache_bytes=2**20, page_size=4)))
+    for lanes, most_busy in ((1, 1), (2, 2)):
+        engine, log = _pipelined(bundle, EngineConfig(kv_cache_bytes=kv_bytes, page_size=4, lanes=lanes), 2)
+        assert engine.pipelined and engine.num_lanes == lanes
+        assert _run(engine) == want, lanes
+        assert max(log) == most_busy  # stages with work outstanding at once
+        assert engine.kv_free_pages() == engine.kv_pages() and not engine._in_flight
+
+
+def test_lanes_default_to_one_per_stage_and_never_exceed_the_stages(bundle):
+    config = EngineConfig(kv_cache_bytes=2**20, page_size=4)
+    assert _pipelined(bundle, config)[0].num_lanes == 3
+    engine, log = _pipelined(bundle, EngineConfig(kv_cache_bytes=2**20, page_size=4, lanes=8), 2)
+    assert engine.num_lanes == 2
+    assert _run(engine) == _run(Engine(bundle, config))
+    with pytest.raises(ValueError, match="lanes must be at least 1"):
+        EngineConfig(lanes=0)
+
+
+def _plan_with(*pps_per_group):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(groups=[{"layouts": [{"pp": pp} for pp in pps]} for pps in pps_per_group])
+
+
+def test_a_plan_gets_its_deepest_pipeline_in_lanes():
+    assert plan_lanes(_plan_with([1], [1, 1]), 2) == 1  # a trunk and tops, no pipeline: one lane
+    assert plan_lanes(_plan_with([2, 4], [1], [3]), 8) == 4  # any group's layout, not only its busiest
+    assert plan_lanes(_plan_with([4]), 3) == 3  # at most one per stage
+    assert plan_lanes(_plan_with([], []), 2) == 1
+
+
+@pytest.fixture(scope="module")
+def planned(tiny_example, tmp_path_factory):
+    """The tiny example compiled with a plan for two H100s."""
+    from planc.pass_manager import PassContext
+
+    ctx = PassContext()
+    ctx.options["cost"] = {"cluster": "2xH100-80GB"}
+    out = tmp_path_factory.mktemp("planned") / "tiny"
+    return planc.Bundle.open(planc.emit(planc.compile(planc.load(tiny_example), ctx=ctx), out=out))
+
+
+def test_planc_serve_takes_the_lanes_from_the_plan_unless_told(tiny_bundle, planned):
+    from planc.runtime.server import ServeOptions, engine_config
+
+    assert engine_config(planc.Bundle.open(tiny_bundle), ServeOptions()).lanes is None  # no plan: one per stage
+    config = engine_config(planned, ServeOptions())
+    depth = max(lay["pp"] for g in planned.plan.groups for lay in g["layouts"])
+    assert len(config.stage_positions) >= 2 and config.lanes == min(depth, len(config.stage_positions))
+    assert engine_config(planned, ServeOptions(lanes=2)).lanes == 2
+
+
+def test_the_ray_ingress_gets_the_lanes_planc_serve_was_given(planned):
+    """The ingress rebuilds ServeOptions from the dict `planc serve` deploys with (ray_launch.deploy)."""
+    from dataclasses import asdict
+
+    from planc.runtime.server import ServeOptions, engine_config
+
+    pytest.importorskip("ray")
+    from planc.backends.ray_app import serve_options
+
+    assert serve_options({**asdict(ServeOptions(lanes=2)), "shutdown_timeout_s": 5.0}).lanes == 2
+    assert engine_config(planned, serve_options(asdict(ServeOptions(lanes=2)))).lanes == 2

@@ -7,9 +7,12 @@ a block share its matmuls. KV lives in a paged cache; when it is full the most r
 sequence is preempted (its KV freed, recomputed later) and nothing is dropped.
 
 When the stages run concurrently (each in its own process, e.g. Ray actors), the engine pipelines
-them: the running sequences are split into as many lanes as there are stages, and while one lane's
-step is in stage 2 the next lane's step runs in stage 1 (as vLLM's virtual engines do for pipeline
-parallelism), so no stage waits for the others to finish a step.
+them: the running sequences are split into lanes, and while one lane's step is in stage 2 the next
+lane's step runs in stage 1 (as vLLM's virtual engines do for pipeline parallelism). How many lanes
+is a policy (`EngineConfig.lanes`): one per stage keeps every stage busy, but a stage that is not a
+pipeline cut (a plan also cuts stages where block groups end) then runs each step as several
+smaller batches, and a decode step streams all its weights whatever its batch; so `planc serve`
+sets it to the bundle's plan's deepest pipeline (`plan_lanes`), and to one per stage without a plan.
 """
 from __future__ import annotations
 
@@ -52,6 +55,28 @@ class EngineConfig:
     """Chain positions of each in-process stage (from the bundle's plan); default: one stage."""
     stage_timeout_s: float = 30.0
     """How long a failed out-of-process stage may take to come back before its requests fail (503)."""
+    lanes: Optional[int] = None
+    """Lanes of sequences in flight through concurrent stages, at most one per stage (more are not
+    used); None: one per stage. `planc serve` sets it from the bundle's plan (`plan_lanes`)."""
+
+    def __post_init__(self):
+        if self.lanes is not None and self.lanes < 1:
+            raise ValueError(f"lanes must be at least 1, got {self.lanes}")
+
+
+def plan_lanes(plan, num_stages: int) -> int:
+    """The lanes an engine over `num_stages` stages keeps for `plan`: its deepest pipeline (the
+    largest `pp` of any group's layout), between 1 and `num_stages`. The planner sizes a copy with
+    pipeline depth pp as pp lanes of its batch each; a stage that only a group boundary cuts (a
+    shared trunk, the variants' tops) gets no lanes of its own.
+
+    >>> from types import SimpleNamespace
+    >>> plan = SimpleNamespace(groups=[{"layouts": [{"pp": 1}, {"pp": 4}]}, {"layouts": [{"pp": 2}]}, {"layouts": []}])
+    >>> plan_lanes(plan, 6), plan_lanes(plan, 3), plan_lanes(SimpleNamespace(groups=[]), 2)
+    (4, 3, 1)
+    """
+    depth = max((int(lay.get("pp", 1)) for g in plan.groups for lay in g["layouts"]), default=1)
+    return max(1, min(depth, num_stages))
 
 
 @dataclass
@@ -128,6 +153,8 @@ class Engine:
         self._wake = threading.Event()
         self._outage_since: Optional[float] = None
         self.pipelined = len(self.stages) > 1 and all(stage.concurrent for stage in self.stages)
+        self.num_lanes = min(self.config.lanes or len(self.stages), len(self.stages))
+        """Lanes in flight at most when pipelined."""
         self._lanes: deque[_Lane] = deque()
         """Lanes in flight through concurrent stages, the one waited on longest first."""
         self._in_flight: set[int] = set()
@@ -241,7 +268,7 @@ class Engine:
 
     def step(self) -> bool:
         """One iteration; returns False when there was nothing to do. Pipelined, an iteration starts
-        lanes while fewer than one per stage are in flight, then moves the oldest lane one stage on."""
+        lanes while fewer than `num_lanes` are in flight, then moves the oldest lane one stage on."""
         self._drain()
         self._admit()
         if not self.pipelined:
@@ -254,8 +281,8 @@ class Engine:
             return True
         if not self.running and not self._lanes:
             return False
-        share = -(-len(self.running) // len(self.stages))  # a lane's share of the running sequences
-        while len(self._lanes) < len(self.stages):
+        share = -(-len(self.running) // self.num_lanes)  # a lane's share of the running sequences
+        while len(self._lanes) < self.num_lanes:
             work = self._reserve([s for s in self.running if s.id not in self._in_flight][:share])
             if not work:
                 break

@@ -28,7 +28,7 @@ from planc.bundle import Bundle
 from planc.errors import PlancError
 from planc.kernels import KernelSelection, load_tuned
 from planc.kernels.dispatch import ENV_VAR as KERNELS_ENV_VAR
-from planc.runtime.engine import Engine, EngineConfig, Event, QueueFull, StepStats
+from planc.runtime.engine import Engine, EngineConfig, Event, QueueFull, StepStats, plan_lanes
 from planc.runtime.metrics import Metrics
 from planc.runtime.openai_api import ApiError, GenerationRequest, completion_body, parse_request, usage_of
 from planc.runtime.text import Detokenizer, TextCodec
@@ -50,6 +50,8 @@ class ServeOptions:
     """Seconds a failed out-of-process stage (ray backend) may take to come back before its requests get 503."""
     max_batch_tokens: Optional[int] = None
     """Tokens per engine step (chunked prefill); default: the bundle's, else 512 on a CPU and 2048 on a GPU."""
+    lanes: Optional[int] = None
+    """Lanes through pipelined stages (ray backend); default: the plan's deepest pipeline, else one per stage."""
 
 
 def kernel_selection(bundle: Bundle, options: ServeOptions) -> KernelSelection:
@@ -70,15 +72,17 @@ def engine_config(bundle: Bundle, options: ServeOptions) -> EngineConfig:
         if getattr(options, key) is not None:
             s[key] = getattr(options, key)
     max_len = s.get("max_model_len") or min(bundle.arch.max_position_embeddings, 4096)
-    caps, stages = {}, None
-    if bundle.plan is not None:  # the runtime follows the plan: per-block batch caps, stage boundaries
+    caps, stages, lanes = {}, None, options.lanes
+    if bundle.plan is not None:  # the runtime follows the plan: per-block batch caps, stage boundaries, lanes
         caps = {k: min(c, s.get("block_batch_cap", 256)) for k, c in bundle.plan.block_batch_caps().items()}
         stages = bundle.plan.stage_ranges(len(next(iter(bundle.variants.values()))["chain"]))
+        if lanes is None:
+            lanes = plan_lanes(bundle.plan, len(stages))
     config = EngineConfig(kv_cache_bytes=int(float(s.get("kv_cache_mb", 64)) * 2**20), page_size=s.get("page_size", 16),
                           max_running=s.get("max_running", 64),
                           max_batch_tokens=s.get("max_batch_tokens") or default_batch_tokens(),
                           block_batch_cap=s.get("block_batch_cap", 256), max_queue=s.get("max_queue", 256),
-                          max_model_len=max_len, block_caps=caps, stage_positions=stages)
+                          max_model_len=max_len, block_caps=caps, stage_positions=stages, lanes=lanes)
     if options.stage_timeout_s is not None:
         config.stage_timeout_s = options.stage_timeout_s
     return config
