@@ -3,7 +3,9 @@
 What is modelled (`planc.sim_stages` has the engine's side):
 - The stages are the plan's `stage_ranges` (cut at every group boundary and at the pipeline cuts of
   each group's busiest layout), as the runtime builds them; one engine schedules every sequence of
-  the deployment (the Ray ingress runs one replica) and pipelines up to one lane per stage.
+  the deployment (the Ray ingress runs one replica) and pipelines as many lanes as `planc serve`
+  gives it for the plan: its deepest pipeline (`planc.runtime.engine.plan_lanes`), at most one per
+  stage.
 - At each stage every group that covers it has one actor with as many copies as the plan gives the
   group (its placements' replicas, across layouts), as `backends/ray_layout.py` lays them out; a
   copy runs its calls on the devices of its placement that holds the stage's blocks, with the block
@@ -16,7 +18,7 @@ What is modelled (`planc.sim_stages` has the engine's side):
 - Engine settings from the plan: each copy's KV holds its layout's batch of sequences at the
   traffic's mean context (x1.25); max_running is the smallest total batch of a stage's copies;
   each block's batch cap is its group's largest layout batch; the token budget per step is
-  max(2048, 2 x the mean prompt). The bundle's `serving` settings are not consulted.
+  max(2048, 2 x the mean prompt); the lanes as above. The bundle's `serving` settings are not consulted.
 
 Not modelled: LoRA adapters' delta calls (a LoRA variant runs its group's base blocks), the
 transfer of hidden states between stages and Ray's per-call cost, the engine thread's own time and
@@ -30,7 +32,7 @@ import dataclasses
 from planc.cost import CostModel
 from planc.plan import Plan, StagePlacement
 from planc.program import Program
-from planc.runtime.engine import EngineConfig
+from planc.runtime.engine import EngineConfig, plan_lanes
 from planc.sim_model import SimModel
 from planc.sim_report import summarize_records
 from planc.sim_stages import CopySpec, StagedRun, simulate_staged
@@ -73,7 +75,7 @@ def staged_run(program: Program, plan: Plan, requests: list[Request]) -> StagedR
         stages.append(actors)
         totals.append(total)
     config = EngineConfig(max_running=max(1, min(totals)), max_batch_tokens=max(2048, int(traffic.prompt_tokens) * 2),
-                          max_queue=1 << 30, max_model_len=int(context * 4))
+                          max_queue=1 << 30, max_model_len=int(context * 4), lanes=plan_lanes(plan, len(ranges)))
     return StagedRun(stages, requests, config)
 
 

@@ -4,10 +4,11 @@
 of the deployment. The chain is cut into stages (ranges of positions); at each stage, every variant
 has one actor (its block group's) with one or more copies, and a sequence sticks to one copy per
 stage, chosen when its KV is first reserved: the copy with the most free KV pages (the first on a
-tie, as `max` picks). The engine pipelines: with S stages it keeps up to S lanes in flight, each
-with ceil(running / S) of the running sequences that are not in flight; every iteration it starts
-lanes until S are in flight, then waits for the oldest lane's current stage and hands the lane on
-to the next stage (or samples after the last). A lane's stage is one call per copy its sequences
+tie, as `max` picks). The engine pipelines: with L lanes (`EngineConfig.lanes`, at most one per
+stage; None: one per stage) it keeps up to L lanes in flight, each with ceil(running / L) of the
+running sequences that are not in flight; every iteration it starts lanes until L are in flight,
+then waits for the oldest lane's current stage and hands the lane on to the next stage (or samples
+after the last). A lane's stage is one call per copy its sequences
 stick to, all sent at once; a copy (one actor process) runs its calls one at a time in the order
 they were sent. A call lasts `planc.sim_step.StepModel.step_time` of its sequences over the stage's
 positions on that copy's blocks (its TP), and occupies all of the copy's devices while it runs;
@@ -55,7 +56,7 @@ class StagedRun:
     stages: Sequence[Mapping[str, Sequence[CopySpec]]]
     requests: Sequence[Request]
     config: EngineConfig = field(default_factory=EngineConfig)
-    """Engine-wide settings: max_running, max_batch_tokens, page_size, max_queue, max_model_len."""
+    """Engine-wide settings: max_running, max_batch_tokens, page_size, max_queue, max_model_len, lanes."""
 
 
 @dataclass(eq=False, slots=True)
@@ -146,6 +147,7 @@ class _StagedEngine:
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
         self.lanes: deque[_Lane] = deque()
+        self.num_lanes = min(self.cfg.lanes or len(self.stages), len(self.stages))  # as the engine
         self._admissions = self.preemptions = 0
 
     # ------------------------------------------------------------------ the clock
@@ -172,14 +174,13 @@ class _StagedEngine:
 
     def _iterate(self, now: float) -> Optional[_Lane]:
         """Engine iterations at `now` until it waits on a lane (returned) or has nothing to do (None)."""
-        num_stages = len(self.stages)
         while True:
             self._drain(now)
             self._admit()
             if not self.running and not self.lanes:
                 return None
-            share = -(-len(self.running) // num_stages)
-            while len(self.lanes) < num_stages:
+            share = -(-len(self.running) // self.num_lanes)
+            while len(self.lanes) < self.num_lanes:
                 work = self._reserve([s for s in self.running if not s.in_flight][:share], now)
                 if not work:
                     break
@@ -355,6 +356,12 @@ def simulate_staged(run: StagedRun, cost_model: CostModel, server: bool = True) 
     >>> run(0, one) == run(1, one)  # one lane: its stages never overlap, sharing a device costs nothing
     True
     >>> run(0, two) > run(1, two)  # two lanes: one's top and the other's trunk now share device 0
+    True
+    >>> def one_lane(top_device, requests):  # both sequences in one lane, one batch per stage
+    ...     stages = [{"a": [CopySpec(trunk, {0: 1.0}, 4096)]}, {"a": [CopySpec(top, {top_device: 1.0}, 4096)]}]
+    ...     result = simulate_staged(StagedRun(stages, requests, EngineConfig(lanes=1)), cm)
+    ...     return max(r.e2e_s for r in result.requests)
+    >>> one_lane(0, two) == one_lane(1, two)
     True
     """
     if not run.stages:

@@ -3,10 +3,11 @@ calls on the devices of the group copies that serve them, time-sliced where copi
 
 The device clock is checked against hand-computed end times; the co-simulation of several engines
 against independent runs (no shared device: the same records); plans against hand-computed token
-times (lanes through a trunk stage and per-variant top stages, with and without a top on the
-trunk's device; copies of a group serving sequences side by side); a plan against itself with its
-two block groups moved onto one device (about half the capacity); the stages and copies against the
-ray backend's layout of the same plan."""
+times (one lane, as planc serve runs a plan without a pipeline, and two lanes, through a trunk stage
+and per-variant top stages, with and without a top on the trunk's device; copies of a group serving
+sequences side by side); a plan against itself with its two block groups moved onto one device
+(about half the capacity); the stages, copies and lanes against the ray backend's layout of the
+same plan."""
 from __future__ import annotations
 
 import dataclasses
@@ -156,39 +157,69 @@ def _placed(program, copies: dict[str, list[tuple[int, ...]]], batch: int = 64) 
     return dataclasses.replace(program.plan, groups=groups, placements=placements)
 
 
-def _prefill_s(program, cm: CostModel, positions: range, tp: int, prompt: int) -> float:
-    """One sequence's prompt through `positions` at TP `tp`, block by block (the head: one row)."""
+def _prefill_s(program, cm: CostModel, positions: range, tp: int, prompt: int, num_seqs: int = 1) -> float:
+    """`num_seqs` prompts in one batch through `positions` at TP `tp`, block by block (the head: one row
+    each)."""
     costs, names, t = program.extras["plan_inputs"]["costs"], _names(program), 0.0
     for p in positions:
         cost = dataclasses.replace(costs[names[p]], tp=tp)
         if cost.kind == "head":
-            t += cm.block_time(cost, decode_seqs=1, context_tokens=0.0, attn_pairs=0.0, num_seqs=1)
+            t += cm.block_time(cost, decode_seqs=num_seqs, context_tokens=0.0, attn_pairs=0.0, num_seqs=num_seqs)
         else:
-            t += cm.block_time(cost, prefill_tokens=prompt, attn_pairs=prompt * (prompt + 1) / 2, num_seqs=1)
+            t += cm.block_time(cost, prefill_tokens=prompt * num_seqs, attn_pairs=num_seqs * prompt * (prompt + 1) / 2,
+                               num_seqs=num_seqs)
     return t
 
 
-def _run(program, plan: Plan, requests: list[Request], cm: CostModel):
+def _run(program, plan: Plan, requests: list[Request], cm: CostModel, lanes: int | None = None):
+    """The plan simulated as planc serve runs it, or with `lanes` (planc serve --lanes)."""
     from planc.plan_sim import staged_run
     from planc.sim_stages import simulate_staged
 
     ov = cm.device.overheads  # the hand-computed times below leave out the runtime's fixed costs
     assert ov.step_us == ov.block_call_us == ov.per_seq_us == ov.server_token_us == ov.server_request_us == 0
-    return simulate_staged(staged_run(program, plan, requests), cm)
+    run = staged_run(program, plan, requests)
+    if lanes is not None:
+        run.config.lanes = lanes
+    return simulate_staged(run, cm)
+
+
+def test_a_plan_without_a_pipeline_runs_one_lane_through_the_trunk_and_the_tops(trunk_program):
+    """No group is pipelined (pp 1): one lane, as planc serve runs it. Two requests at once: the trunk
+    runs both prompts in one call, then each top its own on its own device at the same time; both
+    first tokens come at once. A top on the trunk's device costs nothing: the lane is in one stage at
+    a time."""
+    program = trunk_program
+    cm = CostModel.for_cluster(program.extras["plan_inputs"]["cluster"], 2)
+    plan = _placed(program, {"g0": [(0, 1)], "g1": [(2,)], "g2": [(3,)]})
+    from planc.plan_sim import staged_run
+
+    run = staged_run(program, plan, [])
+    assert len(run.stages) == 2 and run.config.lanes == 1
+    both, top = _prefill_s(program, cm, range(0, 73), 2, 64, num_seqs=2), _prefill_s(program, cm, range(73, 82), 1, 64)
+    requests = [Request(0.0, "base", 64, 4), Request(0.0, "ft0", 64, 4)]
+    result = _run(program, plan, requests, cm)
+    a, b = result.requests
+    assert a.status == b.status == "ok" and a.num_tokens == b.num_tokens == 4
+    assert a.first_token_s == b.first_token_s == pytest.approx(both + top, rel=1e-9)
+    assert [calls for _, calls, _ in result.replicas] == [4, 4, 4]  # one trunk call per token for both
+    shared = _run(program, _placed(program, {"g0": [(0, 1)], "g1": [(0,)], "g2": [(3,)]}), requests, cm).requests
+    assert [dataclasses.astuple(r) for r in shared] == [dataclasses.astuple(r) for r in result.requests]
 
 
 def test_lanes_walk_the_trunk_then_each_variants_top_once(trunk_program):
-    """Two requests at once, two stages (trunk, tops): the engine runs two lanes of one sequence each.
-    Lane 1's trunk call, then lane 2's on the same copy; lane 1's top meanwhile; lane 1 samples once
-    the engine has handed lane 2 on. One TTFT per request along the lanes, not a sum of per-group
-    passes (which gave the trunk's time for both sequences batched, plus a top's, to both)."""
+    """The same plan with two lanes (planc serve --lanes 2): two requests at once run as two lanes of
+    one sequence each. Lane 1's trunk call, then lane 2's on the same copy; lane 1's top meanwhile;
+    lane 1 samples once the engine has handed lane 2 on. One TTFT per request along the lanes, not a
+    sum of per-group passes (which gave the trunk's time for both sequences batched, plus a top's, to
+    both)."""
     program = trunk_program
     cm = CostModel.for_cluster(program.extras["plan_inputs"]["cluster"], 2)
     plan = _placed(program, {"g0": [(0, 1)], "g1": [(2,)], "g2": [(3,)]})
     assert plan.stage_ranges(82) == [range(0, 73), range(73, 82)]
     trunk, top = _prefill_s(program, cm, range(0, 73), 2, 64), _prefill_s(program, cm, range(73, 82), 1, 64)
     assert 0 < top < trunk
-    result = _run(program, plan, [Request(0.0, "base", 64, 4), Request(0.0, "ft0", 64, 4)], cm)
+    result = _run(program, plan, [Request(0.0, "base", 64, 4), Request(0.0, "ft0", 64, 4)], cm, lanes=2)
     a, b = result.requests
     assert a.status == b.status == "ok" and a.num_tokens == b.num_tokens == 4
     assert a.first_token_s == pytest.approx(2 * trunk, rel=1e-9)
@@ -197,18 +228,18 @@ def test_lanes_walk_the_trunk_then_each_variants_top_once(trunk_program):
 
 
 def test_a_top_on_the_trunks_device_slows_the_trunk_steps_it_overlaps(trunk_program):
-    """The same requests with base's top on device 0, which the trunk (devices 0-1) also runs on: lane 1's
+    """Two lanes, the same requests with base's top on device 0, which the trunk (devices 0-1) also runs on: lane 1's
     top and lane 2's trunk call share device 0 at half speed each; the top ends after 2 x its time,
     lane 2's trunk call `top` later than alone, and every token after it waits for that."""
     program = trunk_program
     cm = CostModel.for_cluster(program.extras["plan_inputs"]["cluster"], 2)
     plan = _placed(program, {"g0": [(0, 1)], "g1": [(0,)], "g2": [(3,)]})
     trunk, top = _prefill_s(program, cm, range(0, 73), 2, 64), _prefill_s(program, cm, range(73, 82), 1, 64)
-    a, b = _run(program, plan, [Request(0.0, "base", 64, 4), Request(0.0, "ft0", 64, 4)], cm).requests
+    a, b = _run(program, plan, [Request(0.0, "base", 64, 4), Request(0.0, "ft0", 64, 4)], cm, lanes=2).requests
     assert a.first_token_s == pytest.approx(2 * trunk + top, rel=1e-9)
     assert b.first_token_s == pytest.approx(2 * trunk + 2 * top, rel=1e-9)
     apart = _run(program, _placed(program, {"g0": [(0, 1)], "g1": [(2,)], "g2": [(3,)]}),
-                 [Request(0.0, "base", 64, 4), Request(0.0, "ft0", 64, 4)], cm).requests
+                 [Request(0.0, "base", 64, 4), Request(0.0, "ft0", 64, 4)], cm, lanes=2).requests
     assert a.last_token_s > apart[0].last_token_s and b.last_token_s > apart[1].last_token_s
 
 
@@ -253,6 +284,8 @@ def test_stages_and_copies_follow_the_ray_layout(trunk_program):
         layout = layout_for(["base", "ft0"], 82, plan, "gpu")
         run = staged_run(program, plan, [])
         assert [range(*s) for s in layout.stages] == plan.stage_ranges(82) and len(run.stages) == len(layout.stages)
+        depth = max(lay["pp"] for g in plan.groups for lay in g["layouts"])  # lanes as planc serve keeps them
+        assert run.config.lanes == min(depth, len(run.stages))
         for i, stage in enumerate(run.stages):
             actors = layout.actors_of(i)
             assert sorted(v for a in actors for v in a.variants) == sorted(stage)
