@@ -131,7 +131,7 @@ def build_manifest(program: Program, backend: str, blocks: dict, adapters: dict,
         "tokenizers": tokenizers,
         "variants": variants,
         "annotations": _annotations(program),
-        "serving": program.spec.serving.model_dump(),
+        "serving": program.spec.serving.model_dump(exclude_unset=True),  # what the spec sets; the runtime defaults the rest
         "tenants": [t.model_dump() for t in program.spec.tenants],
         "plan": program.plan.to_json() if program.plan is not None else None,
         "totals": {

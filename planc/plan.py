@@ -159,6 +159,26 @@ class Plan:
                 caps[key] = max(caps.get(key, 0), batch)
         return caps
 
+    def engine_limits(self, chain_length: int, tokens_per_copy: int) -> tuple[int, int]:
+        """(max_running, max_batch_tokens) of the one engine that drives the plan's deployment.
+
+        Sequences: as many as the stage with the least room holds (the decode batches of the copies
+        serving it, summed). Tokens per step: `tokens_per_copy` for each copy of the stage with the
+        fewest copies, since a stage's copies run their calls side by side; an engine-wide budget of
+        one copy's would cap a deployment of many replicas at one replica's prefill rate.
+        """
+        batches: dict[str, list[int]] = {}
+        for p in self.placements:
+            if p.stage == 0:
+                batches.setdefault(p.group, []).append(p.batch)
+        room, copies = [], []
+        for r in self.stage_ranges(chain_length):
+            serving = [g["id"] for g in self.groups
+                       if g["first_position"] <= r.start and r.stop <= g["first_position"] + g["num_blocks"]]
+            room.append(sum(sum(batches.get(gid, [])) for gid in serving))
+            copies.append(sum(len(batches.get(gid, [])) for gid in serving))
+        return max(1, min(room, default=1)), tokens_per_copy * max(1, min(copies, default=1))
+
     def stage_ranges(self, chain_length: int) -> list[range]:
         """Chain positions cut where groups end and where the busiest layout of a group cuts its pipeline:
         the stages an in-process runtime builds (a distributed backend places each on its devices)."""

@@ -97,10 +97,11 @@ class ServingSettings(_Strict):
     page_size: int = Field(16, ge=1, le=1024)
     """Tokens per KV page."""
     max_running: int = Field(64, ge=1)
-    """Sequences decoding at once."""
+    """Sequences decoding at once. Unset, with a plan in the bundle: what the plan's copies hold
+    (`Plan.engine_limits`); without one, 64."""
     max_batch_tokens: Optional[int] = Field(None, ge=1)
     """Tokens per engine step: one per decoding sequence, then prompt chunks (chunked prefill).
-    Default: 512 on a CPU, 2048 on a GPU."""
+    Default: 512 on a CPU, 2048 on a GPU, per copy of the plan's narrowest stage when the bundle has a plan."""
     block_batch_cap: int = Field(256, ge=1)
     """Most sequences one block runs in one batched call."""
     max_queue: int = Field(256, ge=1)

@@ -1,6 +1,7 @@
 """planc plan: cluster specs, the cost model, planning without weights, and the plan in a bundle."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -164,3 +165,31 @@ def test_simulation_ranks_candidates_and_predicts_the_plans_latency(tmp_path):
     # far past capacity, and more requests than fit in flight at once within the TTFT
     heavy = simulate_plan(program, p, cm, rate=50 * p.predicted["simulated_capacity_rps"], num_requests=1000)
     assert heavy["slo"]["attainment"] < 0.9  # far past capacity the SLO breaks
+
+
+def test_engine_limits_follow_the_plans_copies(tiny_example, tmp_path):
+    """A planned bundle's engine holds as many sequences as its narrowest stage's copies do and gets a
+    step budget per copy of it; what model.yaml's `serving` sets still wins."""
+    from planc.bundle import Bundle
+    from planc.plan import Plan
+    from planc.runtime.server import ServeOptions, default_batch_tokens, engine_config
+
+    out = tmp_path / "bundle"
+    assert main(["compile", str(tiny_example), "-o", str(out), "--cluster", "H100-80GB"]) == 0
+    b = Bundle.open(out)
+    chain_length = len(next(iter(b.variants.values()))["chain"])
+    running, tokens = b.plan.engine_limits(chain_length, 100)
+    cfg = engine_config(b, ServeOptions())
+    assert (cfg.max_running, cfg.max_batch_tokens) == (running, tokens * default_batch_tokens() // 100)
+    # by hand: every stage's copies, their batches summed
+    stages = b.plan.stage_ranges(chain_length)
+    per_stage = [[p for p in b.plan.placements if p.stage == 0 and any(
+        g["id"] == p.group and g["first_position"] <= r.start and r.stop <= g["first_position"] + g["num_blocks"]
+        for g in b.plan.groups)] for r in stages]
+    assert running == min(sum(p.batch for p in ps) for ps in per_stage)
+    assert tokens == 100 * min(len(ps) for ps in per_stage)
+    # two replicas of everything: twice the room and twice the budget
+    doubled = Plan.from_json(b.plan.to_json())
+    doubled.placements += [dataclasses.replace(p, replica=p.replica + 100) for p in doubled.placements]
+    assert doubled.engine_limits(chain_length, 100) == (2 * running, 2 * tokens)
+    assert engine_config(b, ServeOptions(max_running=7)).max_running == 7

@@ -49,7 +49,8 @@ class ServeOptions:
     stage_timeout_s: Optional[float] = None
     """Seconds a failed out-of-process stage (ray backend) may take to come back before its requests get 503."""
     max_batch_tokens: Optional[int] = None
-    """Tokens per engine step (chunked prefill); default: the bundle's, else 512 on a CPU and 2048 on a GPU."""
+    """Tokens per engine step (chunked prefill); default: the bundle's, else 512 on a CPU and 2048 on a GPU
+    (per copy of the narrowest stage of the bundle's plan)."""
     lanes: Optional[int] = None
     """Lanes through pipelined stages (ray backend); default: the plan's deepest pipeline, else one per stage."""
 
@@ -73,14 +74,17 @@ def engine_config(bundle: Bundle, options: ServeOptions) -> EngineConfig:
             s[key] = getattr(options, key)
     max_len = s.get("max_model_len") or min(bundle.arch.max_position_embeddings, 4096)
     caps, stages, lanes = {}, None, options.lanes
-    if bundle.plan is not None:  # the runtime follows the plan: per-block batch caps, stage boundaries, lanes
+    running, tokens = 64, default_batch_tokens()
+    if bundle.plan is not None:  # the runtime follows the plan: batch caps, stages, lanes, engine limits
         caps = {k: min(c, s.get("block_batch_cap", 256)) for k, c in bundle.plan.block_batch_caps().items()}
-        stages = bundle.plan.stage_ranges(len(next(iter(bundle.variants.values()))["chain"]))
+        chain_length = len(next(iter(bundle.variants.values()))["chain"])
+        stages = bundle.plan.stage_ranges(chain_length)
         if lanes is None:
             lanes = plan_lanes(bundle.plan, len(stages))
+        running, tokens = bundle.plan.engine_limits(chain_length, tokens)
     config = EngineConfig(kv_cache_bytes=int(float(s.get("kv_cache_mb", 64)) * 2**20), page_size=s.get("page_size", 16),
-                          max_running=s.get("max_running", 64),
-                          max_batch_tokens=s.get("max_batch_tokens") or default_batch_tokens(),
+                          max_running=s.get("max_running") or running,
+                          max_batch_tokens=s.get("max_batch_tokens") or tokens,
                           block_batch_cap=s.get("block_batch_cap", 256), max_queue=s.get("max_queue", 256),
                           max_model_len=max_len, block_caps=caps, stage_positions=stages, lanes=lanes)
     if options.stage_timeout_s is not None:
