@@ -16,9 +16,10 @@ What is modelled (`planc.sim_stages` has the engine's side):
   each other (`planc.sim_devices`).
 - A request's TTFT and TPOT are those of its one pass through the chain, stage after stage.
 - Engine settings from the plan: each copy's KV holds its layout's batch of sequences at the
-  traffic's mean context (x1.25); max_running is the smallest total batch of a stage's copies;
-  each block's batch cap is its group's largest layout batch; the token budget per step is
-  max(2048, 2 x the mean prompt); the lanes as above. The bundle's `serving` settings are not consulted.
+  traffic's mean context (x1.25); max_running and the token budget per step are the plan's
+  `engine_limits`, as `planc serve` sets them (the budget at max(2048, 2 x the mean prompt) per copy
+  of the stage with the fewest copies); each block's batch cap is its group's largest layout batch;
+  the lanes as above. The bundle's `serving` settings are not consulted.
 
 Not modelled: LoRA adapters' delta calls (a LoRA variant runs its group's base blocks), the
 transfer of hidden states between stages and Ray's per-call cost, the engine thread's own time and
@@ -49,9 +50,9 @@ def staged_run(program: Program, plan: Plan, requests: list[Request]) -> StagedR
     names = list(costs)  # block names in chain order
     context = traffic.prompt_tokens + traffic.output_tokens
     ranges = plan.stage_ranges(len(names))
-    stages, totals, caps = [], [], {}
+    stages = []
     for r in ranges:
-        actors, total = {}, 0
+        actors = {}
         for g in plan.groups:
             lo, hi = g["first_position"], g["first_position"] + g["num_blocks"]
             if r.start < lo or r.stop > hi:
@@ -70,11 +71,10 @@ def staged_run(program: Program, plan: Plan, requests: list[Request]) -> StagedR
                 batch = max(p.batch for p in hit)
                 devices = {(p.node, d): 1.0 for p in hit for d in p.devices}
                 copies.append(CopySpec(models[tp], devices, int(batch * context * KV_HEADROOM), cap))
-                total += batch
             actors.update({v: copies for v in g["users"]})
         stages.append(actors)
-        totals.append(total)
-    config = EngineConfig(max_running=max(1, min(totals)), max_batch_tokens=max(2048, int(traffic.prompt_tokens) * 2),
+    running, tokens = plan.engine_limits(len(names), max(2048, int(traffic.prompt_tokens) * 2))
+    config = EngineConfig(max_running=running, max_batch_tokens=tokens,
                           max_queue=1 << 30, max_model_len=int(context * 4), lanes=plan_lanes(plan, len(ranges)))
     return StagedRun(stages, requests, config)
 
