@@ -14,7 +14,7 @@ they were sent. A call lasts `planc.sim_step.StepModel.step_time` of its sequenc
 positions on that copy's blocks (its TP), and occupies all of the copy's devices while it runs;
 calls of different copies on one device are time-sliced (`planc.sim_devices.DeviceClock`).
 
-Scheduling mirrors the engine as `planc.simulate` does (admission under max_running and the token
+Scheduling is the engine's, shared with `planc.simulate` (`planc.sim_sched`: admission under max_running and the token
 budget, KV reserved in every stage or none, preemption of the newest sequence not in flight, decodes
 first then prompt chunks). The engine thread's own time and the transport of hidden states between
 stages are not modelled (zero); the HTTP server's parse and stream delays are (profile
@@ -32,6 +32,7 @@ from planc.runtime.engine import EngineConfig
 from planc.sim_devices import DeviceClock
 from planc.sim_model import SimModel
 from planc.sim_report import RequestRecord, SimResult
+from planc.sim_sched import Scheduler, SimSeq
 from planc.sim_step import StepModel
 from planc.workload import Request
 
@@ -68,28 +69,6 @@ class _View:
     scheduled: int
 
 
-@dataclass(eq=False, slots=True)
-class _Seq:
-    record: RequestRecord
-    variant: str
-    prompt: int
-    max_tokens: int
-    generated: int = 0
-    total: int = 0
-    computed: int = 0
-    pages: int = 0
-    """Pages held in each KV layer of every stage (all stages hold the same tokens)."""
-    admitted: int = 0
-    scheduled: int = 0
-    copies: Optional[list] = None
-    """Per stage the `_Copy` it sticks to (None until its KV is reserved, and again once freed)."""
-    in_flight: bool = False
-
-    @property
-    def pending(self) -> int:
-        return self.total - self.computed
-
-
 class _Copy:
     """A copy's runtime state: its free KV pages and its queue of calls."""
 
@@ -111,11 +90,13 @@ class _Lane:
     """Calls of its current stage not yet done."""
 
 
-class _StagedEngine:
+class _StagedEngine(Scheduler):
+    """The engine's scheduling (`planc.sim_sched`) with KV in every stage's copy, and its lanes on the clock."""
+
     def __init__(self, run: StagedRun, cost_model: CostModel, server: bool):
-        self.cfg, self.requests = run.config, run.requests
         ov = cost_model.device.overheads
-        self.token_s = ov.server_token_us * 1e-6 if server else 0.0
+        super().__init__(run.config, ov.server_token_us * 1e-6 if server else 0.0)
+        self.requests = run.requests
         request_s = ov.server_request_us * 1e-6 if server else 0.0
         steps: dict[tuple, StepModel] = {}
         self.stages: list[dict[str, list[_Copy]]] = []
@@ -144,11 +125,8 @@ class _StagedEngine:
         self.order = sorted(range(len(self.requests)), key=lambda i: (self.requests[i].arrival_s, i))
         self.due = [self.requests[i].arrival_s + request_s for i in self.order]
         self.nxt = 0
-        self.waiting: deque[_Seq] = deque()
-        self.running: list[_Seq] = []
         self.lanes: deque[_Lane] = deque()
         self.num_lanes = min(self.cfg.lanes or len(self.stages), len(self.stages))  # as the engine
-        self._admissions = self.preemptions = 0
 
     # ------------------------------------------------------------------ the clock
     def run(self) -> SimResult:
@@ -176,12 +154,12 @@ class _StagedEngine:
         """Engine iterations at `now` until it waits on a lane (returned) or has nothing to do (None)."""
         while True:
             self._drain(now)
-            self._admit()
+            self.admit()
             if not self.running and not self.lanes:
                 return None
             share = -(-len(self.running) // self.num_lanes)
             while len(self.lanes) < self.num_lanes:
-                work = self._reserve([s for s in self.running if not s.in_flight][:share], now)
+                work = self.reserve([s for s in self.running if not s.in_flight][:share], now)
                 if not work:
                     break
                 for s in work:
@@ -229,9 +207,9 @@ class _StagedEngine:
             return
         for s in lane.work:
             s.in_flight = False
-        self._sample(lane.work, now)
+        self.sample(lane.work, now)
 
-    # ------------------------------------------------------------------ scheduling (as the engine)
+    # ------------------------------------------------------------------ requests and KV
     def _drain(self, now: float) -> None:
         while self.nxt < len(self.order) and self.due[self.nxt] <= now:
             j = self.order[self.nxt]
@@ -244,23 +222,9 @@ class _StagedEngine:
             elif len(self.waiting) >= self.cfg.max_queue:
                 rec.status, rec.finish_s = "refused", now
             else:
-                self.waiting.append(_Seq(rec, req.variant, req.prompt_tokens, req.output_tokens,
-                                         total=req.prompt_tokens))
+                self.waiting.append(SimSeq(rec, req.variant, req.prompt_tokens, req.output_tokens))
 
-    def _admit(self) -> None:
-        cap = self.cfg.max_batch_tokens
-        budget = cap - sum(min(s.pending, cap) for s in self.running)
-        while self.waiting and len(self.running) < self.cfg.max_running and (budget > 0 or not self.running):
-            seq = self.waiting[0]
-            if not self._reserve_kv(seq):
-                break
-            self.waiting.popleft()
-            self._admissions += 1
-            seq.admitted = self._admissions
-            self.running.append(seq)
-            budget -= seq.pending
-
-    def _reserve_kv(self, seq: _Seq) -> bool:
+    def _reserve_kv(self, seq: SimSeq) -> bool:
         """Grow `seq` to hold all its tokens in every stage's copy, or change nothing."""
         need = -(-seq.total // self.cfg.page_size)
         extra = need - seq.pages
@@ -275,69 +239,11 @@ class _StagedEngine:
         seq.pages, seq.copies = need, copies
         return True
 
-    def _free_kv(self, seq: _Seq) -> None:
+    def _free_kv(self, seq: SimSeq) -> None:
         for c in seq.copies or ():
             if c.num_pages is not None:
                 c.free += seq.pages
         seq.pages, seq.copies = 0, None
-
-    def _reserve(self, candidates: list[_Seq], now: float) -> list[_Seq]:
-        work = []
-        for seq in sorted(candidates, key=lambda s: s.admitted):
-            if seq not in self.running:
-                continue  # preempted below, while making room for an older sequence
-            while not self._reserve_kv(seq):
-                victim = max((s for s in self.running if s is not seq and not s.in_flight),
-                             key=lambda s: s.admitted, default=None)
-                if victim is None:
-                    if not any(s.in_flight for s in self.running):
-                        self._finish(seq, now, "error")
-                    break
-                self._preempt(victim)
-            else:
-                work.append(seq)
-        return self._schedule([s for s in work if s in self.running])
-
-    def _schedule(self, work: list[_Seq]) -> list[_Seq]:
-        budget, out = self.cfg.max_batch_tokens, []
-        for seq in sorted(work, key=lambda s: s.pending > 1):  # stable sort: admission order within each
-            seq.scheduled = min(seq.pending, budget)
-            if seq.scheduled:
-                out.append(seq)
-                budget -= seq.scheduled
-        return out
-
-    def _preempt(self, seq: _Seq) -> None:
-        self._free_kv(seq)
-        seq.computed = 0
-        self.running.remove(seq)
-        self.waiting.appendleft(seq)
-        self.preemptions += 1
-        seq.record.num_preemptions += 1
-
-    def _sample(self, work: list[_Seq], now: float) -> None:
-        sampled = 0
-        for seq in work:
-            seq.computed += seq.scheduled
-            if seq.pending:
-                continue  # a prompt chunk: no token yet
-            seq.generated += 1
-            seq.total += 1
-            sampled += 1
-            rec = seq.record
-            seen = now + sampled * self.token_s
-            if rec.first_token_s is None:
-                rec.first_token_s = seen
-            rec.last_token_s = seen
-            rec.num_tokens = seq.generated
-            if seq.generated >= seq.max_tokens or seq.total >= self.cfg.max_model_len:
-                self._finish(seq, seen, "ok")
-
-    def _finish(self, seq: _Seq, now: float, status: str) -> None:
-        self._free_kv(seq)
-        self.running.remove(seq)
-        seq.record.finish_s = now
-        seq.record.status = status
 
 
 def simulate_staged(run: StagedRun, cost_model: CostModel, server: bool = True) -> SimResult:

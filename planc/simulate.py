@@ -5,7 +5,8 @@ admission order and limits (max_running, max_queue), the same token budget per s
 (max_batch_tokens: one token per decode first, then prompt chunks in admission order, a prompt
 longer than what is left being prefilled over several steps and sampling only when it is done), the
 same all-or-nothing KV page reservation per sequence (page_size, the KV budget, pages per layer of
-the chain), the same preemption by recompute of the most recently admitted sequence, and the same per-step walk over
+the chain), the same preemption by recompute of the most recently admitted sequence (that policy is
+`planc.sim_sched`'s, shared with `planc.sim_stages`), and the same per-step walk over
 chain positions in which the sequences whose block there is the same block instance run as one
 batched call (split at block_batch_cap), plus one delta call per LoRA adapter in the group. A step
 lasts what `planc.sim_step.StepModel` says. Data-parallel replicas are independent engines; each
@@ -34,7 +35,6 @@ streams those tokens and parses those requests.
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
@@ -42,6 +42,7 @@ from planc.cost import CostModel
 from planc.runtime.engine import EngineConfig
 from planc.sim_devices import DeviceClock
 from planc.sim_model import SimModel
+from planc.sim_sched import Scheduler, SimSeq
 from planc.sim_step import StepModel
 from planc.sim_report import RequestRecord, SimResult
 from planc.workload import Request
@@ -49,62 +50,49 @@ from planc.workload import Request
 __all__ = ["simulate", "simulate_engines", "EngineRun", "step_time", "SimModel", "SimResult", "RequestRecord", "EngineConfig"]
 
 
-@dataclass(eq=False, slots=True)
-class _Seq:
-    record: RequestRecord
-    variant: int
-    prompt: int
-    max_tokens: int
-    generated: int = 0
-    total: int = 0
-    """prompt + generated: every token the sequence has, the pending one included."""
-    computed: int = 0
-    """Tokens whose K/V are cached (0 again after a preemption)."""
-    pages: int = 0
-    """Pages held in each KV layer."""
-    admitted: int = 0
-    """Admission order (the engine compares admission times)."""
-    scheduled: int = 0
-    """Tokens this step computes: all pending ones, or a prompt chunk (chunked prefill)."""
+class _Replica(Scheduler):
+    """One replica: the engine's queues, its KV pages (a sequence holds its pages in every KV layer of the
+    chain) and its steps."""
 
-    def __post_init__(self) -> None:
-        self.total = self.prompt + self.generated
-
-    @property
-    def pending(self) -> int:
-        return self.total - self.computed
-
-
-@dataclass
-class _Replica:
-    index: int
-    num_pages: int
-    waiting: deque = field(default_factory=deque)
-    running: list = field(default_factory=list)
-    work: list = field(default_factory=list)
-    busy_s: float = 0.0
-    num_steps: int = 0
-    preemptions: int = 0
-    server_toll_s: float = 0.0
-    """What the server's work since the last step started costs the engine thread (tokens streamed,
-    requests parsed); the next step pays it, less what the engine spent idle meanwhile."""
-    last_end: float = 0.0
-    """When the last step ended (the engine is idle from then until its next step starts)."""
-
-    def __post_init__(self) -> None:
-        self.free = self.num_pages
+    def __init__(self, index: int, num_pages: int, config: EngineConfig, num_kv_layers: int, token_s: float):
+        super().__init__(config, token_s)
+        self.index, self.num_pages, self.free, self.num_kv_layers = index, num_pages, num_pages, num_kv_layers
+        self.work: list[SimSeq] = []
+        self.busy_s = 0.0
+        self.num_steps = 0
+        self.server_toll_s = 0.0
+        """What the server's work since the last step started costs the engine thread (tokens streamed,
+        requests parsed); the next step pays it, less what the engine spent idle meanwhile."""
+        self.last_end = 0.0
+        """When the last step ended (the engine is idle from then until its next step starts)."""
 
     @property
     def load(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    def _reserve_kv(self, seq: SimSeq) -> bool:
+        """Grow `seq` to hold all its tokens in every KV layer, or change nothing."""
+        need = -(-seq.total // self.cfg.page_size)
+        if need <= seq.pages:
+            return True
+        extra = self.num_kv_layers * (need - seq.pages)
+        if extra > self.free:
+            return False
+        self.free -= extra
+        seq.pages = need
+        return True
+
+    def _free_kv(self, seq: SimSeq) -> None:
+        self.free += seq.pages * self.num_kv_layers
+        seq.pages = 0
+
 
 class _Engine:
-    """One replica's scheduling decisions, mirroring planc.runtime.engine.Engine."""
+    """Drives one engine's replicas step by step (the scheduling decisions are `planc.sim_sched`'s) and
+    charges each step its time and the HTTP server's toll."""
 
     def __init__(self, model: SimModel, cost_model: CostModel, config: EngineConfig, server: bool = False):
         self.model, self.cfg = model, config
-        self._admissions = 0
         self.steps = StepModel(model, cost_model, config)
         ov = cost_model.device.overheads
         self.token_s = ov.server_token_us * 1e-6 if server else 0.0
@@ -112,30 +100,17 @@ class _Engine:
         self.toll_token_s = ov.engine_token_us * 1e-6 if server else 0.0
         self.toll_request_s = ov.engine_request_us * 1e-6 if server else 0.0
 
-    def _reserve_kv(self, r: _Replica, seq: _Seq) -> bool:
-        """Grow `seq` to hold all its tokens in every KV layer, or change nothing."""
-        need = -(-seq.total // self.cfg.page_size)
-        if need <= seq.pages:
-            return True
-        extra = self.model.num_kv_layers * (need - seq.pages)
-        if extra > r.free:
-            return False
-        r.free -= extra
-        seq.pages = need
-        return True
-
-    def _free_kv(self, r: _Replica, seq: _Seq) -> None:
-        r.free += seq.pages * self.model.num_kv_layers
-        seq.pages = 0
+    def replica(self, index: int, num_pages: int) -> _Replica:
+        return _Replica(index, num_pages, self.cfg, self.model.num_kv_layers, self.token_s)
 
     # ------------------------------------------------------------------ one step
     def start_step(self, r: _Replica, now: float) -> Optional[float]:
         """Admit, reserve KV (preempting), and return when the step's forward ends (None: idle)."""
         while True:
-            self._admit(r)
+            r.admit()
             if not r.running:
                 return None
-            r.work = self._reserve(r, now)
+            r.work = r.reserve(r.running, now)
             if r.work:
                 break
         self._idle_until(r, now)
@@ -157,80 +132,12 @@ class _Engine:
         r.server_toll_s = max(0.0, r.server_toll_s - (now - r.last_end))
         r.last_end = now
 
-    def _admit(self, r: _Replica) -> None:
-        """Admit while this step has tokens left (prompts are chunked, so any admitted prompt makes progress)."""
-        cap = self.cfg.max_batch_tokens
-        budget = cap - sum(min(s.pending, cap) for s in r.running)
-        while r.waiting and len(r.running) < self.cfg.max_running and (budget > 0 or not r.running):
-            seq = r.waiting[0]
-            if not self._reserve_kv(r, seq):
-                break
-            r.waiting.popleft()
-            self._admissions += 1
-            seq.admitted = self._admissions
-            r.running.append(seq)
-            budget -= seq.pending
-
-    def _reserve(self, r: _Replica, now: float) -> list[_Seq]:
-        work = []
-        for seq in sorted(r.running, key=lambda s: s.admitted):
-            if seq not in r.running:
-                continue  # preempted below, while making room for an older sequence
-            while not self._reserve_kv(r, seq):
-                others = [s for s in r.running if s is not seq]
-                if not others:  # cannot happen for requests that passed the capacity check
-                    self._finish(r, seq, now, "error")
-                    break
-                self._preempt(r, max(others, key=lambda s: s.admitted))
-            else:
-                work.append(seq)
-        return self._schedule([s for s in work if s in r.running])
-
-    def _schedule(self, work: list[_Seq]) -> list[_Seq]:
-        """The step's token budget: one token per decode first, then prompt chunks, each in admission order."""
-        budget, out = self.cfg.max_batch_tokens, []
-        for seq in sorted(work, key=lambda s: s.pending > 1):  # stable sort: admission order within each
-            seq.scheduled = min(seq.pending, budget)
-            if seq.scheduled:
-                out.append(seq)
-                budget -= seq.scheduled
-        return out
-
-    def _preempt(self, r: _Replica, seq: _Seq) -> None:
-        self._free_kv(r, seq)
-        seq.computed = 0
-        r.running.remove(seq)
-        r.waiting.appendleft(seq)
-        r.preemptions += 1
-        seq.record.num_preemptions += 1
-
     def end_step(self, r: _Replica, now: float) -> None:
-        """Every sequence whose pending tokens the step completed samples one token at `now`; over HTTP the
-        client sees it when the server thread has streamed the tokens before it and this one."""
-        sampled = 0
-        for seq in r.work:
-            seq.computed += seq.scheduled
-            if seq.pending:
-                continue  # a prompt chunk: no token yet
-            seq.generated += 1
-            seq.total += 1
-            sampled += 1
-            rec = seq.record
-            seen = now + sampled * self.token_s
-            if rec.first_token_s is None:
-                rec.first_token_s = seen
-            rec.last_token_s = seen
-            rec.num_tokens = seq.generated
-            if seq.generated >= seq.max_tokens or seq.total >= self.cfg.max_model_len:
-                self._finish(r, seq, seen, "ok")
-        r.server_toll_s += sampled * self.toll_token_s  # streamed while the next step runs
+        """The step's sequences sample (`Scheduler.sample`); the server streams their tokens while the
+        next step runs, which pays for it."""
+        sampled = r.sample(r.work, now)
+        r.server_toll_s += sampled * self.toll_token_s
         r.work, r.last_end = [], now
-
-    def _finish(self, r: _Replica, seq: _Seq, now: float, status: str) -> None:
-        self._free_kv(r, seq)
-        r.running.remove(seq)
-        seq.record.finish_s = now
-        seq.record.status = status
 
 
 def simulate(model: SimModel, cost_model: CostModel, requests: Sequence[Request],
@@ -307,7 +214,7 @@ class _Fleet:
         page_bytes = cfg.page_size * model.kv_bytes_per_token
         self.num_pages = max(1, int(cfg.kv_cache_bytes // page_bytes)) if page_bytes else 1 << 62
         self.capacity = (self.num_pages // model.num_kv_layers) * cfg.page_size if model.num_kv_layers else 1 << 62
-        self.reps = [_Replica(i, self.num_pages) for i in range(run.replicas)]
+        self.reps = [self.sim.replica(i, self.num_pages) for i in range(run.replicas)]
         self.order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))
         self.records = [RequestRecord(i, r.variant, r.arrival_s, r.prompt_tokens, r.output_tokens)
                         for i, r in enumerate(requests)]
@@ -348,7 +255,7 @@ def step_time(model: SimModel, cost_model: CostModel, batch: Sequence[tuple],
     index = {name: i for i, name in enumerate(model.variants)}
     work = []
     for i, (v, total, cached, *scheduled) in enumerate(batch):
-        seq = _Seq(RequestRecord(i, v, 0.0, total, 1), index[v], total, 1, computed=cached)
+        seq = SimSeq(RequestRecord(i, v, 0.0, total, 1), index[v], total, 1, computed=cached)
         seq.scheduled = scheduled[0] if scheduled else total - cached
         work.append(seq)
     return StepModel(model, cost_model, engine or EngineConfig()).step_time(work)
@@ -365,5 +272,5 @@ def _route(reps: list[_Replica], rec: RequestRecord, req: Request, index: dict[s
         rec.status, rec.finish_s = "refused", now
         return None
     rec.replica = r.index
-    r.waiting.append(_Seq(rec, index[req.variant], req.prompt_tokens, req.output_tokens))
+    r.waiting.append(SimSeq(rec, index[req.variant], req.prompt_tokens, req.output_tokens))
     return r.index
