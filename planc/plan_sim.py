@@ -118,13 +118,14 @@ def simulated_capacity(program: Program, plan: Plan, cost_model: CostModel, atta
     (a pipelined group can beat the cost model's figure) and the doubled rate's trial fits in
     `max_requests`, then bisection.
 
-    Each trial's arrivals span at least 20 s and five TTFT budgets (up to `max_requests`): a burst
-    that the engines absorb at once within the TTFT says nothing about the rate they sustain, and
-    a backlog that grows by a few percent of the rate needs that long to break the TTFT."""
+    Each trial's arrivals span at least 20 s and five TTFT budgets, however many requests that takes
+    at its rate: a burst that the engines absorb at once within the TTFT says nothing about the rate
+    they sustain, and a backlog that grows by a few percent of the rate needs that long to break the
+    TTFT. (Capping a trial at `max_requests` had let trials of high-rate plans span 5 s and pass.)"""
     span_s = max(20.0, 5 * plan.settings["slo"]["ttft_ms"] / 1e3)
 
     def meets(rate: float) -> bool:
-        n = min(max_requests, max(num_requests, int(rate * span_s)))
+        n = max(num_requests, int(rate * span_s))
         return (simulate_plan(program, plan, cost_model, rate, n)["slo"]["attainment"] or 0.0) >= attainment
 
     lo, hi = 0.0, max(plan.predicted["throughput_rps"], 1e-6) * 2

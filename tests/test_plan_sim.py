@@ -292,3 +292,22 @@ def test_stages_and_copies_follow_the_ray_layout(trunk_program):
             for a in actors:
                 assert all(len(stage[v]) == a.copies for v in a.variants)
                 assert [sorted({node for node, _ in c.devices}) for c in stage[a.variants[0]]] == [[n] for n in a.nodes]
+
+
+def test_every_capacity_trial_spans_twenty_seconds_at_its_rate(monkeypatch):
+    """A high-rate trial is not cut to `max_requests`: a 5 s burst would pass within a 3 s TTFT."""
+    from types import SimpleNamespace
+
+    import planc.plan_sim as plan_sim
+
+    trials = []
+
+    def fake(program, plan, cost_model, rate, num_requests, seed=0):
+        trials.append((rate, num_requests))
+        return {"slo": {"attainment": 1.0 if rate < 500 else 0.5}}
+
+    monkeypatch.setattr(plan_sim, "simulate_plan", fake)
+    plan = SimpleNamespace(predicted={"throughput_rps": 400.0}, settings={"slo": {"ttft_ms": 3000.0}})
+    capacity = plan_sim.simulated_capacity(None, plan, None, max_requests=3000)
+    assert 450 <= capacity < 500
+    assert trials and all(n >= int(rate * 20) for rate, n in trials)
