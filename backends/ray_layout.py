@@ -98,12 +98,9 @@ def layout_for(variants: list[str], chain_length: int, plan: Optional[Plan], dev
     shares = _device_shares(plan)
     gpu = device_kind == "gpu"
     actors = []
-    for i, r in enumerate(ranges):
-        for g in plan.groups:
-            lo, hi = g["first_position"], g["first_position"] + g["num_blocks"]
-            if r.start < lo or r.stop > hi:
-                continue  # stage_ranges cuts at every group boundary: a group covers a stage or misses it
-            copies = _copies(plan, g["id"])
+    for i, (r, groups) in enumerate(plan.stage_groups(chain_length)):
+        for g in groups:
+            copies = plan.copies(g["id"])
             names = {_block_name(p, chain_length) for p in r}
             copy_shares, nodes = [], []
             for copy in copies:
@@ -117,18 +114,6 @@ def layout_for(variants: list[str], chain_length: int, plan: Optional[Plan], dev
     nodes_used = len({p.node for p in plan.placements}) or 1
     return RayLayout("gpu" if gpu else "cpu", [(r.start, r.stop) for r in ranges], actors, nodes=nodes_used,
                      devices_per_node=devices_per_node if gpu else 0, cluster=plan.cluster)
-
-
-def _copies(plan: Plan, group: str) -> list[list[StagePlacement]]:
-    """The group's copies, each its pipeline stages in order. Placements come layout by layout, copy by
-    copy, stage by stage (replica numbers restart per layout), so a copy starts at each stage 0."""
-    copies: list[list[StagePlacement]] = []
-    for p in plan.placements:
-        if p.group == group:
-            if p.stage == 0 or not copies:
-                copies.append([])
-            copies[-1].append(p)
-    return copies
 
 
 def _device_shares(plan: Plan) -> dict[int, float]:

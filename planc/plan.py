@@ -159,6 +159,25 @@ class Plan:
                 caps[key] = max(caps.get(key, 0), batch)
         return caps
 
+    def copies(self, group: str) -> list[list[StagePlacement]]:
+        """A group's copies, each its pipeline stages in order. Placements come layout by layout, copy
+        by copy, stage by stage (`passes.parallelize.to_plan`; replica numbers restart per layout), so
+        a copy starts at each stage 0."""
+        out: list[list[StagePlacement]] = []
+        for p in self.placements:
+            if p.group == group:
+                if p.stage == 0 or not out:
+                    out.append([])
+                out[-1].append(p)
+        return out
+
+    def stage_groups(self, chain_length: int) -> list[tuple[range, list[dict[str, Any]]]]:
+        """Each of `stage_ranges` with the groups that serve it: the stages are cut at every group
+        boundary, so a group covers a stage whole or misses it."""
+        return [(r, [g for g in self.groups
+                     if g["first_position"] <= r.start and r.stop <= g["first_position"] + g["num_blocks"]])
+                for r in self.stage_ranges(chain_length)]
+
     def engine_limits(self, chain_length: int, tokens_per_copy: int) -> tuple[int, int]:
         """(max_running, max_batch_tokens) of the one engine that drives the plan's deployment.
 
@@ -167,16 +186,11 @@ class Plan:
         fewest copies, since a stage's copies run their calls side by side; an engine-wide budget of
         one copy's would cap a deployment of many replicas at one replica's prefill rate.
         """
-        batches: dict[str, list[int]] = {}
-        for p in self.placements:
-            if p.stage == 0:
-                batches.setdefault(p.group, []).append(p.batch)
         room, copies = [], []
-        for r in self.stage_ranges(chain_length):
-            serving = [g["id"] for g in self.groups
-                       if g["first_position"] <= r.start and r.stop <= g["first_position"] + g["num_blocks"]]
-            room.append(sum(sum(batches.get(gid, [])) for gid in serving))
-            copies.append(sum(len(batches.get(gid, [])) for gid in serving))
+        for _, groups in self.stage_groups(chain_length):
+            serving = [copy for g in groups for copy in self.copies(g["id"])]
+            room.append(sum(copy[0].batch for copy in serving))
+            copies.append(len(serving))
         return max(1, min(room, default=1)), tokens_per_copy * max(1, min(copies, default=1))
 
     def stage_ranges(self, chain_length: int) -> list[range]:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 
 from planc.cost import CostModel
-from planc.plan import Plan, StagePlacement
+from planc.plan import Plan
 from planc.program import Program
 from planc.runtime.engine import EngineConfig, plan_lanes
 from planc.sim_model import SimModel
@@ -49,19 +49,16 @@ def staged_run(program: Program, plan: Plan, requests: list[Request]) -> StagedR
     costs, traffic = inputs["costs"], inputs["traffic"]
     names = list(costs)  # block names in chain order
     context = traffic.prompt_tokens + traffic.output_tokens
-    ranges = plan.stage_ranges(len(names))
+    stage_groups = plan.stage_groups(len(names))
     stages = []
-    for r in ranges:
+    for r, groups in stage_groups:
         actors = {}
-        for g in plan.groups:
-            lo, hi = g["first_position"], g["first_position"] + g["num_blocks"]
-            if r.start < lo or r.stop > hi:
-                continue  # stages are cut at group boundaries: a group covers a stage or misses it
+        for g in groups:
             cap = min(256, max((lay["batch"] for lay in g["layouts"]), default=1))
-            keys = g["instance_keys"][r.start - lo:r.stop - lo]
+            keys = g["instance_keys"][r.start - g["first_position"]:r.stop - g["first_position"]]
             models: dict[int, SimModel] = {}
             copies = []
-            for copy in plan_copies(plan, g["id"]):
+            for copy in plan.copies(g["id"]):
                 hit = [p for p in copy if set(p.blocks) & set(names[r.start:r.stop])] or copy[:1]
                 tp = max(p.tp for p in hit)
                 if tp not in models:
@@ -75,20 +72,8 @@ def staged_run(program: Program, plan: Plan, requests: list[Request]) -> StagedR
         stages.append(actors)
     running, tokens = plan.engine_limits(len(names), max(2048, int(traffic.prompt_tokens) * 2))
     config = EngineConfig(max_running=running, max_batch_tokens=tokens,
-                          max_queue=1 << 30, max_model_len=int(context * 4), lanes=plan_lanes(plan, len(ranges)))
+                          max_queue=1 << 30, max_model_len=int(context * 4), lanes=plan_lanes(plan, len(stage_groups)))
     return StagedRun(stages, requests, config)
-
-
-def plan_copies(plan: Plan, group: str) -> list[list[StagePlacement]]:
-    """A group's copies, each its pipeline stages in order: placements come copy by copy, stage by
-    stage from stage 0 (`passes.parallelize.to_plan`), so a copy starts at each stage 0."""
-    copies: list[list[StagePlacement]] = []
-    for p in plan.placements:
-        if p.group == group:
-            if p.stage == 0 or not copies:
-                copies.append([])
-            copies[-1].append(p)
-    return copies
 
 
 def simulate_plan(program: Program, plan: Plan, cost_model: CostModel, rate: float, num_requests: int = 400,
