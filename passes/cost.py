@@ -18,7 +18,7 @@ from planc.cluster import Cluster, load_cluster
 from planc.cost import BlockCost, CostModel, arch_block_costs
 from planc.errors import SpecError
 from planc.pass_manager import Pass, PassContext
-from planc.plan import BlockGroup, LoraUse, groups_from_instances, parse_changes
+from planc.plan import BlockGroup, LoraUse, groups_from_instances, parse_changes, step_tokens
 from planc.program import Program
 from planc.workload import load_workload
 
@@ -215,7 +215,7 @@ class OptionBuilder:
         lp, lo = self.traffic.prompt_tokens, self.traffic.output_tokens
         weights = sum(self.costs[b].weight_bytes for b in stage)
         kv = pp * batch * (lp + lo) * sum(self.costs[b].kv_bytes_per_token for b in stage)
-        act = max(lp, batch) * max(self.costs[b].act_bytes_per_token for b in stage)
+        act = max(lp, step_tokens(batch, lp, lo)) * max(self.costs[b].act_bytes_per_token for b in stage)
         layers = sum(b.startswith("layer.") for b in stage)
         adapters = sum(u.rank * self.lora_in_out * len(u.modules) * layers * self.cm.dtype_bytes for u in group.lora)
         return (weights + kv + act + adapters) / tp
@@ -227,9 +227,10 @@ class OptionBuilder:
         if sum(prefill) > self.ttft_budget_s * share:
             return []
         feasible = []
+        lo = self.traffic.output_tokens
         for batch in _BATCHES:
             decode = [self._stage_decode(s, tp, batch, i == pp - 1) for i, s in enumerate(stages)]
-            if sum(decode) > self.tpot_budget_s * share:
+            if sum(_loaded_steps(decode, prefill, batch, lo)) > self.tpot_budget_s * share:
                 break
             memory = tuple(self._memory(group, s, tp, pp, batch) for s in stages)
             if max(memory) > self.cluster.device.usable_bytes:
@@ -238,12 +239,12 @@ class OptionBuilder:
         # the largest SLO-feasible batch, and a quarter of it for when memory is tight
         chosen = feasible[-1:] + ([feasible[-3]] if len(feasible) >= 3 else [])
         out = []
-        lo = self.traffic.output_tokens
         single = feasible[0][1] if feasible else []
         for batch, decode, memory in chosen:
             full = [d / batch * lo + p for d, p in zip(decode, prefill)]
+            tpot = sum(_loaded_steps(decode, prefill, batch, lo))
             # A request stays for the whole chain's latency, which the group's part of it is `share` of.
-            e2e = (sum(prefill) + lo * sum(decode)) / share
+            e2e = (sum(prefill) + lo * tpot) / share
             cap = min(1.0 / max(full), pp * batch / e2e)
             if batch > 1:
                 # decode step time ~ fixed (weights) + per sequence: the fixed part is paid per copy
@@ -253,8 +254,16 @@ class OptionBuilder:
             else:
                 tau, busy = tuple(full), ()
             out.append(GroupOption(group.id, pp, tp, batch, tuple(stages), memory, tau, cap,
-                                   tpot_s=sum(decode), ttft_s=sum(prefill), copy_busy=busy))
+                                   tpot_s=tpot, ttft_s=sum(prefill), copy_busy=busy))
         return out
+
+
+def _loaded_steps(decode: list[float], prefill: list[float], batch: int, output_tokens: float) -> list[float]:
+    """Per stage, a decode step's time when the copy holds `batch` sequences at its capacity: the engine
+    puts decodes and prompt chunks in one step (chunked prefill), so in steady state each step also
+    carries the prompts of the sequences that replace those finishing, batch / output_tokens
+    requests' prefill per step, and every decode in it waits for them."""
+    return [d + batch * p / output_tokens for d, p in zip(decode, prefill)]
 
 
 class CostPass(Pass):

@@ -105,6 +105,21 @@ def parse_changes(changes: list[str], num_layers: int, where: str) -> set[str]:
     return out
 
 
+STEP_HEADROOM = 1.25
+"""A step's token budget over what it carries on average at capacity: arrivals come in bursts."""
+
+
+def step_tokens(batch: int, prompt_tokens: float, output_tokens: float) -> int:
+    """Tokens a copy's step carries when it holds `batch` sequences at its capacity, with headroom:
+    one per decode, and the prompts of the batch / output_tokens sequences that replace those
+    finishing each step (chunked prefill puts both in one step).
+
+    >>> step_tokens(512, 512, 128)  # 512 decodes + 4 x 512 prompt tokens, x 1.25
+    3200
+    """
+    return int(round(batch * (1 + prompt_tokens / output_tokens) * STEP_HEADROOM))
+
+
 @dataclass
 class StagePlacement:
     """One copy of one pipeline stage of a group, on `tp` devices of one node."""
@@ -182,16 +197,20 @@ class Plan:
         """(max_running, max_batch_tokens) of the one engine that drives the plan's deployment.
 
         Sequences: as many as the stage with the least room holds (the decode batches of the copies
-        serving it, summed). Tokens per step: `tokens_per_copy` for each copy of the stage with the
-        fewest copies, since a stage's copies run their calls side by side; an engine-wide budget of
-        one copy's would cap a deployment of many replicas at one replica's prefill rate.
+        serving it, summed). Tokens per step: per copy of a stage, what its step carries at the
+        planned load (`step_tokens`: its batch's decodes and the prompts replacing those that finish,
+        with headroom) and at least `tokens_per_copy`, summed over the stage's copies, since they run
+        their calls side by side; the stage with the smallest sum sets it. A budget below that
+        admits prompts more slowly than they arrive at the plan's throughput.
         """
-        room, copies = [], []
+        prompt, output = self.settings.get("prompt_tokens"), self.settings.get("output_tokens")
+        room, tokens = [], []
         for _, groups in self.stage_groups(chain_length):
             serving = [copy for g in groups for copy in self.copies(g["id"])]
             room.append(sum(copy[0].batch for copy in serving))
-            copies.append(len(serving))
-        return max(1, min(room, default=1)), tokens_per_copy * max(1, min(copies, default=1))
+            tokens.append(sum(max(tokens_per_copy, step_tokens(copy[0].batch, prompt, output) if prompt and output
+                                  else 0) for copy in serving))
+        return max(1, min(room, default=1)), max(tokens_per_copy, min(tokens, default=1))
 
     def stage_ranges(self, chain_length: int) -> list[range]:
         """Chain positions cut where groups end and where the busiest layout of a group cuts its pipeline:

@@ -17,8 +17,9 @@ What is modelled (`planc.sim_stages` has the engine's side):
 - A request's TTFT and TPOT are those of its one pass through the chain, stage after stage.
 - Engine settings from the plan: each copy's KV holds its layout's batch of sequences at the
   traffic's mean context (x1.25); max_running and the token budget per step are the plan's
-  `engine_limits`, as `planc serve` sets them (the budget at max(2048, 2 x the mean prompt) per copy
-  of the stage with the fewest copies); each block's batch cap is its group's largest layout batch;
+  `engine_limits`, as `planc serve` sets them (the budget per copy of a stage: what its step carries
+  at capacity, at least max(2048, 2 x the mean prompt)); each block's batch cap is its group's
+  largest layout batch;
   the lanes as above. The bundle's `serving` settings are not consulted.
 
 Not modelled: LoRA adapters' delta calls (a LoRA variant runs its group's base blocks), the

@@ -69,6 +69,37 @@ def test_cost_model_counts_match_the_architecture():
     assert cm.block_time(layer, tp=4, prefill_tokens=4096) < big / 3
 
 
+def test_options_charge_each_decode_step_the_prompts_it_carries(tmp_path):
+    """At capacity a copy's step also prefills the prompts of the batch / output_tokens sequences that
+    replace those finishing (chunked prefill): an option's TPOT is that step's time, and the largest
+    batch kept is the largest whose loaded step (not its bare decode) meets the TPOT SLO."""
+    from planc.passes.cost import OptionBuilder, chain_block_names
+    from planc.plan import BlockGroup
+
+    program = plan(_spec(tmp_path, 1, 0, "{cluster: 8xH100-80GB, prompt_tokens: 2048, output_tokens: 64, "
+                                          "slo: {tpot_ms: 60, ttft_ms: 3000}}"))
+    inputs = program.extras["plan_inputs"]
+    costs, cluster = inputs["costs"], inputs["cluster"]
+    builder = OptionBuilder.for_program(program, costs, cluster, inputs["traffic"])
+    blocks = tuple(chain_block_names(80))
+    group = BlockGroup("whole", blocks, 0, blocks, ("base",))
+    cm = CostModel.for_cluster(cluster, 2)
+    options = [o for o in builder.options(group) if o.pp == 1 and o.tp == 8]
+    assert options
+    prefill = sum(cm.block_time(costs[b], 8, prefill_tokens=2048) for b in blocks)
+
+    def loaded(batch):
+        ctx = batch * (2048 + 32)
+        decode = sum(cm.block_time(costs[b], 8, decode_seqs=batch, context_tokens=ctx) for b in blocks)
+        return decode + batch * prefill / 64, decode
+
+    for o in options:
+        assert o.tpot_s == pytest.approx(loaded(o.batch)[0], rel=1e-9)
+    top = max(o.batch for o in options)
+    assert loaded(top)[0] <= 0.060 < loaded(2 * top)[0]
+    assert loaded(2 * top)[1] <= 0.060  # the bare decode step of twice the batch would have passed
+
+
 def test_llama70b_16_variants_on_8_h100(tmp_path):
     spec = _spec(tmp_path, 12, 4, "{cluster: 8xH100-80GB, time_limit_s: 3, slo: {tpot_ms: 100, ttft_ms: 3000}}")
     program = plan(spec)
@@ -180,14 +211,19 @@ def test_engine_limits_follow_the_plans_copies(tiny_example, tmp_path):
     chain_length = len(next(iter(b.variants.values()))["chain"])
     running, tokens = b.plan.engine_limits(chain_length, 100)
     cfg = engine_config(b, ServeOptions())
-    assert (cfg.max_running, cfg.max_batch_tokens) == (running, tokens * default_batch_tokens() // 100)
-    # by hand: every stage's copies, their batches summed
+    assert (cfg.max_running, cfg.max_batch_tokens) == b.plan.engine_limits(chain_length, default_batch_tokens())
+    # by hand: every stage's copies, their batches summed; per copy, the tokens its step carries at
+    # capacity (its batch's decodes, 512 / 128 prompt tokens per decode, x 1.25), at least 100
     stages = b.plan.stage_ranges(chain_length)
     per_stage = [[p for p in b.plan.placements if p.stage == 0 and any(
         g["id"] == p.group and g["first_position"] <= r.start and r.stop <= g["first_position"] + g["num_blocks"]
         for g in b.plan.groups)] for r in stages]
+    assert (b.plan.settings["prompt_tokens"], b.plan.settings["output_tokens"]) == (512, 128)
     assert running == min(sum(p.batch for p in ps) for ps in per_stage)
-    assert tokens == 100 * min(len(ps) for ps in per_stage)
+    assert tokens == min(sum(max(100, round(p.batch * 5 * 1.25)) for p in ps) for ps in per_stage) > 100
+    # a plan that does not record its traffic: the per-copy default for each copy
+    bare = Plan.from_json({**b.plan.to_json(), "settings": {}})
+    assert bare.engine_limits(chain_length, 100)[1] == 100 * min(len(ps) for ps in per_stage)
     # two replicas of everything: twice the room and twice the budget
     doubled = Plan.from_json(b.plan.to_json())
     doubled.placements += [dataclasses.replace(p, replica=p.replica + 100) for p in doubled.placements]
