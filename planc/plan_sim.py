@@ -55,7 +55,7 @@ def staged_run(program: Program, plan: Plan, requests: list[Request]) -> StagedR
     for r, groups in stage_groups:
         actors = {}
         for g in groups:
-            cap = min(256, max((lay["batch"] for lay in g["layouts"]), default=1))
+            cap = max((lay["batch"] for lay in g["layouts"]), default=1)
             keys = g["instance_keys"][r.start - g["first_position"]:r.stop - g["first_position"]]
             models: dict[int, SimModel] = {}
             copies = []

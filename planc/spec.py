@@ -101,9 +101,11 @@ class ServingSettings(_Strict):
     (`Plan.engine_limits`); without one, 64."""
     max_batch_tokens: Optional[int] = Field(None, ge=1)
     """Tokens per engine step: one per decoding sequence, then prompt chunks (chunked prefill).
-    Default: 512 on a CPU, 2048 on a GPU, per copy of the plan's narrowest stage when the bundle has a plan."""
+    Default: 512 on a CPU, 2048 on a GPU; with a plan in the bundle, per copy of a stage what its step
+    carries at the plan's load, at least that default, summed over the copies (`Plan.engine_limits`)."""
     block_batch_cap: int = Field(256, ge=1)
-    """Most sequences one block runs in one batched call."""
+    """Most sequences one block runs in one batched call. Unset, with a plan in the bundle: each
+    planned block its layout's decode batch (one call, as the planner costed it); others 256."""
     max_queue: int = Field(256, ge=1)
     """Waiting requests before new ones get HTTP 429."""
     max_model_len: Optional[int] = Field(None, ge=1)

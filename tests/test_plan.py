@@ -176,6 +176,12 @@ def test_compiled_bundle_embeds_the_plan_and_the_engine_follows_it(tiny_example,
     assert [p for r in cfg.stage_positions for p in r] == list(range(chain_len))
     assert len(cfg.stage_positions) >= 2  # the shared trunk and the private tops are separate stages
     assert set(cfg.block_caps) <= set(b.blocks) and cfg.block_caps
+    # each planned block runs its layout's decode batch in one call, as the planner costed it, even
+    # past the runtime's default cap of 256; model.yaml's serving.block_batch_cap still caps it
+    assert cfg.block_caps == b.plan.block_batch_caps() and max(cfg.block_caps.values()) > 256
+    b.manifest["serving"] = {"block_batch_cap": 8}
+    capped = engine_config(b, ServeOptions(None, None, None, None, 1))
+    assert set(capped.block_caps.values()) == {8} and capped.block_batch_cap == 8
 
 
 def test_simulation_ranks_candidates_and_predicts_the_plans_latency(tmp_path):

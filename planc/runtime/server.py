@@ -76,7 +76,9 @@ def engine_config(bundle: Bundle, options: ServeOptions) -> EngineConfig:
     caps, stages, lanes = {}, None, options.lanes
     running, tokens = 64, default_batch_tokens()
     if bundle.plan is not None:  # the runtime follows the plan: batch caps, stages, lanes, engine limits
-        caps = {k: min(c, s.get("block_batch_cap", 256)) for k, c in bundle.plan.block_batch_caps().items()}
+        # a planned block runs its layout's decode batch in one call, as the planner costed it (a split
+        # call streams the weights again), unless model.yaml's serving sets a cap
+        caps = {k: min(c, s.get("block_batch_cap", c)) for k, c in bundle.plan.block_batch_caps().items()}
         chain_length = len(next(iter(bundle.variants.values()))["chain"])
         stages = bundle.plan.stage_ranges(chain_length)
         if lanes is None:
