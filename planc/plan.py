@@ -196,20 +196,21 @@ class Plan:
     def engine_limits(self, chain_length: int, tokens_per_copy: int) -> tuple[int, int]:
         """(max_running, max_batch_tokens) of the one engine that drives the plan's deployment.
 
-        Sequences: as many as the stage with the least room holds (the decode batches of the copies
-        serving it, summed). Tokens per step: per copy of a stage, what its step carries at the
-        planned load (`step_tokens`: its batch's decodes and the prompts replacing those that finish,
-        with headroom) and at least `tokens_per_copy`, summed over the stage's copies, since they run
-        their calls side by side; the stage with the smallest sum sets it. A budget below that
-        admits prompts more slowly than they arrive at the plan's throughput.
+        Sequences: as many as the stage with the least room holds (what the copies serving it hold,
+        summed: a copy with pipeline depth pp holds pp lanes of its layout's decode batch, as the
+        planner sized its KV). Tokens per step: per copy of a stage, what its steps carry at the
+        planned load (`step_tokens` of the sequences it holds: their decodes and the prompts replacing
+        those that finish, with headroom) and at least `tokens_per_copy`, summed over the stage's
+        copies, since they run their calls side by side; the stage with the smallest sum sets it. A
+        budget below that admits prompts more slowly than they arrive at the plan's throughput.
         """
         prompt, output = self.settings.get("prompt_tokens"), self.settings.get("output_tokens")
         room, tokens = [], []
         for _, groups in self.stage_groups(chain_length):
-            serving = [copy for g in groups for copy in self.copies(g["id"])]
-            room.append(sum(copy[0].batch for copy in serving))
-            tokens.append(sum(max(tokens_per_copy, step_tokens(copy[0].batch, prompt, output) if prompt and output
-                                  else 0) for copy in serving))
+            held = [len(copy) * copy[0].batch for g in groups for copy in self.copies(g["id"])]
+            room.append(sum(held))
+            tokens.append(sum(max(tokens_per_copy, step_tokens(n, prompt, output) if prompt and output else 0)
+                              for n in held))
         return max(1, min(room, default=1)), max(tokens_per_copy, min(tokens, default=1))
 
     def stage_ranges(self, chain_length: int) -> list[range]:

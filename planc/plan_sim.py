@@ -15,8 +15,8 @@ What is modelled (`planc.sim_stages` has the engine's side):
   of copies that share a device (the plan packs groups together) are time-sliced, so they slow
   each other (`planc.sim_devices`).
 - A request's TTFT and TPOT are those of its one pass through the chain, stage after stage.
-- Engine settings from the plan: each copy's KV holds its layout's batch of sequences at the
-  traffic's mean context (x1.25); max_running and the token budget per step are the plan's
+- Engine settings from the plan: each copy's KV holds its layout's batch of sequences per pipeline
+  stage of the layout (pp lanes of it, as the planner sizes KV) at the traffic's mean context (x1.25); max_running and the token budget per step are the plan's
   `engine_limits`, as `planc serve` sets them (the budget per copy of a stage: what its step carries
   at capacity, at least max(2048, 2 x the mean prompt)); each block's batch cap is its group's
   largest layout batch;
@@ -66,7 +66,7 @@ def staged_run(program: Program, plan: Plan, requests: list[Request]) -> StagedR
                     block_costs = {key: dataclasses.replace(costs[names[pos]], tp=tp) for pos, key in zip(r, keys)}
                     chain = [(key, None) for key in keys]
                     models[tp] = SimModel.from_data({v: chain for v in g["users"]}, block_costs)
-                batch = max(p.batch for p in hit)
+                batch = len(copy) * max(p.batch for p in hit)  # pp lanes of its batch, as the planner sized its KV
                 devices = {(p.node, d): 1.0 for p in hit for d in p.devices}
                 copies.append(CopySpec(models[tp], devices, int(batch * context * KV_HEADROOM), cap))
             actors.update({v: copies for v in g["users"]})

@@ -224,9 +224,13 @@ def test_engine_limits_follow_the_plans_copies(tiny_example, tmp_path):
     per_stage = [[p for p in b.plan.placements if p.stage == 0 and any(
         g["id"] == p.group and g["first_position"] <= r.start and r.stop <= g["first_position"] + g["num_blocks"]
         for g in b.plan.groups)] for r in stages]
+    depth = {(p.group, p.replica, p.batch, p.tp): 0 for p in b.plan.placements}
+    for p in b.plan.placements:
+        depth[(p.group, p.replica, p.batch, p.tp)] += 1
+    held = [[depth[(p.group, p.replica, p.batch, p.tp)] * p.batch for p in ps] for ps in per_stage]
     assert (b.plan.settings["prompt_tokens"], b.plan.settings["output_tokens"]) == (512, 128)
-    assert running == min(sum(p.batch for p in ps) for ps in per_stage)
-    assert tokens == min(sum(max(100, round(p.batch * 5 * 1.25)) for p in ps) for ps in per_stage) > 100
+    assert running == min(sum(h) for h in held)
+    assert tokens == min(sum(max(100, round(n * 5 * 1.25)) for n in h) for h in held) > 100
     # a plan that does not record its traffic: the per-copy default for each copy
     bare = Plan.from_json({**b.plan.to_json(), "settings": {}})
     assert bare.engine_limits(chain_length, 100)[1] == 100 * min(len(ps) for ps in per_stage)
@@ -235,3 +239,21 @@ def test_engine_limits_follow_the_plans_copies(tiny_example, tmp_path):
     doubled.placements += [dataclasses.replace(p, replica=p.replica + 100) for p in doubled.placements]
     assert doubled.engine_limits(chain_length, 100) == (2 * running, 2 * tokens)
     assert engine_config(b, ServeOptions(max_running=7)).max_running == 7
+
+
+def test_a_pipelined_copy_holds_a_batch_per_stage():
+    """A copy of pipeline depth pp holds pp lanes of its layout's batch (the planner sizes its KV so):
+    the engine's room and step budget count all of them."""
+    from planc.plan import Plan, StagePlacement, step_tokens
+
+    group = {"id": "g0", "blocks": ["embedding", "head"], "num_blocks": 4, "first_position": 0,
+             "instance_keys": list("abcd"), "users": ["base"], "share": 1.0, "lora": [],
+             "layouts": [{"pp": 2, "tp": 1, "batch": 8, "replicas": 1, "stage_blocks": [2, 2], "cap_rps": 1.0}]}
+    stages = [StagePlacement("g0", 0, i, blocks, (i,), 0, 1, 8, 1.0, 1.0)
+              for i, blocks in enumerate([("embedding", "layer.0"), ("layer.1", "head")])]
+    plan = Plan("c", "throughput", [group], stages, {}, {}, {"prompt_tokens": 300, "output_tokens": 100})
+    assert plan.engine_limits(4, 10) == (16, step_tokens(16, 300, 100)) == (16, 80)
+    plan.placements.append(dataclasses.replace(stages[0], replica=1, stage=0, devices=(2,)))  # and a pp 1 copy
+    plan.groups[0]["layouts"].append({"pp": 1, "tp": 1, "batch": 8, "replicas": 1, "stage_blocks": [4],
+                                      "cap_rps": 1.0})
+    assert plan.engine_limits(4, 10) == (16 + 8, 80 + 40)
