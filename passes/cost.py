@@ -61,6 +61,10 @@ class GroupOption:
     streams the stage's weights however few sequences it runs, about once per TPOT of the chain
     (empty: none). At `cap_rps` the two parts add up to the time of full-batch steps."""
 
+    fixed_s: tuple[float, ...] = ()
+    """Per stage, a one-sequence decode step: what every call of the stage costs whatever its size
+    (the weights it streams; `planc.lane_model` reads it). Empty: not given."""
+
     @property
     def num_devices(self) -> int:
         return self.pp * self.tp
@@ -254,7 +258,7 @@ class OptionBuilder:
             else:
                 tau, busy = tuple(full), ()
             out.append(GroupOption(group.id, pp, tp, batch, tuple(stages), memory, tau, cap,
-                                   tpot_s=tpot, ttft_s=sum(prefill), copy_busy=busy))
+                                   tpot_s=tpot, ttft_s=sum(prefill), copy_busy=busy, fixed_s=tuple(single)))
         return out
 
 

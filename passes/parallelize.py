@@ -20,6 +20,7 @@ from planc.pass_manager import Pass, PassContext
 from planc.passes.greedy import greedy_copies, pack_replicas
 from planc.passes.mip import (MIN_NODES, ROOT_NODES, Instance, Solution, group_shares, node_level_limit, relaxation_bound,
                               slots, solve as solve_exact, solve_nodes)
+from planc.lane_model import settle
 from planc.plan import BlockGroup, Plan, StagePlacement
 from planc.program import Program
 
@@ -228,7 +229,8 @@ def to_plan(inst: Instance, sol: Solution, cluster_name: str, settings: dict) ->
                 chosen.append({"pp": opt.pp, "tp": opt.tp, "batch": opt.batch, "replicas": replicas,
                                "stage_blocks": [len(st) for st in opt.stages],
                                "tpot_ms": opt.tpot_s * 1e3, "ttft_ms": opt.ttft_s * 1e3,
-                               "cap_rps": opt.cap_rps})
+                               "cap_rps": opt.cap_rps, "tau_ms": [t * 1e3 for t in opt.tau],
+                               "fixed_ms": [t * 1e3 for t in opt.fixed_s]})
         groups_out.append({"id": g.id, "blocks": [g.blocks[0], g.blocks[-1]], "num_blocks": g.num_positions,
                            "first_position": g.first_position, "instance_keys": list(g.instance_keys),
                            "users": list(g.users), "share": inst.shares[g.id], "layouts": chosen,
@@ -318,7 +320,7 @@ class ParallelizePass(Pass):
                          "max_replicas": settings.max_replicas}
         name = cluster.name or cluster.device.name
         program.plan = to_plan(inst, sol, name, params)
-        program.plan.settings = plan_settings
+        settle(program.plan, plan_settings)
         if opts.get("simulate", settings.simulate) and settings.objective == "throughput":
             program.plan = self._rank_by_simulation(program, inst, program.plan, name, params, plan_settings)
         return True
@@ -338,7 +340,7 @@ class ParallelizePass(Pass):
             if sol.copies:
                 sol.method = "greedy"
                 alt = to_plan(inst, sol, name, params)
-                alt.settings = plan_settings
+                settle(alt, plan_settings)
                 candidates.append(alt)
         for c in candidates:
             c.predicted["simulated_capacity_rps"] = simulated_capacity(program, c, cm)

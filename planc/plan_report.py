@@ -72,7 +72,8 @@ def print_plan(console: Console, plan: Plan, cluster_desc: str, usable_gb: float
         console.print(variant_table(plan))
     console.print(f"predicted throughput {p['throughput_rps']:.3g} req/s on {p['devices']} devices "
                   f"(SLO TPOT {plan.settings['slo']['tpot_ms']:g} ms, TTFT {plan.settings['slo']['ttft_ms']:g} ms; "
-                  f"mean prompt {plan.settings['prompt_tokens']:.0f}, output {plan.settings['output_tokens']:.0f} tokens)")
+                  f"mean prompt {plan.settings['prompt_tokens']:.0f}, output {plan.settings['output_tokens']:.0f} tokens)"
+                  + (f"; the engine keeps {plan.settings['lanes']} lane(s)" if plan.settings.get("lanes") else ""))
     console.print(solver_line(plan), markup=False)
     if "simulated_capacity_rps" in p:
         console.print(f"simulated on planc's runtime: {p['simulated_capacity_rps']:.3g} req/s with 90% of requests "

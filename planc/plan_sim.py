@@ -4,8 +4,8 @@ What is modelled (`planc.sim_stages` has the engine's side):
 - The stages are the plan's `stage_ranges` (cut at every group boundary and at the pipeline cuts of
   each group's busiest layout), as the runtime builds them; one engine schedules every sequence of
   the deployment (the Ray ingress runs one replica) and pipelines as many lanes as `planc serve`
-  gives it for the plan: its deepest pipeline (`planc.runtime.engine.plan_lanes`), at most one per
-  stage.
+  gives it for the plan (`planc.runtime.engine.plan_lanes`: the planner's choice, `planc.lane_model`),
+  at most one per stage.
 - At each stage every group that covers it has one actor with as many copies as the plan gives the
   group (its placements' replicas, across layouts), as `backends/ray_layout.py` lays them out; a
   copy runs its calls on the devices of its placement that holds the stage's blocks, with the block

@@ -58,11 +58,12 @@ def _score(program: Program, inst: Instance, copies: Optional[dict], simulate: b
     out = {"throughput_rps": sol.lam if sol.copies else 0.0, "fits": True}
     if simulate and sol.copies:
         from planc.cost import CostModel
+        from planc.lane_model import settle
         from planc.passes.parallelize import to_plan
         from planc.plan_sim import simulated_capacity
 
         p = to_plan(inst, sol, "baseline", {})
-        p.settings = program.plan.settings
+        settle(p, program.plan.settings)
         cm = CostModel.for_cluster(inst.cluster, program.base.checkpoint.arch.dtype_bytes)
         out["simulated_capacity_rps"] = simulated_capacity(program, p, cm)
     return out

@@ -9,10 +9,11 @@ sequence is preempted (its KV freed, recomputed later) and nothing is dropped.
 When the stages run concurrently (each in its own process, e.g. Ray actors), the engine pipelines
 them: the running sequences are split into lanes, and while one lane's step is in stage 2 the next
 lane's step runs in stage 1 (as vLLM's virtual engines do for pipeline parallelism). How many lanes
-is a policy (`EngineConfig.lanes`): one per stage keeps every stage busy, but a stage that is not a
-pipeline cut (a plan also cuts stages where block groups end) then runs each step as several
-smaller batches, and a decode step streams all its weights whatever its batch; so `planc serve`
-sets it to the bundle's plan's deepest pipeline (`plan_lanes`), and to one per stage without a plan.
+is a policy (`EngineConfig.lanes`): one per stage keeps every stage busy, but each stage then runs
+each step as several smaller calls, and a decode call streams all its weights whatever its batch;
+where stages share devices there is nothing to overlap in exchange. `planc serve` takes the count
+the planner chose for the bundle's plan (`plan_lanes`, `planc.lane_model`), and one per stage
+without a plan.
 """
 from __future__ import annotations
 
@@ -65,18 +66,21 @@ class EngineConfig:
 
 
 def plan_lanes(plan, num_stages: int) -> int:
-    """The lanes an engine over `num_stages` stages keeps for `plan`: its deepest pipeline (the
-    largest `pp` of any group's layout), between 1 and `num_stages`. The planner sizes a copy with
-    pipeline depth pp as pp lanes of its batch each; a stage that only a group boundary cuts (a
-    shared trunk, the variants' tops) gets no lanes of its own.
+    """The lanes an engine over `num_stages` stages keeps for `plan`, between 1 and `num_stages`: what
+    the planner chose for it (`settings["lanes"]`, `planc.lane_model`: the count whose round its
+    step costs predict shortest near capacity); for a plan without that, its deepest pipeline (the
+    largest `pp` of any group's layout).
 
     >>> from types import SimpleNamespace
     >>> plan = SimpleNamespace(groups=[{"layouts": [{"pp": 1}, {"pp": 4}]}, {"layouts": [{"pp": 2}]}, {"layouts": []}])
     >>> plan_lanes(plan, 6), plan_lanes(plan, 3), plan_lanes(SimpleNamespace(groups=[]), 2)
     (4, 3, 1)
+    >>> plan_lanes(SimpleNamespace(groups=plan.groups, settings={"lanes": 2}), 6)
+    2
     """
-    depth = max((int(lay.get("pp", 1)) for g in plan.groups for lay in g["layouts"]), default=1)
-    return max(1, min(depth, num_stages))
+    chosen = (getattr(plan, "settings", None) or {}).get("lanes")
+    depth = chosen or max((int(lay.get("pp", 1)) for g in plan.groups for lay in g["layouts"]), default=1)
+    return max(1, min(int(depth), num_stages))
 
 
 @dataclass
