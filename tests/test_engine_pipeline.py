@@ -157,9 +157,12 @@ def test_planc_serve_takes_the_lanes_from_the_plan_unless_told(tiny_bundle, plan
     assert len(config.stage_positions) >= 2 and config.lanes == planned.plan.settings["lanes"] >= 1
     assert engine_config(planned, ServeOptions(lanes=2)).lanes == 2
     # a plan written before plans recorded their lanes: its deepest pipeline
-    planned.plan.settings.pop("lanes")
-    depth = max(lay["pp"] for g in planned.plan.groups for lay in g["layouts"])
-    assert engine_config(planned, ServeOptions()).lanes == min(depth, len(config.stage_positions))
+    chosen = planned.plan.settings.pop("lanes")
+    try:
+        depth = max(lay["pp"] for g in planned.plan.groups for lay in g["layouts"])
+        assert engine_config(planned, ServeOptions()).lanes == min(depth, len(config.stage_positions))
+    finally:
+        planned.plan.settings["lanes"] = chosen  # the fixture is shared by the module's tests
 
 
 def test_the_ray_ingress_gets_the_lanes_planc_serve_was_given(planned):
