@@ -250,7 +250,7 @@ def load_spec(path: str | Path) -> Spec:
     """Read and validate model.yaml; relative paths are resolved against its directory.
 
     >>> spec = load_spec("examples/tiny/model.yaml")  # doctest: +SKIP
-    >>> spec.base.name
+    >>> spec.base.name  # doctest: +SKIP
     'base'
     """
     path = Path(path)

@@ -11,8 +11,8 @@ reader of the file.
 Used only where nothing else reads the whole table: an embedding that the head ties to (tied
 word embeddings) is read whole by the head's matmul every step, and keeps its memory map.
 
->>> rows = FileRows(ref)                     # doctest: +SKIP  (a TensorRef from read_header)
->>> hidden = rows(torch.tensor([[5, 9, 5]]))  # doctest: +SKIP  (1, 3, dim), as embedding(ids)
+>>> rows = FileRows(ref)                     # a TensorRef from read_header  # doctest: +SKIP
+>>> hidden = rows(torch.tensor([[5, 9, 5]]))  # (1, 3, dim), as embedding(ids)  # doctest: +SKIP
 """
 from __future__ import annotations
 
