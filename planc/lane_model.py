@@ -129,15 +129,15 @@ def _measured_round(costs, lanes: int, load: float, t: float) -> float:
 MAX_LANES = 4
 """Lane counts tried (at most one per engine stage)."""
 
-LOADS = (0.8, 0.6, 0.4)
+LOADS = (0.7, 0.5, 0.3)
 """Shares of the plan's routed load the rounds are compared at: the first at which some count fits."""
 
 
 def best_lanes(plan: Any, chain_length: int) -> int:
     """The lane count (1 to the number of engine stages, at most `MAX_LANES`) with the shortest round
-    at 80% of the plan's routed load (near capacity, where the count decides how much load the
-    engine sustains; at capacity every count's round is unbounded), or at the first of `LOADS`
-    where some count's round is finite; ties go to fewer lanes."""
+    at 70% of the plan's routed load (near capacity, where lanes matter; at capacity every count's
+    round is unbounded), or at the first of `LOADS` where some count's round is finite; ties go
+    to fewer lanes."""
     costs = call_costs(plan, chain_length)
     if not costs or not all(costs):
         return 1

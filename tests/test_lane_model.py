@@ -45,5 +45,5 @@ def test_plans_get_the_count_with_the_shortest_round(tiny_example, tmp_path):
     stages = len(plan.stage_ranges(chain_length))
     costs = lm.call_costs(plan, chain_length)
     assert len(costs) == stages and all(costs)
-    rounds = [lm.round_time(costs, n, lm.LOADS[0]) for n in range(1, min(stages, lm.MAX_LANES) + 1)]
+    rounds = [lm.round_time(costs, n, 0.7) for n in range(1, min(stages, lm.MAX_LANES) + 1)]
     assert plan.settings["lanes"] == 1 + rounds.index(min(rounds)) == plan_lanes(plan, stages)
