@@ -16,11 +16,11 @@ What is modelled (`planc.sim_stages` has the engine's side):
   each other (`planc.sim_devices`).
 - A request's TTFT and TPOT are those of its one pass through the chain, stage after stage.
 - Engine settings from the plan: each copy's KV holds its layout's batch of sequences per pipeline
-  stage of the layout (pp lanes of it, as the planner sizes KV) at the traffic's mean context (x1.25); max_running and the token budget per step are the plan's
-  `engine_limits`, as `planc serve` sets them (the budget per copy of a stage: what its step carries
-  at capacity, at least max(2048, 2 x the mean prompt)); each block's batch cap is its group's
-  largest layout batch;
-  the lanes as above. The bundle's `serving` settings are not consulted.
+  stage of the layout (pp lanes of it, as the planner sizes KV) at the traffic's mean context
+  (x1.25); max_running and the token budget per step are the plan's `engine_limits`, as `planc
+  serve` sets them (the budget per copy of a stage: what its step carries at capacity, at least
+  max(2048, 2 x the mean prompt)); each block's batch cap is its group's largest layout batch; the
+  lanes as above. The bundle's `serving` settings are not consulted.
 
 Not modelled: LoRA adapters' delta calls (a LoRA variant runs its group's base blocks), the
 transfer of hidden states between stages and Ray's per-call cost, the engine thread's own time and
