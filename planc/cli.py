@@ -161,8 +161,8 @@ def serve(
     stage_timeout: Optional[float] = typer.Option(None, min=0, help="Seconds a restarting stage actor may take "
                                                   "before its requests get 503 (ray bundles; default 30)."),
     lanes: Optional[int] = typer.Option(None, min=1, help="Lanes of sequences in flight through pipelined stages "
-                                        "(ray bundles; default: the plan's deepest pipeline, else one per "
-                                        "stage)."),
+                                        "(ray bundles; default: the count the planner chose for the bundle's "
+                                        "plan, else one per stage)."),
 ) -> None:
     """Serve every variant of BUNDLE over an OpenAI-compatible HTTP API."""
     import socket

@@ -50,9 +50,10 @@ class ServeOptions:
     """Seconds a failed out-of-process stage (ray backend) may take to come back before its requests get 503."""
     max_batch_tokens: Optional[int] = None
     """Tokens per engine step (chunked prefill); default: the bundle's, else 512 on a CPU and 2048 on a GPU
-    (per copy of the narrowest stage of the bundle's plan)."""
+    (with a plan: what each copy's step carries at the plan's load, `Plan.engine_limits`)."""
     lanes: Optional[int] = None
-    """Lanes through pipelined stages (ray backend); default: the plan's deepest pipeline, else one per stage."""
+    """Lanes through pipelined stages (ray backend); default: the count the planner chose for the plan
+    (`plan_lanes`), else one per stage."""
 
 
 def kernel_selection(bundle: Bundle, options: ServeOptions) -> KernelSelection:
