@@ -2,7 +2,7 @@
 runs in an earlier one. Outputs stay those of one in-process stage, also through aborts and a tight
 KV cache. Stages on worker threads stand in for the processes (Ray actors) they are in production:
 each runs its calls one at a time, in the order sent, as an actor does. The number of lanes is a
-policy (EngineConfig.lanes; a bundle's plan sets it to its deepest pipeline): it changes what is in
+policy (EngineConfig.lanes; a bundle's plan records the planner's choice): it changes what is in
 flight at once, never the tokens."""
 from __future__ import annotations
 
