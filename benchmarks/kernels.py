@@ -4,9 +4,14 @@ For every kernel at serving shapes (batch 1-256, hidden 4096 and 8192, contexts 
 batches of 1-32 adapters of mixed ranks) it first checks the Triton output against the torch
 reference run in fp32 on the same inputs, then times, in the same process and on the same inputs:
 
-- triton: planc's kernel with its default (heuristic) config, or the tuned one with --tuned kernels.json;
+- triton: planc's kernel with its default (heuristic) config;
+- tuned: the same kernel with the config the tune_kernels pass chose for the case's shape class,
+  where that differs from the default: ``--tune`` runs the pass's own problem set
+  (``passes.tune_kernels.serving_problems``) and autotuner on this device first and writes the
+  table to benchmarks/out/kernels_tuned.json; ``--tuned kernels.json`` reads a bundle's instead;
 - eager: the torch reference (``planc.kernels.reference``; for LoRA that is the per-adapter loop);
-- compile: ``torch.compile`` of the same reference.
+- compile: ``torch.compile`` of the same reference (``--compile headline`` only at the largest
+  shape of each op and model, where bandwidth is meaningful; every new shape is a recompile).
 
 Achieved bandwidth = the bytes an op must move at least (inputs read once, outputs written once)
 / time, as a fraction of the device's measured copy bandwidth (a large device-to-device
@@ -14,10 +19,11 @@ Achieved bandwidth = the bytes an op must move at least (inputs read once, outpu
 rms_norm, silu_mul and decode_attention at >= 70% of copy bandwidth; lora_delta faster than the
 per-adapter loop from 8 adapters up.
 
-    python benchmarks/kernels.py [--quick] [--dtype bf16] [--tuned bundle/kernels.json] [--no-compile]
+    python benchmarks/kernels.py [--quick] [--dtype bf16] [--tune | --tuned bundle/kernels.json]
+                                 [--compile all|headline|none]
 
-Prints a table and writes benchmarks/out/kernels.json (with the card's name). Refuses on a machine
-without a CUDA GPU.
+Prints a table and writes benchmarks/out/kernels.json (with the card's name), rewritten after every
+row so an interrupted run keeps what it measured. Refuses on a machine without a CUDA GPU.
 """
 from __future__ import annotations
 
@@ -25,12 +31,17 @@ import argparse
 import datetime
 import json
 import platform
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
+from planc.kernels.dispatch import interpreting
+
 OUT = Path(__file__).resolve().parent / "out" / "kernels.json"
+TUNED_OUT = OUT.with_name("kernels_tuned.json")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODELS = {4096: dict(heads=32, kv_heads=8, head_dim=128, inter=14336),   # Llama-3-8B-like
           8192: dict(heads=64, kv_heads=8, head_dim=128, inter=28672)}   # Llama-3-70B-like
@@ -40,21 +51,75 @@ def refuse_without_gpu() -> None:
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU and none is visible here; run it on a GPU host.")
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (only whether it imports)
     except ImportError:
         sys.exit("benchmarks/kernels.py needs Triton: pip install 'planc[triton]'.")
 
 
-def bench(fn) -> float:
-    """Median milliseconds."""
+def bench(fn, warmup: int = 10, rep: int = 50) -> float:
+    """Median milliseconds (warmup and rep are milliseconds of running, as do_bench takes them).
+    Without a GPU (--dry-run) a wall-clock median of three runs after one warm-up."""
+    if not torch.cuda.is_available():
+        fn()
+        return statistics.median(_wall_ms(fn) for _ in range(3))
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=10, rep=50, return_mode="median")
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
-def copy_bandwidth() -> float:
-    """Bytes/s of a 1 GiB device copy (read + write)."""
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+def _wall_ms(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def tune_on_device(dtype, sizes: dict, seed: int = 0) -> tuple[dict, list]:
+    """The tune_kernels pass's problems and autotuner for each model shape of `sizes`, timed here.
+
+    Returns the table (op -> shape class -> config, as kernels.json holds it) and one summary row
+    per tuned class: candidates timed, rejected, the winner and its time against the default's."""
+    from planc.kernels import autotune, shapes
+    from planc.models.config import parse_arch
+    from planc.passes.tune_kernels import serving_problems
+
+    name = {v: k for k, v in DTYPES.items()}[dtype]
+    table, summary, gen = {}, [], torch.Generator().manual_seed(seed)
+    for hidden, m in sizes["models"].items():
+        arch = parse_arch({"model_type": "llama", "hidden_size": hidden, "num_attention_heads": m["heads"],
+                           "num_key_value_heads": m["kv_heads"], "intermediate_size": m["inter"],
+                           "num_hidden_layers": 1, "vocab_size": 128256,
+                           "torch_dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[name]},
+                          f"llama hidden={hidden}")
+        lora_shapes = {dims: [8, 16, 32, 64] for dims in sizes["lora_dims"] if dims[0] == hidden}
+        for op, args in serving_problems(arch, lora_shapes, 16, sizes["batches"], sizes["contexts"],
+                                         torch.device(sizes["device"]), gen):
+            cls = shapes.shape_class(op, *args)
+            if cls in table.get(op, {}):
+                continue
+            result = autotune.tune(op, args, lambda fn: bench(fn, warmup=5, rep=20))
+            table.setdefault(op, {})[cls] = result.best
+            best_ms = min(t for _, t in result.timings)
+            summary.append({"op": op, "class": cls, "best": result.best, "best_ms": best_ms,
+                            "torch_ms": result.timings[0][1],  # tune() times torch first
+                            "candidates": len(result.timings) - 1, "rejected": len(result.rejected),
+                            "rejected_why": sorted({why for _, why in result.rejected})[:3],
+                            "default_ms": bench(lambda: _triton(op)(*args, config=None), warmup=5, rep=20)})
+            print(f"tuned {op:<17} {cls:<58} {summary[-1]['candidates']:3d} ok {summary[-1]['rejected']:2d} "
+                  f"rejected  best {best_ms * 1e3:8.1f} us  default {summary[-1]['default_ms'] * 1e3:8.1f} us  "
+                  f"{json.dumps(result.best)}", flush=True)
+            torch.cuda.empty_cache()
+    return table, summary
+
+
+def _triton(op):
+    from planc.kernels import KernelRegistry
+
+    return KernelRegistry.builtin().get(op, "triton").resolve()
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes/s of a 1 GiB device copy (read + write); 64 MiB on the CPU (--dry-run)."""
+    src = torch.empty(2**30 if device == "cuda" else 2**26, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     ms = bench(lambda: dst.copy_(src))
     return 2 * src.numel() / (ms * 1e-3)
@@ -65,40 +130,51 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def cases(dtype, quick: bool):
+SIZES = {
+    "full": dict(device="cuda", models=MODELS, rows=[1, 16, 64, 256], batches=[1, 8, 32, 128, 256],
+                 contexts=[512, 2048, 8192], lora_dims=[(4096, 4096), (4096, 14336)], adapters=[1, 8, 32],
+                 lora_rows=[64, 256]),
+    "quick": dict(device="cuda", models=MODELS, rows=[1, 16, 256], batches=[1, 32, 256], contexts=[2048, 8192],
+                  lora_dims=[(4096, 4096), (4096, 14336)], adapters=[1, 8, 32], lora_rows=[256]),
+    # --dry-run: the same code paths on the CPU under TRITON_INTERPRET=1 (CI keeps the script working).
+    "dry": dict(device="cpu", models={96: dict(heads=4, kv_heads=2, head_dim=24, inter=160)}, rows=[1, 5],
+                batches=[1, 3], contexts=[40], lora_dims=[(96, 96)], adapters=[1, 2], lora_rows=[5]),
+}
+
+
+def cases(dtype, sizes: dict):
     from planc.kernels import problems
 
-    gen = torch.Generator().manual_seed(0)
-    rows_list = [1, 16, 256] if quick else [1, 16, 64, 256]
-    for hidden, m in MODELS.items():
-        for rows in rows_list:
-            x, w, eps = problems.rms_norm(rows, hidden, dtype, "cuda", gen)
+    gen, dev = torch.Generator().manual_seed(0), sizes["device"]
+    for hidden, m in sizes["models"].items():
+        for rows in sizes["rows"]:
+            x, w, eps = problems.rms_norm(rows, hidden, dtype, dev, gen)
             yield "rms_norm", f"rows={rows} hidden={hidden}", (x, w, eps), 2 * _nbytes(x) + _nbytes(w)
-            a = problems.add_rms_norm(rows, hidden, dtype, "cuda", gen)
+            a = problems.add_rms_norm(rows, hidden, dtype, dev, gen)
             yield "add_rms_norm", f"rows={rows} hidden={hidden}", a, 4 * _nbytes(a[0]) + _nbytes(a[2])
-            g, u = problems.silu_mul(rows, m["inter"], dtype, "cuda", gen)
+            g, u = problems.silu_mul(rows, m["inter"], dtype, dev, gen)
             yield "silu_mul", f"rows={rows} dim={m['inter']}", (g, u), 3 * _nbytes(g)
-            q, k, cos, sin = problems.apply_rotary(rows, m["heads"], m["kv_heads"], m["head_dim"], dtype, "cuda", gen)
+            q, k, cos, sin = problems.apply_rotary(rows, m["heads"], m["kv_heads"], m["head_dim"], dtype, dev, gen)
             yield "apply_rotary", f"tokens={rows} heads={m['heads']}/{m['kv_heads']}", (q, k, cos, sin), \
                 2 * _nbytes(q, k) + _nbytes(cos, sin)
-            kv = problems.write_kv(rows, m["kv_heads"], m["head_dim"], 16, dtype, "cuda", gen)
+            kv = problems.write_kv(rows, m["kv_heads"], m["head_dim"], 16, dtype, dev, gen)
             yield "write_kv", f"tokens={rows} kv={m['kv_heads']}x{m['head_dim']}", kv, 2 * _nbytes(kv[2], kv[3])
-        for batch in ([1, 32, 256] if quick else [1, 8, 32, 128, 256]):
-            for ctx in ([2048, 8192] if quick else [512, 2048, 8192]):
+        for batch in sizes["batches"]:
+            for ctx in sizes["contexts"]:
                 lens = [ctx] * batch
-                args = problems.decode_attention(lens, m["heads"], m["kv_heads"], m["head_dim"], 16, dtype, "cuda", gen,
+                args = problems.decode_attention(lens, m["heads"], m["kv_heads"], m["head_dim"], 16, dtype, dev, gen,
                                                  spare_pages=0)
                 kv_bytes = 2 * batch * ctx * m["kv_heads"] * m["head_dim"] * args[0].element_size()
                 yield "decode_attention", f"batch={batch} ctx={ctx} heads={m['heads']}/{m['kv_heads']}", args, \
                     kv_bytes + 2 * _nbytes(args[0])
-    for in_dim, out_dim in [(4096, 4096), (4096, 14336)]:
-        for adapters in [1, 8, 32]:
-            for rows in ([adapters, 256] if quick else sorted({adapters, 64, 256})):
+    for in_dim, out_dim in sizes["lora_dims"]:
+        for adapters in sizes["adapters"]:
+            for rows in sorted({adapters, *sizes["lora_rows"]}):
                 if rows < adapters:
                     continue
                 per = [rows // adapters + (i < rows % adapters) for i in range(adapters)]
                 ranks = [[8, 16, 32, 64][i % 4] for i in range(adapters)]
-                y, x, groups = problems.lora_delta(per, ranks, in_dim, out_dim, dtype, "cuda", gen)
+                y, x, groups = problems.lora_delta(per, ranks, in_dim, out_dim, dtype, dev, gen)
                 weights = sum(_nbytes(a, b) for _, a, b, _ in groups)
                 yield "lora_delta", f"adapters={adapters} rows={rows} {in_dim}->{out_dim} ranks 8-64", (y, x, groups), \
                     weights + _nbytes(x) + 2 * _nbytes(y)
@@ -139,30 +215,37 @@ def check(op, args, triton_fn, config) -> float:
 
 def eager_fits(op, args) -> bool:
     """The decode reference gathers every context (times the GQA ratio): skip it where that would not fit."""
-    if op != "decode_attention":
+    if op != "decode_attention" or args[0].device.type != "cuda":
         return True
     q, k_pages, _, tables, lens = args[:5]
     gathered = 2 * len(lens) * int(lens.max()) * q.shape[1] * q.shape[2] * q.element_size() * 2
     return gathered < 0.5 * torch.cuda.mem_get_info()[0]
 
 
-def run_case(op, label, args, min_bytes, registry, tuned, compiled, copy_bw):
+def run_case(op, label, args, min_bytes, registry, tuned, compiled, copy_bw, compile_here: bool):
     from planc.kernels import reference, shapes
 
     impl = registry.get(op, "triton").resolve()
     config = (tuned.get(op) or {}).get(shapes.shape_class(op, *args))
     tol = 1e-4 if args[0].dtype == torch.float32 else 2e-2
-    row = {"op": op, "shape": label, "min_bytes": min_bytes, "config": config}
-    row["rel_error"] = err = check(op, args, impl, config)
+    row = {"op": op, "shape": label, "min_bytes": min_bytes, "tuned_config": config}
+    row["rel_error"] = err = check(op, args, impl, None)
     if not err < tol:
         row["status"] = f"WRONG (relative error {err:.2e} >= {tol})"
         return row
-    row["triton_ms"] = bench(lambda: impl(*args, config=config))
+    row["triton_ms"] = bench(lambda: impl(*args, config=None))
     row["triton_frac_of_copy_bw"] = min_bytes / (row["triton_ms"] * 1e-3) / copy_bw
+    if config is not None and config.get("impl", "triton") == "triton":
+        row["tuned_rel_error"] = err = check(op, args, impl, config)
+        if not err < tol:
+            row["status"] = f"WRONG with the tuned config (relative error {err:.2e} >= {tol})"
+            return row
+        row["tuned_ms"] = bench(lambda: impl(*args, config=config))
+        row["tuned_frac_of_copy_bw"] = min_bytes / (row["tuned_ms"] * 1e-3) / copy_bw
     if eager_fits(op, args):
         ref = getattr(reference, op)
         row["eager_ms"] = bench(lambda: ref(*args))
-        if compiled is not None:
+        if compiled is not None and compile_here:
             fn = compiled.setdefault(op, torch.compile(ref, dynamic=False))
             try:
                 row["compile_ms"] = bench(lambda: fn(*args))
@@ -172,6 +255,13 @@ def run_case(op, label, args, min_bytes, registry, tuned, compiled, copy_bw):
     return row
 
 
+def headline(op: str, label: str) -> bool:
+    """The largest shape of each op and model in the case list (where --compile headline compiles)."""
+    if op == "decode_attention":
+        return "batch=256 " in label
+    return "rows=256 " in label or "tokens=256 " in label
+
+
 def fmt(row, key) -> str:
     return f"{row[key] * 1e3:.1f}" if key in row else "-"
 
@@ -179,36 +269,62 @@ def fmt(row, key) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny shapes on the CPU under TRITON_INTERPRET=1 (checks the script, measures nothing)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--tuned", type=Path, help="kernels.json from the tune_kernels pass")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    tuning = parser.add_mutually_exclusive_group()
+    tuning.add_argument("--tune", action="store_true", help="run the tune_kernels pass's autotuner here first")
+    tuning.add_argument("--tuned", type=Path, help="kernels.json from the tune_kernels pass")
+    parser.add_argument("--compile", choices=("all", "headline", "none"), default="all",
+                        help="where to time the torch.compile baseline")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
-    refuse_without_gpu()
+    sizes = SIZES["dry" if args.dry_run else "quick" if args.quick else "full"]
+    if args.dry_run:
+        if not interpreting():
+            sys.exit("benchmarks/kernels.py --dry-run needs TRITON_INTERPRET=1 (set before Python starts).")
+        args.compile = "none"
+    else:
+        refuse_without_gpu()
     import triton
 
     from planc.kernels import KernelRegistry, load_tuned
 
-    registry, tuned = KernelRegistry.builtin(), (load_tuned(args.tuned) if args.tuned else {})
-    copy_bw = copy_bandwidth()
-    device = torch.cuda.get_device_name()
-    print(f"{device}: measured copy bandwidth {copy_bw / 1e9:.0f} GB/s; dtype {args.dtype}")
-    print(f"{'op':<17} {'shape':<44} {'err':>8} {'triton us':>10} {'%copy':>6} {'eager us':>9} {'compile us':>10}")
-    rows, compiled = [], (None if args.no_compile else {})
-    for op, label, case_args, min_bytes in cases(DTYPES[args.dtype], args.quick):
-        row = run_case(op, label, case_args, min_bytes, registry, tuned, compiled, copy_bw)
-        rows.append(row)
-        frac = f"{100 * row['triton_frac_of_copy_bw']:.0f}" if "triton_frac_of_copy_bw" in row else row["status"]
-        print(f"{op:<17} {label:<44} {row['rel_error']:8.1e} {fmt(row, 'triton_ms'):>10} {frac:>6} "
-              f"{fmt(row, 'eager_ms'):>9} {fmt(row, 'compile_ms'):>10}", flush=True)
-        del case_args
-        torch.cuda.empty_cache()
+    for knob in ("recompile_limit", "cache_size_limit"):  # every shape is a recompile; never fall back to eager
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 1024)
+    dtype = DTYPES[args.dtype]
+    registry, tuned, tune_summary = KernelRegistry.builtin(), (load_tuned(args.tuned) if args.tuned else {}), []
+    copy_bw = copy_bandwidth(sizes["device"])
+    device = "CPU (dry run, interpreter)" if args.dry_run else torch.cuda.get_device_name()
+    print(f"{device}: measured copy bandwidth {copy_bw / 1e9:.0f} GB/s; dtype {args.dtype}", flush=True)
     report = {"device": device, "copy_bandwidth_bytes_per_s": copy_bw, "dtype": args.dtype,
               "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "tuned": str(args.tuned) if args.tuned else None, "rows": rows}
+              "command": " ".join(["python", "benchmarks/kernels.py"] + list(argv if argv is not None else sys.argv[1:])),
+              "tuned": "tuned here (--tune)" if args.tune else (str(args.tuned) if args.tuned else None),
+              "tune_summary": tune_summary, "rows": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    if args.tune:
+        tuned, summary = tune_on_device(dtype, sizes)
+        tune_summary.extend(summary)
+        args.out.with_name(TUNED_OUT.name).write_text(json.dumps(tuned, indent=1))
+        args.out.write_text(json.dumps(report, indent=1))
+    print(f"{'op':<17} {'shape':<44} {'err':>8} {'triton us':>10} {'%copy':>6} {'tuned us':>9} {'%copy':>6} "
+          f"{'eager us':>9} {'compile us':>10}")
+    rows, compiled = report["rows"], (None if args.compile == "none" else {})
+    for op, label, case_args, min_bytes in cases(dtype, sizes):
+        row = run_case(op, label, case_args, min_bytes, registry, tuned, compiled, copy_bw,
+                       args.compile == "all" or headline(op, label))
+        rows.append(row)
+        frac = f"{100 * row['triton_frac_of_copy_bw']:.0f}" if "triton_frac_of_copy_bw" in row else row["status"]
+        tfrac = f"{100 * row['tuned_frac_of_copy_bw']:.0f}" if "tuned_frac_of_copy_bw" in row else "-"
+        print(f"{op:<17} {label:<44} {row['rel_error']:8.1e} {fmt(row, 'triton_ms'):>10} {frac:>6} "
+              f"{fmt(row, 'tuned_ms'):>9} {tfrac:>6} {fmt(row, 'eager_ms'):>9} {fmt(row, 'compile_ms'):>10}",
+              flush=True)
+        args.out.write_text(json.dumps(report, indent=1))
+        del case_args
+        torch.cuda.empty_cache()
     wrong = [r for r in rows if r["status"] != "ok"]
     print(f"wrote {args.out}; {len(rows) - len(wrong)} cases ok, {len(wrong)} wrong")
     return 1 if wrong else 0
