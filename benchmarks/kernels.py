@@ -81,7 +81,7 @@ def tune_on_device(dtype, sizes: dict, seed: int = 0) -> tuple[dict, list]:
     per tuned class: candidates timed, rejected, the winner and its time against the default's."""
     from planc.kernels import autotune, shapes
     from planc.models.config import parse_arch
-    from planc.passes.tune_kernels import serving_problems
+    from planc.passes.tune_kernels import device_timer, serving_problems
 
     name = {v: k for k, v in DTYPES.items()}[dtype]
     table, summary, gen = {}, [], torch.Generator().manual_seed(seed)
@@ -97,14 +97,15 @@ def tune_on_device(dtype, sizes: dict, seed: int = 0) -> tuple[dict, list]:
             cls = shapes.shape_class(op, *args)
             if cls in table.get(op, {}):
                 continue
-            result = autotune.tune(op, args, lambda fn: bench(fn, warmup=5, rep=20))
+            timer = device_timer(op) if sizes["device"] == "cuda" else bench
+            result = autotune.tune(op, args, timer)
             table.setdefault(op, {})[cls] = result.best
             best_ms = min(t for _, t in result.timings)
             summary.append({"op": op, "class": cls, "best": result.best, "best_ms": best_ms,
                             "torch_ms": result.timings[0][1],  # tune() times torch first
                             "candidates": len(result.timings) - 1, "rejected": len(result.rejected),
                             "rejected_why": sorted({why for _, why in result.rejected})[:3],
-                            "default_ms": bench(lambda: _triton(op)(*args, config=None), warmup=5, rep=20)})
+                            "default_ms": timer(lambda: _triton(op)(*args, config=None))})
             print(f"tuned {op:<17} {cls:<58} {summary[-1]['candidates']:3d} ok {summary[-1]['rejected']:2d} "
                   f"rejected  best {best_ms * 1e3:8.1f} us  default {summary[-1]['default_ms'] * 1e3:8.1f} us  "
                   f"{json.dumps(result.best)}", flush=True)
@@ -132,10 +133,10 @@ def _nbytes(*tensors) -> int:
 
 
 SIZES = {
-    "full": dict(device="cuda", models=MODELS, rows=[1, 16, 64, 256], batches=[1, 8, 32, 128, 256],
+    "full": dict(device="cuda", models=MODELS, rows=[1, 16, 64, 256, 2048], batches=[1, 8, 32, 128, 256],
                  contexts=[512, 2048, 8192], lora_dims=[(4096, 4096), (4096, 14336)], adapters=[1, 8, 32],
                  lora_rows=[64, 256]),
-    "quick": dict(device="cuda", models=MODELS, rows=[1, 16, 256], batches=[1, 32, 256], contexts=[2048, 8192],
+    "quick": dict(device="cuda", models=MODELS, rows=[1, 16, 256, 2048], batches=[1, 32, 256], contexts=[2048, 8192],
                   lora_dims=[(4096, 4096), (4096, 14336)], adapters=[1, 8, 32], lora_rows=[256]),
     # --dry-run: the same code paths on the CPU under TRITON_INTERPRET=1 (CI keeps the script working).
     "dry": dict(device="cpu", models={96: dict(heads=4, kv_heads=2, head_dim=24, inter=160)}, rows=[1, 5],
@@ -333,7 +334,7 @@ def headline(op: str, label: str) -> bool:
     """The largest shape of each op and model in the case list (where --compile headline compiles)."""
     if op == "decode_attention":
         return "batch=256 " in label
-    return "rows=256 " in label or "tokens=256 " in label
+    return "rows=2048 " in label or "tokens=2048 " in label or "adapters=32 rows=256 " in label
 
 
 def fmt(row, key) -> str:
