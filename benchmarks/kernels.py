@@ -81,7 +81,7 @@ def tune_on_device(dtype, sizes: dict, seed: int = 0) -> tuple[dict, list]:
     per tuned class: candidates timed, rejected, the winner and its time against the default's."""
     from planc.kernels import autotune, shapes
     from planc.models.config import parse_arch
-    from planc.passes.tune_kernels import device_timer, serving_problems
+    from planc.passes.tune_kernels import device_timers, serving_problems
 
     name = {v: k for k, v in DTYPES.items()}[dtype]
     table, summary, gen = {}, [], torch.Generator().manual_seed(seed)
@@ -97,8 +97,8 @@ def tune_on_device(dtype, sizes: dict, seed: int = 0) -> tuple[dict, list]:
             cls = shapes.shape_class(op, *args)
             if cls in table.get(op, {}):
                 continue
-            timer = device_timer(op) if sizes["device"] == "cuda" else bench
-            result = autotune.tune(op, args, timer)
+            timer, reference_timer = device_timers(op) if sizes["device"] == "cuda" else (bench, bench)
+            result = autotune.tune(op, args, timer, reference_timer=reference_timer)
             table.setdefault(op, {})[cls] = result.best
             best_ms = min(t for _, t in result.timings)
             summary.append({"op": op, "class": cls, "best": result.best, "best_ms": best_ms,

@@ -81,8 +81,9 @@ def _agrees(got: list[torch.Tensor], want: list[torch.Tensor], dtype: torch.dtyp
 
 
 def tune(op: str, args: tuple, timer: Timer, registry: Optional[KernelRegistry] = None,
-         candidates: Optional[list[dict]] = None) -> TuneResult:
-    """Check, time and rank `candidates` (default: CANDIDATES[op]) of `op` on `args`, plus torch."""
+         candidates: Optional[list[dict]] = None, reference_timer: Optional[Timer] = None) -> TuneResult:
+    """Check, time and rank `candidates` (default: CANDIDATES[op]) of `op` on `args`, plus torch
+    (timed with `reference_timer` when given: a reference that syncs cannot be graph-timed)."""
     registry = registry or KernelRegistry.builtin()
     triton_fn = registry.get(op, "triton").resolve()
     torch_fn = getattr(reference, op)
@@ -91,7 +92,7 @@ def tune(op: str, args: tuple, timer: Timer, registry: Optional[KernelRegistry] 
     want = _outputs(op, torch_fn(*want_args), want_args)
     dtype = args[0].dtype
     result = TuneResult(op, shapes.shape_class(op, *args), {"impl": "torch"})
-    result.timings.append(({"impl": "torch"}, timer(lambda: torch_fn(*args))))
+    result.timings.append(({"impl": "torch"}, (reference_timer or timer)(lambda: torch_fn(*args))))
     for config in candidates if candidates is not None else CANDIDATES[op]:
         if not _useful(op, config, args):
             continue

@@ -29,18 +29,26 @@ from planc.program import Program
 TUNED_OPS = ("rms_norm", "add_rms_norm", "silu_mul", "apply_rotary", "write_kv", "decode_attention", "lora_delta")
 
 
-def device_timer(op: str) -> autotune.Timer:
+def device_timers(op: str) -> tuple[autotune.Timer, autotune.Timer]:
     """Median device milliseconds of a candidate, from a CUDA graph of repeated calls where the op
     can be captured (``do_bench_cudagraph``), so a small kernel is timed, not the ~20-60 us Python
     and driver cost of launching it, which would otherwise decide among configs at random (seen on
     an H200: decode at batch 1 tuned to a config 2.4x slower on device than the default).
     ``lora_delta`` copies its adapter tables from the host each call and is timed with its
-    launches (``do_bench``), as it runs in a server."""
+    launches (``do_bench``), as it runs in a server; so is the decode reference, which reads the
+    longest context from the device (a sync, which a graph cannot hold). Returns the timers for the
+    Triton candidates and for the torch reference."""
     from triton.testing import do_bench, do_bench_cudagraph  # GPU only: CUDA events and graphs
 
+    def launched(fn):
+        return do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+    def graphed(fn):
+        return do_bench_cudagraph(fn, rep=20, return_mode="median")
+
     if op == "lora_delta":
-        return lambda fn: do_bench(fn, warmup=5, rep=20, return_mode="median")
-    return lambda fn: do_bench_cudagraph(fn, rep=20, return_mode="median")
+        return launched, launched
+    return graphed, (launched if op == "decode_attention" else graphed)
 
 
 class TuneKernelsPass(Pass):
@@ -81,7 +89,8 @@ class TuneKernelsPass(Pass):
             if cls in table.get(op, {}):
                 continue  # two modules of one shape (k_proj and v_proj) are one class
             cands = self.candidates.get(op) if self.candidates else None
-            result = autotune.tune(op, args, self.timer or device_timer(op), candidates=cands)
+            timer, reference_timer = (self.timer, self.timer) if self.timer else device_timers(op)
+            result = autotune.tune(op, args, timer, candidates=cands, reference_timer=reference_timer)
             self.results.append(result)
             table.setdefault(op, {})[cls] = result.best
         program.extras["kernel_configs"] = table
