@@ -205,9 +205,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     for launch in compiler.launches.values():
         consts = " ".join(f"{k}={v}" for k, v in launch.constexprs.items() if v is not None)
         opts = " ".join(f"{k}={v}" for k, v in launch.options.items())
-        dtype = next((t[1:] for t in launch.signature.values() if t.startswith("*f") or t.startswith("*bf")), "")
+        dtype = "+".join(sorted({t[1:] for t in launch.signature.values() if t[:2] in ("*f", "*b")}))
         status = f"FAILED {launch.error}" if launch.error else f"ok shared={launch.shared}"
-        print(f"{launch.kernel:<24} {dtype:<5} {consts} {opts}: {status}")
+        print(f"{launch.kernel:<24} {dtype:<9} {consts} {opts}: {status}")
     failed = compiler.failures()
     print(f"triton {triton.__version__} sm_{args.arch}: {len(compiler.launches)} distinct launches compiled, "
           f"{len(failed)} failed")
