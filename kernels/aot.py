@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import os
 import sys
 from dataclasses import dataclass
@@ -119,22 +120,24 @@ def compiling(arch: int = 90) -> Iterator[Compiler]:
 
     JITFunction.run = run
     triton_util.check_tensors = check_tensors
-    modules = [m for m in list(sys.modules) if m.startswith("planc.kernels.triton_") and m != "planc.kernels.triton_util"]
-    saved_modules = {m: sys.modules.pop(m) for m in modules}  # re-imported: they bind check_tensors by name
+    saved_modules = {m: sys.modules.pop(m) for m in _wrapper_modules()}  # re-imported: they bind check_tensors
     try:
         yield compiler
     finally:
         JITFunction.run, triton_util.check_tensors = saved_run, saved_check
-        for m in [m for m in sys.modules if m.startswith("planc.kernels.triton_") and m != "planc.kernels.triton_util"]:
+        for m in _wrapper_modules():
             del sys.modules[m]
         sys.modules.update(saved_modules)
+
+
+def _wrapper_modules() -> list[str]:
+    """The imported Triton host-wrapper modules (triton_util, which holds check_tensors, excluded)."""
+    return [m for m in list(sys.modules) if m.startswith("planc.kernels.triton_") and m != "planc.kernels.triton_util"]
 
 
 # ---------------------------------------------------------------------------------------- what to compile
 def _wrapper(op: str) -> Callable:
     from planc.kernels.dispatch import _TRITON_IMPLS
-
-    import importlib
 
     module, name = _TRITON_IMPLS[op].split(":")
     return getattr(importlib.import_module(module), name)
@@ -201,7 +204,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     import triton
 
-    compiler = compile_all(args.arch, args.candidates)
+    try:
+        compiler = compile_all(args.arch, args.candidates)
+    except RuntimeError as exc:
+        sys.exit(f"python -m planc.kernels.aot: {exc}")
     for launch in compiler.launches.values():
         consts = " ".join(f"{k}={v}" for k, v in launch.constexprs.items() if v is not None)
         opts = " ".join(f"{k}={v}" for k, v in launch.options.items())
