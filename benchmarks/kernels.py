@@ -84,9 +84,8 @@ def tune_on_device(dtype, sizes: dict, seed: int = 0) -> tuple[dict, list]:
 
     Returns the table (op -> shape class -> config, as kernels.json holds it) and one summary row
     per tuned class: candidates timed, rejected, the winner and its time against the default's."""
-    from planc.kernels import autotune, shapes
     from planc.models.config import parse_arch
-    from planc.passes.tune_kernels import device_timers, serving_problems
+    from planc.passes.tune_kernels import device_timers, serving_problems, tune_classes
 
     name = {v: k for k, v in DTYPES.items()}[dtype]
     table, summary, gen = {}, [], torch.Generator().manual_seed(seed)
@@ -97,13 +96,12 @@ def tune_on_device(dtype, sizes: dict, seed: int = 0) -> tuple[dict, list]:
                            "torch_dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[name]},
                           f"llama hidden={hidden}")
         lora_shapes = {dims: [8, 16, 32, 64] for dims in sizes["lora_dims"] if dims[0] == hidden}
-        for op, args in serving_problems(arch, lora_shapes, 16, sizes["batches"], sizes["contexts"],
-                                         torch.device(sizes["device"]), gen):
-            cls = shapes.shape_class(op, *args)
-            if cls in table.get(op, {}):
-                continue
-            timer, reference_timer = device_timers(op) if sizes["device"] == "cuda" else (bench, bench)
-            result = autotune.tune(op, args, timer, reference_timer=reference_timer)
+        problems = serving_problems(arch, lora_shapes, 16, sizes["batches"], sizes["contexts"],
+                                    torch.device(sizes["device"]), gen)
+        on_gpu = sizes["device"] == "cuda"
+        for op, args, result in tune_classes(problems, None if on_gpu else bench):
+            cls = result.shape_class
+            timer = device_timers(op)[0] if on_gpu else bench
             table.setdefault(op, {})[cls] = result.best
             best_ms = min(t for _, t in result.timings)
             summary.append({"op": op, "class": cls, "best": result.best, "best_ms": best_ms,

@@ -84,15 +84,9 @@ class TuneKernelsPass(Pass):
         _check_device(device)
         table: dict[str, dict[str, dict]] = {}
         self.results = []
-        for op, args in self._problems(program, ctx, device):
-            cls = shape_class(op, *args)
-            if cls in table.get(op, {}):
-                continue  # two modules of one shape (k_proj and v_proj) are one class
-            cands = self.candidates.get(op) if self.candidates else None
-            timer, reference_timer = (self.timer, self.timer) if self.timer else device_timers(op)
-            result = autotune.tune(op, args, timer, candidates=cands, reference_timer=reference_timer)
+        for op, _, result in tune_classes(self._problems(program, ctx, device), self.timer, self.candidates):
             self.results.append(result)
-            table.setdefault(op, {})[cls] = result.best
+            table.setdefault(op, {})[result.shape_class] = result.best
         program.extras["kernel_configs"] = table
         return True
 
@@ -104,6 +98,22 @@ class TuneKernelsPass(Pass):
         contexts = list(self._option(ctx, "context_lens") or _powers(256, max(256, min(max_len, 8192))))
         return serving_problems(arch, _lora_shapes(program), serving.page_size, batches, contexts, device,
                                 torch.Generator().manual_seed(self.seed))
+
+
+def tune_classes(problems, timer: Optional[autotune.Timer] = None,
+                 candidates: Optional[dict[str, list[dict]]] = None):
+    """Tune each shape class of `problems` ((op, args) pairs) once: yields (op, args, TuneResult).
+    Two problems of one class (k_proj and v_proj) are tuned at the first. Without `timer`, the
+    device timers (`device_timers`)."""
+    seen: set[tuple[str, str]] = set()
+    for op, args in problems:
+        cls = shape_class(op, *args)
+        if (op, cls) in seen:
+            continue
+        seen.add((op, cls))
+        timer_for, reference_timer = (timer, timer) if timer else device_timers(op)
+        yield op, args, autotune.tune(op, args, timer_for, candidates=(candidates or {}).get(op),
+                                      reference_timer=reference_timer)
 
 
 def _check_device(device: torch.device) -> None:
