@@ -15,10 +15,15 @@ TTFT p50/p95 and output tokens/s; error = simulated / measured - 1.
 
 With --refit each measured run is predicted with a profile re-fitted on live calibration runs right
 before it (a minute old when the run starts) and, as a check of how far the machine drifted during
-the run, with one re-fitted right after it.
+the run, with one re-fitted right after it. A speed probe (speed_probe.py: a ~6-ms pass of streaming, small
+torch ops and Python every second, in a child process) runs beside every calibration and every measured
+run, all pinned to one CPU (--cpu; the machine's speed drifts per CPU); "before+probe" is the
+"before" profile with its times scaled by the probe's mean during the run over its mean during that
+calibration: the same fit, at the speed of the run's own minutes. --repeat N measures each run N times
+back to back, so that the machine's own run-to-run spread stands beside the simulation's error.
 
     OMP_NUM_THREADS=1 python benchmarks/sim_fidelity.py [--models tiny,100m] [--modes engine,http]
-        [--profile PATH] [--reprofile] [--refit] [--quick] [--resimulate]
+        [--profile PATH] [--reprofile] [--refit] [--repeat N] [--quick] [--resimulate]
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve_load as sl  # noqa: E402  (its builders make the inputs and bundles)
+from speed_probe import SpeedProbe  # noqa: E402
 
 OUT = sl.OUT
 # Per model: Gamma arrivals (rate req/s, cv) and lengths. Rates keep each engine busy with batches of
@@ -66,6 +72,19 @@ def engine_settings(bundle):
     from planc.runtime.server import ServeOptions, engine_config
 
     return engine_config(bundle, ServeOptions(kv_cache_mb=KV_MB, threads=1))
+
+
+def speed_scaled(device, factor: float):
+    """`device` on a machine `factor` times slower (>1) or faster (<1) throughout: every fitted time (table
+    scale, overheads, planc serve's terms) times `factor`, peak and bandwidth divided by it. Used with the
+    speed probe's ratio, run over calibration, to predict a run with the speed of its own minutes."""
+    over = device.overheads
+    update = {"overheads": over.model_copy(update={k: v * factor for k, v in over.model_dump().items()}),
+              "peak_tflops": {k: v / factor for k, v in device.peak_tflops.items()},
+              "mem_bw_gbps": device.mem_bw_gbps / factor}
+    if device.matmul_table is not None:
+        update["matmul_table"] = device.matmul_table.model_copy(update={"scale": device.matmul_table.scale * factor})
+    return device.model_copy(update=update)
 
 
 # ---------------------------------------------------------------- the three runs
@@ -266,7 +285,7 @@ def machine() -> dict:
     git = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "python": platform.python_version(), "torch": torch.__version__, "nproc": os.cpu_count(),
-            "cpu": _cpu(), "git": git, "command": " ".join([Path(sys.executable).name] + sys.argv)}
+            "cpu": _cpu(), "affinity": sorted(os.sched_getaffinity(0)), "git": git, "command": " ".join([Path(sys.executable).name] + sys.argv)}
 
 
 def _cpu() -> str:
@@ -280,22 +299,23 @@ def print_table(rows: list[dict]) -> None:
     from rich.table import Table
 
     t = Table(title="simulator fidelity (error = simulated / measured - 1)")
-    for col in ("model", "measured on", "cost model", "figure", "measured", "simulated", "error", "other cores"):
+    for col in ("model", "measured on", "run", "cost model", "figure", "measured", "simulated", "error", "other cores"):
         t.add_column(col, justify="left" if col in ("model", "measured on", "cost model", "figure") else "right")
     for row in rows:
         for key, c in row["compare"].items():
             err = "-" if c["error"] is None else f"{100 * c['error']:+.1f}%"
-            t.add_row(row["model"], row["mode"], row["cost"], key, _fmt(c["measured"]), _fmt(c["simulated"]), err,
-                      f"{row['other_cores']:.2f}")
+            t.add_row(row["model"], row["mode"], str(row.get("run", 1)), row["cost"], key, _fmt(c["measured"]),
+                      _fmt(c["simulated"]), err, f"{row['other_cores']:.2f}")
     Console().print(t)
 
 
-def report(model: str, mode: str, bundle, measured: dict, sims: dict, cost_models: dict) -> list[dict]:
+def report(model: str, mode: str, bundle, measured: dict, sims: dict, cost_models: dict, run: int = 1) -> list[dict]:
     """Rows comparing each simulation with the measured run (and its steps, when it logged them)."""
     steps = [(w, c, [tuple(x) for x in b]) for w, c, b in measured.pop("steps", None) or []]
     meta, rows = measured.get("meta", {}), []
     for name, sim in sims.items():
-        rows.append({"model": model, "mode": mode, "cost": name, "requests": measured["summary"]["overall"]["requests"],
+        rows.append({"model": model, "mode": mode, "run": run, "cost": name, "probe_ms": meta.get("probe_ms"),
+                     "requests": measured["summary"]["overall"]["requests"],
                      "wall_s": meta.get("wall_s"), "attempts": meta.get("attempts"),
                      "other_cores": meta.get("other_cores", float("nan")), "workload": WORKLOADS[model],
                      "compare": compare(sim, measured), "simulate_s": sim["meta"]["simulate_s"],
@@ -323,32 +343,36 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.1f}"
 
 
-def reprofile(path: Path, wait_s: float, retries: int) -> float:
+def reprofile(path: Path, wait_s: float, retries: int) -> dict:
     """`planc profile --out path` in a child process once the machine is quiet (the matmul table, planc serve's
     costs, and a first live fit); repeated when other processes kept more than 0.25 cores busy meanwhile.
-    Returns the cores others kept busy."""
+    Returns the cores others kept busy and the speed probe's mean."""
     return _quiet_child([sys.executable, "-m", "planc.cli", "profile", "--out", str(path)], "profiling", wait_s,
                         retries)
 
 
-def refit_child(base: Path, out: Path, calibration: Path, wait_s: float, retries: int) -> float:
+def refit_child(base: Path, out: Path, calibration: Path, wait_s: float, retries: int) -> dict:
     """The live calibration alone (`planc.profile_calibrate.refit`, ~35 s) on the profile at `base`, written to
     `out`, in a child process: the overheads and table scales of the machine as it is now (its speed drifts
-    by 10-50% within minutes here). Returns the cores others kept busy meanwhile."""
+    by 10-50% within minutes here). Returns the cores others kept busy meanwhile and the speed probe's mean."""
     return _quiet_child([sys.executable, __file__, "--refit-child", str(base), str(out), str(calibration)],
                         "re-fitting", wait_s, retries)
 
 
-def _quiet_child(cmd: list[str], what: str, wait_s: float, retries: int) -> float:
+def _quiet_child(cmd: list[str], what: str, wait_s: float, retries: int) -> dict:
+    """Run `cmd` once the machine is quiet, again while others kept > 0.25 cores busy meanwhile, with the
+    speed probe beside it: {"other_cores", "probe_ms"}."""
     for _ in range(retries + 1):
         print(f"{what} (others busy {wait_quiet(wait_s):.2f} cores before)", file=sys.stderr, flush=True)
         cpu, t0 = sl.cpu_now(), time.perf_counter()
-        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
+        with SpeedProbe() as speed:
+            subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
         other = sl.other_load(cpu, 0, time.perf_counter() - t0)
-        print(f"  others kept {other:.2f} cores busy while {what}", file=sys.stderr, flush=True)
+        print(f"  others kept {other:.2f} cores busy while {what}; probe {speed.mean_ms:.2f} ms", file=sys.stderr,
+              flush=True)
         if other <= 0.25:
             break
-    return other
+    return {"other_cores": other, "probe_ms": speed.mean_ms, "probe_parts_ms": speed.parts_ms}
 
 
 def _refit_in_child(base: Path, out: Path, calibration: Path) -> None:
@@ -390,6 +414,12 @@ def main() -> None:
     p.add_argument("--resimulate", action="store_true",
                    help="measure nothing: compare new simulations with the measured runs saved by an earlier run")
     p.add_argument("--retries", type=int, default=2, help="runs repeated when others kept > 0.25 cores busy")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="measure each run this many times back to back (the machine's own spread beside the error)")
+    p.add_argument("--cpu", type=int, default=0,
+                   help="pin this process, its children (engine, planc serve, calibrations) and the speed probe to "
+                        "this CPU: the machine's speed drifts per CPU, and the probe sees the drift of its own "
+                        "(-1: no pinning)")
     p.add_argument("--engine-child", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--bundle-dir", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--refit-child", type=Path, nargs=3, default=None, help=argparse.SUPPRESS)
@@ -401,6 +431,8 @@ def main() -> None:
     from planc.cost import CostModel
 
     torch.set_num_threads(1)
+    if args.cpu >= 0 and not (args.engine_child or args.refit_child):
+        os.sched_setaffinity(0, {args.cpu})  # inherited by every child started from here on
     if args.engine_child:  # measured_engine_child's child: measure, hand the result back, nothing else
         bundle = Bundle.open(args.bundle_dir)  # the parent's: not recompiled when a source changed meanwhile
         requests = workload(args.models, args.quick).requests(VARIANTS[args.models] or list(bundle.variants))
@@ -414,7 +446,7 @@ def main() -> None:
     profile_path = (args.profile or LOCAL_PROFILE).expanduser()
     meta = {}
     if args.reprofile and not args.resimulate:
-        meta["profile_other_cores"] = reprofile(profile_path, args.wait_quiet, args.retries)
+        meta["profile"] = reprofile(profile_path, args.wait_quiet, args.retries)
     profile = load_device(str(profile_path))
     rows, profiles = [], {}
     for model in args.models.split(","):
@@ -425,25 +457,36 @@ def main() -> None:
         requests = workload(model, args.quick).requests(variants)
         for mode in args.modes.split(","):
             fitted = {when: OUT / f"sim_fidelity_profile_{model}_{mode}_{when}.yaml" for when in ("before", "after")}
+            names = [f"sim_fidelity_{model}_{mode}{f'_run{i}' if i > 1 else ''}.json" for i in range(1, args.repeat + 1)]
+            fits_path = OUT / f"sim_fidelity_{model}_{mode}_fits.json"
             if args.resimulate:
-                measured = json.loads((OUT / f"sim_fidelity_{model}_{mode}.json").read_text())
+                runs = [json.loads((OUT / n).read_text()) for n in names if (OUT / n).is_file()]
+                fits = json.loads(fits_path.read_text()) if fits_path.is_file() else {}
             else:
+                fits = {"profile": meta["profile"]} if "profile" in meta else {}
                 if args.refit:
-                    meta[f"{model}_{mode}_before_other_cores"] = refit_child(
-                        profile_path, fitted["before"], OUT / "sim_fidelity_calibration", args.wait_quiet, args.retries)
-                measured = measure(model, mode, bundle_dir, requests, variants, args)
+                    fits["before"] = refit_child(profile_path, fitted["before"], OUT / "sim_fidelity_calibration",
+                                                 args.wait_quiet, args.retries)
+                runs = [measure(model, mode, bundle_dir, requests, variants, args) for _ in range(args.repeat)]
                 if args.refit:
-                    meta[f"{model}_{mode}_after_other_cores"] = refit_child(
-                        profile_path, fitted["after"], OUT / "sim_fidelity_calibration", args.wait_quiet, args.retries)
-                write_result(OUT / f"sim_fidelity_{model}_{mode}.json", measured)
+                    fits["after"] = refit_child(profile_path, fitted["after"], OUT / "sim_fidelity_calibration",
+                                                args.wait_quiet, args.retries)
+                for name, measured in zip(names, runs):
+                    write_result(OUT / name, measured)
+                fits_path.write_text(json.dumps(fits, indent=1) + "\n")
+            meta[f"{model}_{mode}"] = fits
             devices = {when: load_device(str(path)) for when, path in fitted.items()} if args.refit \
                 else {"profile": profile}
-            cost_models = {when: CostModel(d, dtype_bytes=4) for when, d in devices.items()}
             profiles.update({f"{model}_{mode}_{when}": d.model_dump(mode="json") for when, d in devices.items()})
-            sims = {when: simulated(bundle, requests, cm, mode) for when, cm in cost_models.items()}
-            for when, sim in sims.items():
-                write_result(OUT / f"sim_fidelity_{model}_simulated_{mode}_{when}.json", sim)
-            rows += report(model, mode, bundle, measured, sims, cost_models)
+            for run, measured in enumerate(runs, 1):
+                probe = measured["meta"].get("probe_ms")
+                scaled = {f"{when}+probe": speed_scaled(d, probe / fits[when]["probe_ms"]) for when, d in devices.items()
+                          if probe and (fits.get(when) or {}).get("probe_ms")}
+                cost_models = {when: CostModel(d, dtype_bytes=4) for when, d in {**devices, **scaled}.items()}
+                sims = {when: simulated(bundle, requests, cm, mode) for when, cm in cost_models.items()}
+                for when, sim in sims.items():
+                    write_result(OUT / f"sim_fidelity_{model}_simulated_{mode}_{when}_run{run}.json", sim)
+                rows += report(model, mode, bundle, measured, sims, cost_models, run)
     out = {"machine": machine(), "meta": meta, "profile": profile.model_dump(mode="json"), "profiles": profiles,
            "rows": rows}
     args.out.write_text(json.dumps(out, indent=1) + "\n")
@@ -457,16 +500,20 @@ def measure(model: str, mode: str, bundle_dir: Path, requests, variants, args) -
         cpu, t0 = sl.cpu_now(), time.perf_counter()
         print(f"{model}: measuring on the {mode} ({len(requests)} requests; others busy {before:.2f} cores before)",
               file=sys.stderr, flush=True)
-        if mode == "engine":
-            measured = measured_engine_child(model, bundle_dir, args.quick)
-            other = sl.other_load(cpu, 0, time.perf_counter() - t0)
-        else:
-            measured, other = measured_http(bundle_dir, requests, variants)
+        with SpeedProbe() as speed:
+            if mode == "engine":
+                measured = measured_engine_child(model, bundle_dir, args.quick)
+                other = sl.other_load(cpu, 0, time.perf_counter() - t0)
+            else:
+                measured, other = measured_http(bundle_dir, requests, variants)
         wall = time.perf_counter() - t0
-        print(f"  others kept {other:.2f} cores busy during the run", file=sys.stderr, flush=True)
+        other = round(other - speed.cpu_s / wall, 3)  # the probe ran beside the run: ours, not another's
+        print(f"  others kept {other:.2f} cores busy during the run; probe {speed.mean_ms:.2f} ms", file=sys.stderr,
+              flush=True)
         if other <= 0.25:
             break
-    measured["meta"].update(other_cores=other, wall_s=wall, attempts=attempt + 1, ended=time.time())
+    measured["meta"].update(other_cores=other, wall_s=wall, attempts=attempt + 1, ended=time.time(),
+                            probe_ms=speed.mean_ms, probe_parts_ms=speed.parts_ms, probe=speed.samples)
     return measured
 
 
