@@ -7,9 +7,11 @@ everything `planc plan` does after start-up (reading the spec, tracing on meta, 
 The SIMULATED cases also report the simulator's capacity within the SLO (`planc.plan_sim`: one engine
 over the plan's stages, as the ray backend runs it) of the plan, of the baselines, and of the plan
 with every stage copy moved onto devices of its own (what co-locating groups on shared devices costs
-in the simulation).
+in the simulation), and every deployment's SLO attainment at each of the capacities found (the
+capacity search's bracket is a sixteenth of a plan's predicted throughput wide; deployments closer
+than that are compared at the same rates).
 
-    OMP_NUM_THREADS=1 python benchmarks/plan_scaling.py [--quick] [--out benchmarks/out/plan_scaling.json]
+    OMP_NUM_THREADS=1 python benchmarks/plan_scaling.py [--quick | --simulated] [--out benchmarks/out/plan_scaling.json]
 """
 from __future__ import annotations
 
@@ -52,9 +54,29 @@ if simulate:
            for i, q in enumerate(program.plan.placements)]
     program.plan.predicted["simulated_capacity_unshared_rps"] = simulated_capacity(
         program, dataclasses.replace(program.plan, placements=own), cm)
-b = baselines(program, simulate=simulate)
+b = baselines(program)
+h2h = []
+if simulate:
+    # the baselines' capacities, then every deployment at each capacity found: the capacity search
+    # resolves a sixteenth of a plan's predicted throughput, and plans closer than that are ranked by
+    # their SLO attainment at the same rates (the same seeded trials)
+    from planc.plan_sim import head_to_head
+    from planc.planner import baseline_plans
+    plans = {"plan": program.plan, **{k: v for k, v in baseline_plans(program).items() if v is not None}}
+    caps = {"plan": program.plan.predicted["simulated_capacity_rps"]}
+    for name, bp in plans.items():
+        if name != "plan":
+            caps[name] = b[name]["simulated_capacity_rps"] = simulated_capacity(program, bp, cm)
+    rates = sorted({c for c in caps.values() if c > 0})
+    table = head_to_head(program, plans, cm, rates)
+    h2h = [{"rate": r, "capacity_of": [n for n, c in caps.items() if c == r],
+            "attainment": {n: table[n][r] for n in plans}} for r in rates]
+    # plan >= a baseline: the plan meets the SLO (90% of requests) at the baseline's capacity
+    for name in plans:
+        if name != "plan" and caps[name] > 0:
+            b[name]["plan_meets_at_its_capacity"] = table["plan"][caps[name]] >= 0.9
 p = program.plan
-print(json.dumps({"import_s": t1 - t0, "plan_s": t2 - t1, "groups": len(program.groups),
+print(json.dumps({"head_to_head": h2h, "import_s": t1 - t0, "plan_s": t2 - t1, "groups": len(program.groups),
                   "simulated_capacity_rps": p.predicted.get("simulated_capacity_rps"),
                   "simulated_capacity_unshared_rps": p.predicted.get("simulated_capacity_unshared_rps"),
                   "throughput_rps": p.predicted["throughput_rps"], "devices": p.predicted["devices"],
@@ -83,9 +105,12 @@ def write_spec(root: Path, model: str, num_variants: int, cluster: str) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="only the two cases the issue names")
+    ap.add_argument("--simulated", action="store_true", help="only the cases that are also simulated (~40 min)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/plan_scaling.json"))
     args = ap.parse_args()
     cases = [("70b", 16, "8xH100-80GB"), ("70b", 64, "4x8xH100-80GB")] if args.quick else CASES
+    if args.simulated:
+        cases = [c for c in cases if c in SIMULATED]
     rows = []
     for model, num_variants, cluster in cases:
         simulate = (model, num_variants, cluster) in SIMULATED
@@ -105,6 +130,9 @@ def main() -> None:
                    f"{r['simulated_capacity_unshared_rps']:.2f}), greedy "
                    f"{r['baselines']['greedy'].get('simulated_capacity_rps', 0):.2f}, per-variant "
                    f"{r['baselines']['replica_per_variant'].get('simulated_capacity_rps', 0):.2f} req/s")
+        for row in r.get("head_to_head", []):
+            sim += (f"\n      at {row['rate']:.2f} req/s (capacity of {', '.join(row['capacity_of'])}): SLO met by "
+                    + ", ".join(f"{n} {100 * a:.1f}%" for n, a in row["attainment"].items()))
         print(f"{model:>3} x{num_variants:<3} {cluster:<15} groups {r['groups']:>3}  plan {r['plan_s']:5.1f} s "
               f"(process {wall:5.1f} s)  {r['throughput_rps']:7.2f} req/s on {r['devices']:>2} dev  "
               f"bound {s['bound']:7.2f} gap {s['gap']:6.1%} [{s['method']}]  greedy "

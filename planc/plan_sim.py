@@ -86,6 +86,27 @@ def simulate_plan(program: Program, plan: Plan, cost_model: CostModel, rate: flo
     return summarize_records(result.requests, slo["ttft_ms"], slo["tpot_ms"])
 
 
+def trial_span_s(plan: Plan) -> float:
+    """How long a capacity trial's arrivals last (see `simulated_capacity`)."""
+    return max(20.0, 5 * plan.settings["slo"]["ttft_ms"] / 1e3)
+
+
+def trial_attainment(program: Program, plan: Plan, cost_model: CostModel, rate: float,
+                     num_requests: int = 300) -> float:
+    """The share of a capacity trial's requests at `rate` that meet the plan's SLO."""
+    n = max(num_requests, int(rate * trial_span_s(plan)))
+    return simulate_plan(program, plan, cost_model, rate, n)["slo"]["attainment"] or 0.0
+
+
+def head_to_head(program: Program, plans: dict[str, Plan], cost_model: CostModel, rates: list[float],
+                 num_requests: int = 300) -> dict[str, dict[float, float]]:
+    """Each plan's SLO attainment at each of `rates`, on the same seeded trials: how deployments
+    compare at one rate, finer than `simulated_capacity` resolves (its result is the lower end of a
+    bracket a sixteenth of the plan's predicted throughput wide: two plans within that are not ranked)."""
+    return {name: {rate: trial_attainment(program, p, cost_model, rate, num_requests) for rate in rates}
+            for name, p in plans.items()}
+
+
 def plan_requests(program: Program, rate: float, num_requests: int, seed: int = 0) -> list[Request]:
     """Gamma arrivals at `rate` (cv 1) with the plan's traffic mix and mean lengths."""
     traffic = program.extras["plan_inputs"]["traffic"]
@@ -108,12 +129,10 @@ def simulated_capacity(program: Program, plan: Plan, cost_model: CostModel, atta
     at its rate: a burst that the engines absorb at once within the TTFT says nothing about the rate
     they sustain, and a backlog that grows by a few percent of the rate needs that long to break the
     TTFT. (Capping a trial at `max_requests` had let trials of high-rate plans span 5 s and pass.)"""
-    span_s = max(20.0, 5 * plan.settings["slo"]["ttft_ms"] / 1e3)
-
     def meets(rate: float) -> bool:
-        n = max(num_requests, int(rate * span_s))
-        return (simulate_plan(program, plan, cost_model, rate, n)["slo"]["attainment"] or 0.0) >= attainment
+        return trial_attainment(program, plan, cost_model, rate, num_requests) >= attainment
 
+    span_s = trial_span_s(plan)
     lo, hi = 0.0, max(plan.predicted["throughput_rps"], 1e-6) * 2
     for _ in range(max_doublings):
         if 2 * hi * span_s > max_requests or not meets(hi):

@@ -14,8 +14,10 @@ from planc.pass_manager import PassContext
 from planc.passes import CostPass, ParallelizePass
 from planc.passes.cost import OptionBuilder, chain_block_names
 from planc.passes.greedy import greedy_copies
+from planc.lane_model import settle
 from planc.passes.mip import Instance, solve as solve_fixed
-from planc.plan import groups_from_instances
+from planc.passes.parallelize import to_plan
+from planc.plan import Plan, groups_from_instances
 from planc.program import Program
 
 
@@ -51,31 +53,25 @@ def instance_of(program: Program) -> Instance:
                     inputs["cluster"], "throughput", None, settings.max_replicas)
 
 
-def _score(program: Program, inst: Instance, copies: Optional[dict], simulate: bool) -> dict[str, Any]:
+def _as_plan(program: Program, inst: Instance, copies: Optional[dict]) -> Optional[Plan]:
+    """The placement `copies` as a plan (scored by the exact model, lanes settled as the planner's
+    are); None when there is none or it cannot carry any load."""
     if not copies:
-        return {"throughput_rps": 0.0, "fits": False}
+        return None
     sol = solve_fixed(inst, 30.0, 0.0, fixed=copies)
-    out = {"throughput_rps": sol.lam if sol.copies else 0.0, "fits": True}
-    if simulate and sol.copies:
-        from planc.cost import CostModel
-        from planc.lane_model import settle
-        from planc.passes.parallelize import to_plan
-        from planc.plan_sim import simulated_capacity
-
-        p = to_plan(inst, sol, "baseline", {})
-        settle(p, program.plan.settings)
-        cm = CostModel.for_cluster(inst.cluster, program.base.checkpoint.arch.dtype_bytes)
-        out["simulated_capacity_rps"] = simulated_capacity(program, p, cm)
-    return out
+    if not sol.copies:
+        return None
+    plan = to_plan(inst, sol, "baseline", {})
+    settle(plan, program.plan.settings)
+    return plan
 
 
-def baselines(program: Program, simulate: bool = False) -> dict[str, dict[str, Any]]:
-    """Throughput (requests/s within the SLO, same cost model and traffic) of two ways to deploy
-    without planc's planner: a greedy packer over the same block groups, and one full model replica
-    per variant (no block sharing; LoRA variants as merged copies). With `simulate`, also the
-    simulator's capacity within the SLO on planc's runtime (planc.plan_sim)."""
+def baseline_plans(program: Program) -> dict[str, Optional[Plan]]:
+    """The two ways to deploy without planc's planner, as plans over the same cost model and traffic
+    (None where one does not fit): a greedy packer over the same block groups, and one full model
+    replica per variant (no block sharing; LoRA variants as merged copies)."""
     inst = instance_of(program)
-    out = {"greedy": _score(program, inst, greedy_copies(inst), simulate)}
+    out = {"greedy": _as_plan(program, inst, greedy_copies(inst))}
     names = program.model_names()
     arch = program.base.checkpoint.arch
     blocks = chain_block_names(arch.num_layers)
@@ -87,5 +83,21 @@ def baselines(program: Program, simulate: bool = False) -> dict[str, dict[str, A
                            {g.id: traffic.shares.get(g.users[0], 0.0) for g in groups}, cluster, "throughput",
                            None, 1)
     copies = greedy_copies(per_variant, grow=False) if all(per_variant.options.values()) else None
-    out["replica_per_variant"] = _score(program, per_variant, copies, simulate)
+    out["replica_per_variant"] = _as_plan(program, per_variant, copies)
+    return out
+
+
+def baselines(program: Program, simulate: bool = False) -> dict[str, dict[str, Any]]:
+    """Throughput (requests/s within the SLO, same cost model and traffic) of the two baselines
+    (`baseline_plans`). With `simulate`, also the simulator's capacity within the SLO on planc's
+    runtime (planc.plan_sim)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, plan_ in baseline_plans(program).items():
+        out[name] = {"throughput_rps": plan_.predicted["throughput_rps"] if plan_ else 0.0, "fits": plan_ is not None}
+        if simulate and plan_ is not None:
+            from planc.cost import CostModel
+            from planc.plan_sim import simulated_capacity
+
+            cm = CostModel.for_cluster(program.extras["plan_inputs"]["cluster"], program.base.checkpoint.arch.dtype_bytes)
+            out[name]["simulated_capacity_rps"] = simulated_capacity(program, plan_, cm)
     return out

@@ -260,7 +260,7 @@ def test_copies_of_a_group_serve_sequences_side_by_side(two_group_program):
 
 
 def test_two_groups_on_one_device_reach_about_half_the_capacity(two_group_program):
-    from planc.plan_sim import simulated_capacity
+    from planc.plan_sim import head_to_head, simulated_capacity
 
     program = two_group_program
     cm = CostModel.for_cluster(program.extras["plan_inputs"]["cluster"], 2)
@@ -272,6 +272,11 @@ def test_two_groups_on_one_device_reach_about_half_the_capacity(two_group_progra
 
     alone, shared = capacity(apart), capacity(together)
     assert alone > 0 and 0.35 < shared / alone < 0.65
+    # the same trials, deployment against deployment: each meets the SLO at its own capacity, only the
+    # deployment with devices of its own at the other's
+    table = head_to_head(program, {"apart": apart, "together": together}, cm, [shared, alone], num_requests=200)
+    assert table["apart"][alone] >= 0.9 and table["together"][shared] >= 0.9
+    assert table["together"][alone] < 0.9 <= table["apart"][shared]
 
 
 def test_stages_and_copies_follow_the_ray_layout(trunk_program):
