@@ -211,8 +211,11 @@ class OptionBuilder:
         return t if last else t + self.cm.transfer_time(batch, self.costs[stage[-1]].hidden_size)
 
     def _stage_prefill(self, stage, tp, last) -> float:
+        """One prompt through the stage. The head computes logits for the prompt's last token only
+        (as the runtime and the simulator do), not for every prompt token."""
         n = int(round(self.traffic.prompt_tokens))
-        t = sum(self.cm.block_time(self.costs[b], tp, prefill_tokens=n) for b in stage)
+        t = sum(self.cm.block_time(self.costs[b], tp, decode_seqs=1) if self.costs[b].kind == "head"
+                else self.cm.block_time(self.costs[b], tp, prefill_tokens=n) for b in stage)
         return t if last else t + self.cm.transfer_time(n, self.costs[stage[-1]].hidden_size)
 
     def _memory(self, group, stage, tp, pp, batch) -> float:

@@ -72,7 +72,8 @@ def test_cost_model_counts_match_the_architecture():
 def test_options_charge_each_decode_step_the_prompts_it_carries(tmp_path):
     """At capacity a copy's step also prefills the prompts of the batch / output_tokens sequences that
     replace those finishing (chunked prefill): an option's TPOT is that step's time, and the largest
-    batch kept is the largest whose loaded step (not its bare decode) meets the TPOT SLO."""
+    batch kept is the largest whose loaded step (not its bare decode) meets the TPOT SLO. A prompt's
+    prefill computes the head for its last token only."""
     from planc.passes.cost import OptionBuilder, chain_block_names
     from planc.plan import BlockGroup
 
@@ -86,7 +87,9 @@ def test_options_charge_each_decode_step_the_prompts_it_carries(tmp_path):
     cm = CostModel.for_cluster(cluster, 2)
     options = [o for o in builder.options(group) if o.pp == 1 and o.tp == 8]
     assert options
-    prefill = sum(cm.block_time(costs[b], 8, prefill_tokens=2048) for b in blocks)
+    prefill = sum(cm.block_time(costs[b], 8, prefill_tokens=2048) for b in blocks if b != "head") + \
+        cm.block_time(costs["head"], 8, decode_seqs=1)
+    assert prefill < sum(cm.block_time(costs[b], 8, prefill_tokens=2048) for b in blocks)
 
     def loaded(batch):
         ctx = batch * (2048 + 32)
