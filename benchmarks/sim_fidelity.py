@@ -15,7 +15,7 @@ TTFT p50/p95 and output tokens/s; error = simulated / measured - 1.
 
 With --refit each measured run is predicted with a profile re-fitted on live calibration runs right
 before it (a minute old when the run starts) and, as a check of how far the machine drifted during
-the run, with one re-fitted right after it. A speed probe (speed_probe.py: a ~6-ms pass of streaming, small
+the run, with one re-fitted right after it. A speed probe (speed_probe.py: a ~8-ms pass of streaming, small
 torch ops and Python every second, in a child process) runs beside every calibration and every measured
 run, all pinned to one CPU (--cpu; the machine's speed drifts per CPU); "before+probe" is the
 "before" profile with its times scaled by the probe's mean during the run over its mean during that
@@ -368,7 +368,7 @@ def _quiet_child(cmd: list[str], what: str, wait_s: float, retries: int) -> dict
         with SpeedProbe() as speed:
             subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
         other = sl.other_load(cpu, 0, time.perf_counter() - t0)
-        print(f"  others kept {other:.2f} cores busy while {what}; probe {speed.mean_ms:.2f} ms", file=sys.stderr,
+        print(f"  others kept {other:.2f} cores busy while {what}; probe {_fmt(speed.mean_ms)} ms", file=sys.stderr,
               flush=True)
         if other <= 0.25:
             break
@@ -508,7 +508,7 @@ def measure(model: str, mode: str, bundle_dir: Path, requests, variants, args) -
                 measured, other = measured_http(bundle_dir, requests, variants)
         wall = time.perf_counter() - t0
         other = round(other - speed.cpu_s / wall, 3)  # the probe ran beside the run: ours, not another's
-        print(f"  others kept {other:.2f} cores busy during the run; probe {speed.mean_ms:.2f} ms", file=sys.stderr,
+        print(f"  others kept {other:.2f} cores busy during the run; probe {_fmt(speed.mean_ms)} ms", file=sys.stderr,
               flush=True)
         if other <= 0.25:
             break

@@ -4,7 +4,7 @@ This VM's speed drifts within seconds (benchmarks/RESULTS.md, "Simulator fidelit
 minute before a run can describe a different machine from the one the run gets. The probe measures the
 machine during both: every `interval` seconds it times (thread CPU time) one fixed pass of the kinds of work
 an engine step does: a decode-like F.linear of 4 rows over 16 MB of fp32 weights, 200 small torch ops
-(F.linear 4x64 by 64x64, SiLU, a sum) and a pure-Python loop, about 6 ms in all (0.6% of a core at the
+(F.linear 4x64 by 64x64, SiLU, a sum) and a pure-Python loop, about 8 ms in all (0.8% of a core at the
 default 1 s), and records each part. The ratio of its mean during a run to its mean during the calibration
 that fitted the profile is how much slower the run's machine was.
 
@@ -62,6 +62,7 @@ def probe(out: Path, interval: float) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     for _ in range(3):  # warm-up: first touches, allocator
         stream(), torch_ops(), python()
+    out.with_name(out.name + ".ready").touch()
     while not stop:
         row = [time.time()]
         for part in (stream, torch_ops, python):
@@ -96,6 +97,13 @@ class SpeedProbe:
             data = json.loads(self._out.read_text())
             self.samples, self.cpu_s = data["samples"], data["cpu_s"]
         self._dir.cleanup()
+
+    def wait_ready(self, timeout_s: float = 120.0) -> bool:
+        """Wait until the probe has started sampling (torch imported, weights made); False on timeout."""
+        ready, deadline = self._out.with_name(self._out.name + ".ready"), time.monotonic() + timeout_s
+        while not ready.exists() and time.monotonic() < deadline and self._proc.poll() is None:
+            time.sleep(0.05)
+        return ready.exists()
 
     @property
     def mean_ms(self):
