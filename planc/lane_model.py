@@ -7,19 +7,28 @@ one call per lane, and a decode call streams its weights whatever its size; wher
 devices there is nothing to overlap. Which count wins depends on the plan: it is chosen here, at
 plan time, from the layouts' step costs, and recorded in the plan (`Plan.settings["lanes"]`).
 
-The model is the engine's lane loop without requests: the work of a round (every running sequence
-one token on) is fixed per copy (`fixed_ms`, a one-sequence decode step) plus, per request/s routed
-through the copy, its per-request device time (`tau_ms`: the prompt, and what one more sequence adds
-to a decode step) for every second of the round, split evenly between the lanes. Given a round of T
-seconds, the lanes' calls run on a `planc.sim_devices.DeviceClock` (copies that share a device are
-time-sliced; a copy runs its calls in order) until the rounds repeat; the measured round is the next
-T. The fixed point is the plan's TPOT with that many lanes (inf when the load does not fit).
+The model is the engine's lane loop without requests, its calls run on a `planc.sim_devices.DeviceClock`
+(copies that share a device are time-sliced; a copy runs its calls in order). Each copy's call costs a
+fixed part (`fixed_ms`, a one-sequence decode step: its weights) plus a part that grows with what it
+carries (`tau_ms`: the prompt, and what one more sequence adds to a decode step), split evenly between
+the lanes. Two uses:
+- `engine_capacity`: the copies hold the sequences the engine admits, each group's share of them; the
+  round follows, and with it the rate at which sequences finish (at most the SLO's TPOT per round).
+  Unlike the MIP's figure, which lets every copy step at its own pace, the stage's copies step
+  together here: a copy with a small batch waits for the largest. The lane count with the highest
+  capacity is the plan's (`best_lanes`).
+- `round_time`: the round at a given request rate (the plan's routed load per copy, for every second
+  of the round): the fixed point of round -> measured round, the plan's TPOT at that load.
+
+Checked against the simulation of the plans (`planc.plan_sim`, benchmarks/RESULTS.md "Plan vs
+baselines", session 8): the capacity was 0.77-1.01 of the simulated one, and it ranked lane counts as
+the simulation did.
 """
 from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Any
+from typing import Any, Optional
 
 from planc.sim_devices import DeviceClock
 
@@ -27,14 +36,20 @@ _ROUNDS = 6
 """Rounds run per evaluation; the last half is measured."""
 
 
-def call_costs(plan: Any, chain_length: int) -> list[list[tuple[tuple, dict, float, float]]]:
+def call_costs(plan: Any, chain_length: int, sequences: Optional[float] = None
+               ) -> list[list[tuple[tuple, dict, float, float]]]:
     """Per engine stage, per copy serving it: (copy key, {device: 1}, seconds of its call that do not
     grow with the load, seconds per second of round at the plan's load), with one lane. A copy's
-    pipeline stage counts pro rata to the blocks of it the engine stage holds."""
+    pipeline stage counts pro rata to the blocks of it the engine stage holds.
+
+    With `sequences` (in flight in the whole engine) the growing part is instead the seconds one call
+    adds when the copy holds its part of them: its group's share, split over the group's copies by
+    what each holds, each sequence adding its per-request time over its output tokens."""
     out = []
     for r, groups in plan.stage_groups(chain_length):
         calls = []
         for g in groups:
+            held = [len(c) * c[0].batch for c in plan.copies(g["id"])]
             for n, copy in enumerate(plan.copies(g["id"])):
                 lay = next((x for x in g["layouts"] if x["pp"] == len(copy) and x["tp"] == copy[0].tp
                             and x["batch"] == copy[0].batch), None)
@@ -49,7 +64,11 @@ def call_costs(plan: Any, chain_length: int) -> list[list[tuple[tuple, dict, flo
                     start = stop
                     if frac:
                         fixed += frac * lay["fixed_ms"][i] / 1e3
-                        grow += frac * p.load_rps * lay["tau_ms"][i] / 1e3
+                        if sequences is None:
+                            grow += frac * p.load_rps * lay["tau_ms"][i] / 1e3
+                        else:
+                            mine = sequences * g["share"] * held[n] / sum(held)
+                            grow += frac * mine * lay["tau_ms"][i] / 1e3 / plan.settings["output_tokens"]
                         devices.update({(p.node, d): 1.0 for d in p.devices})
                 calls.append(((g["id"], n, r.start), devices, fixed, grow))
         out.append(calls)
@@ -129,29 +148,76 @@ def _measured_round(costs, lanes: int, load: float, t: float) -> float:
 MAX_LANES = 4
 """Lane counts tried (at most one per engine stage)."""
 
-LOADS = (0.7, 0.5, 0.3)
-"""Shares of the plan's routed load the rounds are compared at: the first at which some count fits."""
+LANE_MARGIN = 0.05
+"""A count with more lanes is kept only when its engine capacity beats the fewer lanes' by this much:
+more lanes mean more calls, each streaming its copy's weights, for a gain the model cannot resolve."""
 
 
 def best_lanes(plan: Any, chain_length: int) -> int:
-    """The lane count (1 to the number of engine stages, at most `MAX_LANES`) with the shortest round
-    at 70% of the plan's routed load (near capacity, where lanes matter; at capacity every count's
-    round is unbounded), or at the first of `LOADS` where some count's round is finite; ties go
-    to fewer lanes."""
-    costs = call_costs(plan, chain_length)
-    if not costs or not all(costs):
-        return 1
-    counts = range(1, min(len(costs), MAX_LANES) + 1)
-    for load in LOADS:
-        rounds = {n: round_time(costs, n, load) for n in counts}
-        if any(math.isfinite(t) for t in rounds.values()):
-            return min(counts, key=lambda n: (rounds[n], n))
-    return 1
+    """The lane count (1 to the number of engine stages, at most `MAX_LANES`) with the highest
+    `engine_capacity`, more lanes only where they beat fewer by `LANE_MARGIN`; 1 when no count meets
+    the SLO."""
+    return _best(lane_capacities(plan, chain_length))
+
+
+def lane_capacities(plan: Any, chain_length: int) -> dict[int, float]:
+    """`engine_capacity` for each lane count tried."""
+    stages = len(plan.stage_ranges(chain_length))
+    return {n: engine_capacity(plan, chain_length, n) for n in range(1, min(stages, MAX_LANES) + 1)}
+
+
+def _best(capacities: dict[int, float]) -> int:
+    best = 1
+    for n, rps in sorted(capacities.items()):
+        if rps > capacities[best] * (1 + LANE_MARGIN):
+            best = n
+    return best
+
+
+def engine_capacity(plan: Any, chain_length: int, lanes: int) -> float:
+    """Requests/s the plan's one engine sustains within the SLO's TPOT, from its rounds rather than from
+    each copy's own pace (the MIP's figure): the engine moves a lane on when the slowest of its calls
+    is done, so a stage's copies step together. In flight: as many sequences as the engine admits
+    (`Plan.engine_limits`) and every group's copies hold for its share of them; at a fraction f of that,
+    each call costs its fixed part plus its copy's sequences' part; the round R(f) is the lanes' loop
+    on the devices (`_measured_round`), and the rate f x sequences / (output tokens x R(f) + TTFT),
+    at the largest f whose round meets the TPOT SLO (0 when even one sequence's does not)."""
+    output, tpot = plan.settings["output_tokens"], plan.settings["slo"]["tpot_ms"] / 1e3
+    room = [sum(len(c) * c[0].batch for c in plan.copies(g["id"])) / g["share"] for g in plan.groups if g["share"] > 0]
+    sequences = min(room + [plan.engine_limits(chain_length, 1)[0]])
+    costs = call_costs(plan, chain_length, sequences)
+    if not costs or not all(costs) or sequences <= 0:
+        return 0.0
+    ttft = max((v["ttft_ms"] for v in plan.predicted.get("variants", {}).values()), default=0.0) / 1e3
+
+    def round_at(f: float) -> float:
+        return _measured_round(costs, lanes, f, 1.0)
+
+    # the round is close to affine in f (fixed work plus work per sequence): regula falsi on R(f) = TPOT
+    f, r = 1.0, round_at(1.0)
+    if r > tpot:
+        lo, r_lo, hi, r_hi = 0.0, round_at(0.0), 1.0, r
+        if r_lo > tpot:
+            return 0.0
+        for _ in range(8):
+            f = lo + (tpot - r_lo) * (hi - lo) / (r_hi - r_lo)
+            r = round_at(f)
+            if abs(r - tpot) <= 1e-3 * tpot:
+                break
+            lo, r_lo, hi, r_hi = (f, r, hi, r_hi) if r < tpot else (lo, r_lo, f, r)
+        if r > tpot * (1 + 1e-3):
+            f, r = lo, r_lo
+    if f <= 0:
+        return 0.0
+    return f * sequences / (output * r + ttft)
 
 
 def settle(plan: Any, settings: dict) -> None:
     """Give `plan` the planner's `settings` plus the lanes its engine should keep (`best_lanes`),
-    which `planc serve` and the plan simulation read (`planc.runtime.engine.plan_lanes`)."""
+    which `planc serve` and the plan simulation read (`planc.runtime.engine.plan_lanes`), and the
+    engine capacity at that count (`predicted["engine_capacity_rps"]`)."""
     plan.settings = dict(settings)
     chain_length = max((g["first_position"] + g["num_blocks"] for g in plan.groups), default=0)
-    plan.settings["lanes"] = best_lanes(plan, chain_length)
+    capacities = lane_capacities(plan, chain_length)
+    plan.settings["lanes"] = _best(capacities)
+    plan.predicted["engine_capacity_rps"] = capacities[plan.settings["lanes"]]

@@ -74,6 +74,10 @@ def print_plan(console: Console, plan: Plan, cluster_desc: str, usable_gb: float
                   f"(SLO TPOT {plan.settings['slo']['tpot_ms']:g} ms, TTFT {plan.settings['slo']['ttft_ms']:g} ms; "
                   f"mean prompt {plan.settings['prompt_tokens']:.0f}, output {plan.settings['output_tokens']:.0f} tokens)"
                   + (f"; the engine keeps {plan.settings['lanes']} lane(s)" if plan.settings.get("lanes") else ""))
+    if "engine_capacity_rps" in p:
+        console.print(f"as the one engine runs it (a stage's copies step together, each lane waiting for the "
+                      f"slowest call): {p['engine_capacity_rps']:.3g} req/s (planc.lane_model); the figure above lets "
+                      "every copy step at its own pace", markup=False)
     console.print(solver_line(plan), markup=False)
     if "simulated_capacity_rps" in p:
         console.print(f"simulated on planc's runtime: {p['simulated_capacity_rps']:.3g} req/s with 90% of requests "
