@@ -80,6 +80,7 @@ print(json.dumps({"head_to_head": h2h, "import_s": t1 - t0, "plan_s": t2 - t1, "
                   "simulated_capacity_rps": p.predicted.get("simulated_capacity_rps"),
                   "simulated_capacity_unshared_rps": p.predicted.get("simulated_capacity_unshared_rps"),
                   "throughput_rps": p.predicted["throughput_rps"], "devices": p.predicted["devices"],
+                  "engine_capacity_rps": p.predicted.get("engine_capacity_rps"), "lanes": p.settings.get("lanes"),
                   "solver": p.solver, "baselines": b,
                   "pass_seconds": {r.name: r.seconds for r in program.log}}))
 """
@@ -134,7 +135,8 @@ def main() -> None:
             sim += (f"\n      at {row['rate']:.2f} req/s (capacity of {', '.join(row['capacity_of'])}): SLO met by "
                     + ", ".join(f"{n} {100 * a:.1f}%" for n, a in row["attainment"].items()))
         print(f"{model:>3} x{num_variants:<3} {cluster:<15} groups {r['groups']:>3}  plan {r['plan_s']:5.1f} s "
-              f"(process {wall:5.1f} s)  {r['throughput_rps']:7.2f} req/s on {r['devices']:>2} dev  "
+              f"(process {wall:5.1f} s)  {r['throughput_rps']:7.2f} req/s (engine {r.get('engine_capacity_rps') or 0:.2f}, "
+              f"{r.get('lanes')} lane(s)) on {r['devices']:>2} dev  "
               f"bound {s['bound']:7.2f} gap {s['gap']:6.1%} [{s['method']}]  greedy "
               f"{r['baselines']['greedy']['throughput_rps']:7.2f}  per-variant "
               f"{r['baselines']['replica_per_variant']['throughput_rps']:.2f}"

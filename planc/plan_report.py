@@ -86,6 +86,8 @@ def print_plan(console: Console, plan: Plan, cluster_desc: str, usable_gb: float
         parts = []
         for name, b in baselines.items():
             text = f"{name.replace('_', ' ')} {b['throughput_rps']:.3g} req/s"
+            if b.get("engine_capacity_rps"):
+                text += f" (engine {b['engine_capacity_rps']:.3g})"
             if "simulated_capacity_rps" in b:
                 text += f" (simulated {b['simulated_capacity_rps']:.3g})"
             parts.append(text + ("" if b["fits"] else " (does not fit)"))

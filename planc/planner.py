@@ -93,7 +93,8 @@ def baselines(program: Program, simulate: bool = False) -> dict[str, dict[str, A
     runtime (planc.plan_sim)."""
     out: dict[str, dict[str, Any]] = {}
     for name, plan_ in baseline_plans(program).items():
-        out[name] = {"throughput_rps": plan_.predicted["throughput_rps"] if plan_ else 0.0, "fits": plan_ is not None}
+        out[name] = {"throughput_rps": plan_.predicted["throughput_rps"] if plan_ else 0.0, "fits": plan_ is not None,
+                     "engine_capacity_rps": plan_.predicted["engine_capacity_rps"] if plan_ else 0.0}
         if simulate and plan_ is not None:
             from planc.cost import CostModel
             from planc.plan_sim import simulated_capacity
