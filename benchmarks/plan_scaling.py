@@ -11,7 +11,7 @@ in the simulation), and every deployment's SLO attainment at each of the capacit
 capacity search's bracket is a sixteenth of a plan's predicted throughput wide; deployments closer
 than that are compared at the same rates).
 
-    OMP_NUM_THREADS=1 python benchmarks/plan_scaling.py [--quick | --simulated] [--out benchmarks/out/plan_scaling.json]
+    OMP_NUM_THREADS=1 python benchmarks/plan_scaling.py [--quick | --simulated | --no-simulation] [--out benchmarks/out/plan_scaling.json]
 """
 from __future__ import annotations
 
@@ -107,6 +107,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="only the two cases the issue names")
     ap.add_argument("--simulated", action="store_true", help="only the cases that are also simulated (~40 min)")
+    ap.add_argument("--no-simulation", action="store_true", help="plan every case, simulate none (~2 min)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/plan_scaling.json"))
     args = ap.parse_args()
     cases = [("70b", 16, "8xH100-80GB"), ("70b", 64, "4x8xH100-80GB")] if args.quick else CASES
@@ -114,7 +115,7 @@ def main() -> None:
         cases = [c for c in cases if c in SIMULATED]
     rows = []
     for model, num_variants, cluster in cases:
-        simulate = (model, num_variants, cluster) in SIMULATED
+        simulate = (model, num_variants, cluster) in SIMULATED and not args.no_simulation
         with tempfile.TemporaryDirectory() as tmp:
             spec = write_spec(Path(tmp), model, num_variants, cluster)
             start = time.perf_counter()
