@@ -11,14 +11,11 @@ The model is the engine's lane loop without requests, its calls run on a `planc.
 (copies that share a device are time-sliced; a copy runs its calls in order). Each copy's call costs a
 fixed part (`fixed_ms`, a one-sequence decode step: its weights) plus a part that grows with what it
 carries (`tau_ms`: the prompt, and what one more sequence adds to a decode step), split evenly between
-the lanes. Two uses:
-- `engine_capacity`: the copies hold the sequences the engine admits, each group's share of them; the
-  round follows, and with it the rate at which sequences finish (at most the SLO's TPOT per round).
-  Unlike the MIP's figure, which lets every copy step at its own pace, the stage's copies step
-  together here: a copy with a small batch waits for the largest. The lane count with the highest
-  capacity is the plan's (`best_lanes`).
-- `round_time`: the round at a given request rate (the plan's routed load per copy, for every second
-  of the round): the fixed point of round -> measured round, the plan's TPOT at that load.
+the lanes. The copies hold the sequences the engine admits, each group's share of them; the round
+follows, and with it the rate at which sequences finish (at most the SLO's TPOT per round): the
+engine capacity (`engine_capacity`). Unlike the MIP's figure, which lets every copy step at its own
+pace, a stage's copies step together here: a copy with a small batch waits for the largest. The lane
+count with the highest capacity is the plan's (`best_lanes`).
 
 Checked against the simulation of the plans (`planc.plan_sim`, benchmarks/RESULTS.md "Plan vs
 baselines", session 8): the capacity was 0.77-1.01 of the simulated one, and it ranked lane counts as
@@ -28,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Any, Optional
+from typing import Any
 
 from planc.sim_devices import DeviceClock
 
@@ -36,15 +33,12 @@ _ROUNDS = 6
 """Rounds run per evaluation; the last half is measured."""
 
 
-def call_costs(plan: Any, chain_length: int, sequences: Optional[float] = None
-               ) -> list[list[tuple[tuple, dict, float, float]]]:
+def call_costs(plan: Any, chain_length: int, sequences: float) -> list[list[tuple[tuple, dict, float, float]]]:
     """Per engine stage, per copy serving it: (copy key, {device: 1}, seconds of its call that do not
-    grow with the load, seconds per second of round at the plan's load), with one lane. A copy's
-    pipeline stage counts pro rata to the blocks of it the engine stage holds.
-
-    With `sequences` (in flight in the whole engine) the growing part is instead the seconds one call
-    adds when the copy holds its part of them: its group's share, split over the group's copies by
-    what each holds, each sequence adding its per-request time over its output tokens."""
+    grow with what it carries, seconds its call adds with one lane when `sequences` are in flight in the
+    whole engine). A copy holds its group's share of them, split over the group's copies by what each
+    holds; each adds its per-request time over its output tokens. A copy's pipeline stage counts pro
+    rata to the blocks of it the engine stage holds."""
     out = []
     for r, groups in plan.stage_groups(chain_length):
         calls = []
@@ -64,40 +58,17 @@ def call_costs(plan: Any, chain_length: int, sequences: Optional[float] = None
                     start = stop
                     if frac:
                         fixed += frac * lay["fixed_ms"][i] / 1e3
-                        if sequences is None:
-                            grow += frac * p.load_rps * lay["tau_ms"][i] / 1e3
-                        else:
-                            mine = sequences * g["share"] * held[n] / sum(held)
-                            grow += frac * mine * lay["tau_ms"][i] / 1e3 / plan.settings["output_tokens"]
+                        mine = sequences * g["share"] * held[n] / sum(held)
+                        grow += frac * mine * lay["tau_ms"][i] / 1e3 / plan.settings["output_tokens"]
                         devices.update({(p.node, d): 1.0 for d in p.devices})
                 calls.append(((g["id"], n, r.start), devices, fixed, grow))
         out.append(calls)
     return out
 
 
-def round_time(costs: list[list[tuple[tuple, dict, float, float]]], lanes: int, load: float = 1.0) -> float:
-    """The engine's round (seconds) with `lanes` lanes at `load` times the plan's routed load: the
-    fixed point of round -> measured round, by secant steps (the map is close to affine: fixed
-    work plus load work proportional to the round); inf when it has none (the load does not fit)."""
-    floor = sum(max((c[2] for c in calls), default=0.0) for calls in costs)
-    t0, g0 = floor, _measured_round(costs, lanes, load, floor)
-    t1 = g0
-    for _ in range(12):
-        g1 = _measured_round(costs, lanes, load, t1)
-        if not math.isfinite(g1) or g1 > 1e3 * max(floor, 1e-9):
-            return math.inf
-        if abs(g1 - t1) <= 1e-3 * g1:
-            return g1
-        slope = (g1 - g0) / (t1 - t0) if t1 != t0 else 0.0
-        if slope >= 1.0:
-            return math.inf  # each second of round brings more than a second of work
-        t0, g0, t1 = t1, g1, max(floor, (g1 - slope * t1) / (1.0 - slope))
-    return math.inf
-
-
-def _measured_round(costs, lanes: int, load: float, t: float) -> float:
-    """Run the lanes for `_ROUNDS` rounds with calls sized for a round of `t` seconds; the mean round
-    over the second half."""
+def _measured_round(costs, lanes: int, occupancy: float) -> float:
+    """Run the lanes for `_ROUNDS` rounds, each call its fixed part plus `occupancy` of its growing part,
+    split between the lanes; the mean round over the second half."""
     demands = {key: devices for calls in costs for key, devices, _, _ in calls}
     clock = DeviceClock(demands)
     queues: dict[tuple, deque] = {key: deque() for key in demands}
@@ -111,7 +82,7 @@ def _measured_round(costs, lanes: int, load: float, t: float) -> float:
         calls = costs[stage[lane]]
         pending[lane] = len(calls)
         for key, _, fixed, grow in calls:
-            queues[key].append((lane, fixed + grow * load * t / lanes))
+            queues[key].append((lane, fixed + grow * occupancy / lanes))
             if key not in running:
                 start(key)
 
@@ -191,7 +162,7 @@ def engine_capacity(plan: Any, chain_length: int, lanes: int) -> float:
     ttft = max((v["ttft_ms"] for v in plan.predicted.get("variants", {}).values()), default=0.0) / 1e3
 
     def round_at(f: float) -> float:
-        return _measured_round(costs, lanes, f, 1.0)
+        return _measured_round(costs, lanes, f)
 
     # the round is close to affine in f (fixed work plus work per sequence): regula falsi on R(f) = TPOT
     f, r = 1.0, round_at(1.0)

@@ -1,35 +1,31 @@
 """planc.lane_model: the engine's round with L lanes, and the lane count a plan gets."""
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from planc import lane_model as lm
 
 
-def _stages(devices_of_stages, fixed=1e-3, grow=0.3):
+def _stages(devices_of_stages, fixed=1e-3, grow=3e-3):
     return [[((i,), {dev: 1.0}, fixed, grow)] for i, dev in enumerate(devices_of_stages)]
 
 
-def test_round_time_is_the_fixed_point_of_the_lane_loop():
-    """Two stages, each f = 1 ms per call plus 0.3 s of work per second of round. On devices of their
-    own, one lane walks both: T = 2f + 2(0.3)T, so 5 ms; two lanes overlap them, each device doing
-    two calls a round: T = 2f + 0.3T, 2.857 ms. On one shared device two lanes only add calls:
-    T = 4f + 0.6T, 10 ms, against 5 ms with one."""
+def test_lanes_overlap_stages_on_devices_of_their_own():
+    """Two stages, each call 1 ms plus 3 ms of work split between the lanes. One lane walks both: 8 ms a
+    round. Two lanes on devices of their own pipeline them, each device running two 2.5-ms calls a
+    round: 5 ms. On one shared device two lanes only add calls: 4 x 2.5 = 10 ms."""
     apart, shared = _stages([0, 1]), _stages([0, 0])
-    assert lm.round_time(apart, 1) == pytest.approx(2e-3 / 0.4, rel=1e-3)
-    assert lm.round_time(apart, 2) == pytest.approx(2e-3 / 0.7, rel=1e-3)
-    assert lm.round_time(shared, 1) == pytest.approx(2e-3 / 0.4, rel=1e-3)
-    assert lm.round_time(shared, 2) == pytest.approx(4e-3 / 0.4, rel=1e-3)
-    assert lm.round_time(apart, 1, load=2.0) == math.inf  # 1.2 s of work per second of round
-    assert lm.round_time(apart, 2, load=2.0) == pytest.approx(2e-3 / 0.4, rel=1e-3)
+    assert lm._measured_round(apart, 1, 1.0) == pytest.approx(8e-3)
+    assert lm._measured_round(apart, 2, 1.0) == pytest.approx(5e-3)
+    assert lm._measured_round(shared, 1, 1.0) == pytest.approx(8e-3)
+    assert lm._measured_round(shared, 2, 1.0) == pytest.approx(10e-3)
+    assert lm._measured_round(apart, 1, 0.5) == pytest.approx(5e-3)  # half the sequences: 1 + 1.5 ms a call
 
 
 def test_two_copies_on_one_device_share_it():
     """One stage, two copies time-sliced on one device: a round does both calls' work."""
-    both = [[(("a",), {0: 1.0}, 1e-3, 0.2), (("b",), {0: 1.0}, 1e-3, 0.2)]]
-    assert lm.round_time(both, 1) == pytest.approx(2e-3 / 0.6, rel=1e-3)
+    both = [[(("a",), {0: 1.0}, 1e-3, 2e-3), (("b",), {0: 1.0}, 1e-3, 2e-3)]]
+    assert lm._measured_round(both, 1, 1.0) == pytest.approx(6e-3)
 
 
 def _mixed_plan(devices_b: tuple, tpot_ms: float = 1000.0):
@@ -71,7 +67,7 @@ def test_plans_get_the_count_with_the_highest_engine_capacity(tiny_example, tmp_
     plan = Bundle.open(out).plan
     chain_length = max(g["first_position"] + g["num_blocks"] for g in plan.groups)
     stages = len(plan.stage_ranges(chain_length))
-    costs = lm.call_costs(plan, chain_length)
+    costs = lm.call_costs(plan, chain_length, plan.engine_limits(chain_length, 1)[0])
     assert len(costs) == stages and all(costs)
     capacity = {n: lm.engine_capacity(plan, chain_length, n) for n in range(1, min(stages, lm.MAX_LANES) + 1)}
     assert plan.settings["lanes"] == lm.best_lanes(plan, chain_length) == plan_lanes(plan, stages)

@@ -67,8 +67,8 @@ class EngineConfig:
 
 def plan_lanes(plan, num_stages: int) -> int:
     """The lanes an engine over `num_stages` stages keeps for `plan`, between 1 and `num_stages`: what
-    the planner chose for it (`settings["lanes"]`, `planc.lane_model`: the count whose round its
-    step costs predict shortest near capacity); for a plan without that, its deepest pipeline (the
+    the planner chose for it (`settings["lanes"]`, `planc.lane_model`: the count whose engine capacity
+    its step costs predict highest); for a plan without that, its deepest pipeline (the
     largest `pp` of any group's layout).
 
     >>> from types import SimpleNamespace
