@@ -37,7 +37,7 @@ SIMULATED = {("70b", 16, "8xH100-80GB"), ("8b", 8, "8xH100-80GB"), ("8b", 32, "8
 _ONE = """
 import json, sys, time
 t0 = time.perf_counter()
-from planc.planner import baselines, plan
+from planc.planner import baseline_plans, baselines, plan
 t1 = time.perf_counter()
 simulate = sys.argv[2] == "1"
 program = plan(sys.argv[1])
@@ -54,15 +54,15 @@ if simulate:
            for i, q in enumerate(program.plan.placements)]
     program.plan.predicted["simulated_capacity_unshared_rps"] = simulated_capacity(
         program, dataclasses.replace(program.plan, placements=own), cm)
-b = baselines(program)
+baseline = baseline_plans(program)
+b = baselines(program, plans=baseline)
 h2h = []
 if simulate:
     # the baselines' capacities, then every deployment at each capacity found: the capacity search
     # resolves a sixteenth of a plan's predicted throughput, and plans closer than that are ranked by
     # their SLO attainment at the same rates (the same seeded trials)
     from planc.plan_sim import head_to_head
-    from planc.planner import baseline_plans
-    plans = {"plan": program.plan, **{k: v for k, v in baseline_plans(program).items() if v is not None}}
+    plans = {"plan": program.plan, **{k: v for k, v in baseline.items() if v is not None}}
     caps = {"plan": program.plan.predicted["simulated_capacity_rps"]}
     for name, bp in plans.items():
         if name != "plan":

@@ -187,6 +187,23 @@ def _per_node(inst: Instance, best: Optional[Solution], time_limit_s: float, gap
     return chosen
 
 
+def placement_plan(inst: Instance, copies: Optional[dict], cluster_name: str, params: dict, settings: dict,
+                   method: Optional[str] = None) -> Optional[Plan]:
+    """A given placement (stage copies, e.g. the greedy packer's) as a plan: scored by the exact model
+    with its integers fixed, lanes settled as the planner's are; None when there is none or it cannot
+    carry any load."""
+    if not copies:
+        return None
+    sol = solve_exact(inst, 30.0, 0.0, fixed=copies)
+    if not sol.copies:
+        return None
+    if method:
+        sol.method = method
+    plan = to_plan(inst, sol, cluster_name, params)
+    settle(plan, settings)
+    return plan
+
+
 def _idle_options(sol: Solution, gid: str) -> set[int]:
     """Layouts of a group that the routing leaves without load while another carries it: the MIP may
     keep such copies (they cost no objective on devices already in use); deploying them would not."""
@@ -333,15 +350,8 @@ class ParallelizePass(Pass):
         from planc.plan_sim import simulated_capacity
 
         cm = CostModel.for_cluster(inst.cluster, program.base.checkpoint.arch.dtype_bytes)
-        candidates = [best]
-        greedy = greedy_copies(inst)
-        if greedy:
-            sol = solve_exact(inst, 30.0, 0.0, fixed=greedy)
-            if sol.copies:
-                sol.method = "greedy"
-                alt = to_plan(inst, sol, name, params)
-                settle(alt, plan_settings)
-                candidates.append(alt)
+        greedy = placement_plan(inst, greedy_copies(inst), name, params, plan_settings, method="greedy")
+        candidates = [best] + ([greedy] if greedy else [])
         for c in candidates:
             c.predicted["simulated_capacity_rps"] = simulated_capacity(program, c, cm)
         chosen = max(candidates, key=lambda c: c.predicted["simulated_capacity_rps"])

@@ -43,8 +43,9 @@ def call_costs(plan: Any, chain_length: int, sequences: float) -> list[list[tupl
     for r, groups in plan.stage_groups(chain_length):
         calls = []
         for g in groups:
-            held = [len(c) * c[0].batch for c in plan.copies(g["id"])]
-            for n, copy in enumerate(plan.copies(g["id"])):
+            copies = plan.copies(g["id"])
+            held = [len(c) * c[0].batch for c in copies]
+            for n, copy in enumerate(copies):
                 lay = next((x for x in g["layouts"] if x["pp"] == len(copy) and x["tp"] == copy[0].tp
                             and x["batch"] == copy[0].batch), None)
                 if lay is None or not lay.get("fixed_ms"):
@@ -132,9 +133,10 @@ def best_lanes(plan: Any, chain_length: int) -> int:
 
 
 def lane_capacities(plan: Any, chain_length: int) -> dict[int, float]:
-    """`engine_capacity` for each lane count tried."""
+    """`engine_capacity` for each lane count tried (the calls' costs worked out once)."""
     stages = len(plan.stage_ranges(chain_length))
-    return {n: engine_capacity(plan, chain_length, n) for n in range(1, min(stages, MAX_LANES) + 1)}
+    inputs = _engine_inputs(plan, chain_length)
+    return {n: _capacity(plan, *inputs, n) for n in range(1, min(stages, MAX_LANES) + 1)}
 
 
 def _best(capacities: dict[int, float]) -> int:
@@ -153,13 +155,21 @@ def engine_capacity(plan: Any, chain_length: int, lanes: int) -> float:
     each call costs its fixed part plus its copy's sequences' part; the round R(f) is the lanes' loop
     on the devices (`_measured_round`), and the rate f x sequences / (output tokens x R(f) + TTFT),
     at the largest f whose round meets the TPOT SLO (0 when even one sequence's does not)."""
-    output, tpot = plan.settings["output_tokens"], plan.settings["slo"]["tpot_ms"] / 1e3
+    return _capacity(plan, *_engine_inputs(plan, chain_length), lanes)
+
+
+def _engine_inputs(plan: Any, chain_length: int) -> tuple[float, list, float]:
+    """The sequences in flight at full occupancy, the calls' costs with them, and the plan's TTFT."""
     room = [sum(len(c) * c[0].batch for c in plan.copies(g["id"])) / g["share"] for g in plan.groups if g["share"] > 0]
     sequences = min(room + [plan.engine_limits(chain_length, 1)[0]])
-    costs = call_costs(plan, chain_length, sequences)
+    ttft = max((v["ttft_ms"] for v in plan.predicted.get("variants", {}).values()), default=0.0) / 1e3
+    return sequences, call_costs(plan, chain_length, sequences), ttft
+
+
+def _capacity(plan: Any, sequences: float, costs: list, ttft: float, lanes: int) -> float:
+    output, tpot = plan.settings["output_tokens"], plan.settings["slo"]["tpot_ms"] / 1e3
     if not costs or not all(costs) or sequences <= 0:
         return 0.0
-    ttft = max((v["ttft_ms"] for v in plan.predicted.get("variants", {}).values()), default=0.0) / 1e3
 
     def round_at(f: float) -> float:
         return _measured_round(costs, lanes, f)

@@ -14,9 +14,8 @@ from planc.pass_manager import PassContext
 from planc.passes import CostPass, ParallelizePass
 from planc.passes.cost import OptionBuilder, chain_block_names
 from planc.passes.greedy import greedy_copies
-from planc.lane_model import settle
-from planc.passes.mip import Instance, solve as solve_fixed
-from planc.passes.parallelize import to_plan
+from planc.passes.mip import Instance
+from planc.passes.parallelize import placement_plan
 from planc.plan import Plan, groups_from_instances
 from planc.program import Program
 
@@ -53,25 +52,12 @@ def instance_of(program: Program) -> Instance:
                     inputs["cluster"], "throughput", None, settings.max_replicas)
 
 
-def _as_plan(program: Program, inst: Instance, copies: Optional[dict]) -> Optional[Plan]:
-    """The placement `copies` as a plan (scored by the exact model, lanes settled as the planner's
-    are); None when there is none or it cannot carry any load."""
-    if not copies:
-        return None
-    sol = solve_fixed(inst, 30.0, 0.0, fixed=copies)
-    if not sol.copies:
-        return None
-    plan = to_plan(inst, sol, "baseline", {})
-    settle(plan, program.plan.settings)
-    return plan
-
-
 def baseline_plans(program: Program) -> dict[str, Optional[Plan]]:
     """The two ways to deploy without planc's planner, as plans over the same cost model and traffic
     (None where one does not fit): a greedy packer over the same block groups, and one full model
     replica per variant (no block sharing; LoRA variants as merged copies)."""
     inst = instance_of(program)
-    out = {"greedy": _as_plan(program, inst, greedy_copies(inst))}
+    out = {"greedy": placement_plan(inst, greedy_copies(inst), "baseline", {}, program.plan.settings)}
     names = program.model_names()
     arch = program.base.checkpoint.arch
     blocks = chain_block_names(arch.num_layers)
@@ -83,22 +69,26 @@ def baseline_plans(program: Program) -> dict[str, Optional[Plan]]:
                            {g.id: traffic.shares.get(g.users[0], 0.0) for g in groups}, cluster, "throughput",
                            None, 1)
     copies = greedy_copies(per_variant, grow=False) if all(per_variant.options.values()) else None
-    out["replica_per_variant"] = _as_plan(program, per_variant, copies)
+    out["replica_per_variant"] = placement_plan(per_variant, copies, "baseline", {}, program.plan.settings)
     return out
 
 
-def baselines(program: Program, simulate: bool = False) -> dict[str, dict[str, Any]]:
+def baselines(program: Program, simulate: bool = False,
+              plans: Optional[dict[str, Optional[Plan]]] = None) -> dict[str, dict[str, Any]]:
     """Throughput (requests/s within the SLO, same cost model and traffic) of the two baselines
-    (`baseline_plans`). With `simulate`, also the simulator's capacity within the SLO on planc's
-    runtime (planc.plan_sim)."""
+    (`plans`, by default `baseline_plans`). With `simulate`, also the simulator's capacity within the
+    SLO on planc's runtime (planc.plan_sim)."""
+    plans = baseline_plans(program) if plans is None else plans
     out: dict[str, dict[str, Any]] = {}
-    for name, plan_ in baseline_plans(program).items():
+    for name, plan_ in plans.items():
         out[name] = {"throughput_rps": plan_.predicted["throughput_rps"] if plan_ else 0.0, "fits": plan_ is not None,
                      "engine_capacity_rps": plan_.predicted["engine_capacity_rps"] if plan_ else 0.0}
-        if simulate and plan_ is not None:
-            from planc.cost import CostModel
-            from planc.plan_sim import simulated_capacity
+    if simulate:
+        from planc.cost import CostModel
+        from planc.plan_sim import simulated_capacity
 
-            cm = CostModel.for_cluster(program.extras["plan_inputs"]["cluster"], program.base.checkpoint.arch.dtype_bytes)
-            out[name]["simulated_capacity_rps"] = simulated_capacity(program, plan_, cm)
+        cm = CostModel.for_cluster(program.extras["plan_inputs"]["cluster"], program.base.checkpoint.arch.dtype_bytes)
+        for name, plan_ in plans.items():
+            if plan_ is not None:
+                out[name]["simulated_capacity_rps"] = simulated_capacity(program, plan_, cm)
     return out
