@@ -12,7 +12,10 @@ Constraints: each group serves its users' share of the traffic (``sum_o y = lam 
 per device, memory of the copies it holds <= usable memory * u[d], and device time
 ``sum z * tau + n * busy <= 1`` (co-located stages share the device; every copy streams its
 weights at each step whatever its load, and each request adds its own work); every group has 1..max_replicas replicas;
-a group runs on a node only if each group feeding it does (a chain stays on a node).
+a group runs on a node only if each group feeding it does (a chain stays on a node). On several
+nodes each node runs its own engine: ``x[v,k] >= 0`` is the part of variant v's traffic that node
+k's engine serves (``sum_k x = lam * share``), and on each node a group carries exactly its users'
+traffic there, so a request's chain never leaves its node (`route_variants`).
 Objective ``throughput``: maximise lam (ties: fewer devices); ``devices``: fewest devices for
 ``lam = rate``. Used devices are packed to the front of each node and nodes to the front of the
 cluster, which removes symmetric copies of every solution without losing any.
@@ -82,6 +85,8 @@ class Solution:
     load: dict[tuple, float] = field(default_factory=dict)
     """(group, option index, stage, slot index) -> requests/s through those copies."""
     used: list[int] = field(default_factory=list)
+    routes: dict[tuple, float] = field(default_factory=dict)
+    """(variant, node) -> requests/s of that variant that node's engine serves."""
     method: str = "exact"
     time_limit_hit: bool = False
     """The wall-clock backstop stopped the search before its node limit: another run may differ."""
@@ -121,6 +126,31 @@ def _serve_group(m: mathopt.Model, inst: Instance, gid: str, loads: list, replic
     m.add_linear_constraint(sum(replicas) <= inst.max_replicas)
 
 
+def per_node_engines(inst: Instance) -> bool:
+    """Each node runs its own engine over its own copies (several nodes, known traffic shares)."""
+    return inst.cluster.nodes > 1 and bool(inst.variant_shares)
+
+
+def route_variants(m: mathopt.Model, inst: Instance, node_loads: dict[str, dict[int, list]],
+                   lam: mathopt.Variable) -> dict[tuple, mathopt.Variable]:
+    """Per-node engines: variant v's traffic splits over the nodes (``x[v,k]``, the part node k's engine
+    serves); on each node a group carries what its users send there (`node_loads`: group -> node ->
+    its load terms on that node), so every copy a request passes is on one node."""
+    nodes = range(inst.cluster.nodes)
+    x = {(v, k): m.add_variable(lb=0.0, name=f"x_{v}_{k}") for v in inst.variant_shares for k in nodes}
+    for v, share in inst.variant_shares.items():
+        m.add_linear_constraint(sum(x[(v, k)] for k in nodes) == share * lam)
+    for g in inst.groups:
+        users = [v for v in g.users if v in inst.variant_shares]
+        for k in nodes:
+            m.add_linear_constraint(sum(node_loads.get(g.id, {}).get(k, [])) == sum(x[(v, k)] for v in users))
+    return x
+
+
+def single_node_routes(inst: Instance, lam: float) -> dict[tuple, float]:
+    return {(v, 0): share * lam for v, share in inst.variant_shares.items()}
+
+
 def _chain_locality(m: mathopt.Model, inst: Instance, hosts: dict[str, list]) -> None:
     """A group runs on a node only if every group feeding it does: a chain never leaves its node."""
     for g in inst.groups:
@@ -147,12 +177,15 @@ class _Builder:
         device_mem = {d: [] for d in range(cluster.num_devices)}
         device_time = {d: [] for d in range(cluster.num_devices)}
         hosts = {}
+        flows = per_node_engines(inst)
+        node_loads: dict[str, dict[int, list]] = {}
         for g in inst.groups:
             replicas_total = []
             y_terms = []
             host = [m.add_binary_variable(name=f"h_{g.id}_{k}") for k in range(cluster.nodes)]
             hosts[g.id] = host
             self.hosts[g.id] = host
+            on_node = node_loads.setdefault(g.id, {})
             for oi, opt in enumerate(inst.options[g.id]):
                 y = m.add_variable(lb=0.0, name=f"y_{g.id}_{oi}")
                 y_terms.append(y)
@@ -163,8 +196,13 @@ class _Builder:
                     self.r[(g.id, oi, k)] = r[k]
                 for k in range(cluster.nodes):
                     m.add_linear_constraint(r[k] <= inst.max_replicas * host[k])
+                if flows:
+                    y_node = {k: m.add_variable(lb=0.0, name=f"yk_{g.id}_{oi}_{k}") for k in range(cluster.nodes)}
+                    for k in range(cluster.nodes):
+                        on_node.setdefault(k, []).append(y_node[k])
                 for p in range(opt.pp):
                     per_node = {k: [] for k in range(cluster.nodes)}
+                    z_node = {k: [] for k in range(cluster.nodes)}
                     z_terms = []
                     for si, (node, devices) in enumerate(slots(cluster, opt.tp)):
                         key = (g.id, oi, p, si)
@@ -173,15 +211,19 @@ class _Builder:
                         self.n[key], self.z[key], self.slot_of[key] = n, z, (node, devices)
                         m.add_linear_constraint(z <= opt.cap_rps * n)
                         per_node[node].append(n)
+                        z_node[node].append(z)
                         z_terms.append(z)
                         for d in devices:
                             device_mem[d].append(opt.memory[p] * n)
                             device_time[d].append(opt.tau[p] * z + opt.busy(p) * n)
                     for k in range(cluster.nodes):
                         m.add_linear_constraint(sum(per_node[k]) == r[k])
+                        if flows:  # a replica's stages are on one node: each carries the node's load
+                            m.add_linear_constraint(sum(z_node[k]) == y_node[k])
                     m.add_linear_constraint(sum(z_terms) == y)
             _serve_group(m, inst, g.id, y_terms, replicas_total, self.lam)
         _chain_locality(m, inst, hosts)
+        self.x = route_variants(m, inst, node_loads, self.lam) if flows else {}
         usable = cluster.device.usable_bytes
         for d in range(cluster.num_devices):
             # scaled to GB so the solver's tolerances see numbers near 1
@@ -263,8 +305,10 @@ def solve(inst: Instance, time_limit_s: float = 10.0, gap: float = 0.01, seed: i
     load = {k: values[b.z[k]] for k in copies}
     used = [d for d, u in enumerate(b.u) if values[u] > 0.5]
     bound = result.termination.objective_bounds.dual_bound
+    routes = ({k: values[x] for k, x in b.x.items()} if b.x else single_node_routes(inst, values[b.lam]))
     return Solution(status=reason.name.lower(), objective=result.objective_value(), bound=bound,
-                    seconds=seconds, lam=values[b.lam], copies=copies, load=load, used=used, time_limit_hit=timed_out)
+                    seconds=seconds, lam=values[b.lam], copies=copies, load=load, used=used, routes=routes,
+                    time_limit_hit=timed_out)
 
 
 def evaluate(inst: Instance, copies: dict[tuple, int]) -> Solution:
@@ -285,6 +329,7 @@ def evaluate(inst: Instance, copies: dict[tuple, int]) -> Solution:
     load_time: dict[int, list] = {}
     z: dict[tuple, mathopt.Variable] = {}
     per_stage: dict[tuple, dict[int, list]] = {}
+    """(group, option, node) -> stage -> load terms."""
     counts: dict[tuple, list[int]] = {}
     for key, count in sorted(copies.items()):
         if count <= 0:
@@ -293,7 +338,7 @@ def evaluate(inst: Instance, copies: dict[tuple, int]) -> Solution:
         opt = inst.options[gid][oi]
         node, devices = slots(cluster, opt.tp)[si]
         z[key] = m.add_variable(lb=0.0, ub=opt.cap_rps * count)
-        per_stage.setdefault((gid, oi), {}).setdefault(p, []).append(z[key])
+        per_stage.setdefault((gid, oi, node), {}).setdefault(p, []).append(z[key])
         counts.setdefault((gid, oi, node), [0] * opt.pp)[p] += count
         for d in devices:
             memory[d] += opt.memory[p] * count
@@ -314,15 +359,18 @@ def evaluate(inst: Instance, copies: dict[tuple, int]) -> Solution:
         return infeasible()
     if any(t > 1.0 for t in fixed_time):
         return infeasible()
+    node_loads: dict[str, dict[int, list]] = {}
     for g in inst.groups:
         ys = []
-        for (gid, oi), stages in per_stage.items():
+        for (gid, oi, node), stages in per_stage.items():
             if gid == g.id:
                 first = sum(stages[0])
-                for p in range(1, inst.options[gid][oi].pp):
+                for p in range(1, inst.options[gid][oi].pp):  # a replica's stages carry the same load
                     m.add_linear_constraint(sum(stages[p]) == first)
                 ys.append(first)
+                node_loads.setdefault(gid, {}).setdefault(node, []).append(first)
         m.add_linear_constraint(sum(ys) == inst.shares[g.id] * lam)
+    x = route_variants(m, inst, node_loads, lam) if per_node_engines(inst) else {}
     for d, terms in load_time.items():
         m.add_linear_constraint(sum(terms) <= 1.0 - fixed_time[d])
     used = sorted(load_time)
@@ -332,9 +380,10 @@ def evaluate(inst: Instance, copies: dict[tuple, int]) -> Solution:
         return infeasible()
     values = result.variable_values()
     objective = float(len(used)) if inst.objective == "devices" else values[lam] - DEVICE_TIE_BREAK * len(used)
+    routes = {k: values[v] for k, v in x.items()} if x else single_node_routes(inst, values[lam])
     return Solution(status="optimal", objective=objective, bound=objective, seconds=time.perf_counter() - start,
                     lam=values[lam], copies={k: c for k, c in copies.items() if c > 0},
-                    load={k: values[v] for k, v in z.items()}, used=used)
+                    load={k: values[v] for k, v in z.items()}, used=used, routes=routes)
 
 
 class _NodeBuilder:
@@ -359,10 +408,12 @@ class _NodeBuilder:
         memory = {k: [] for k in range(cluster.nodes)}
         busy = {k: [] for k in range(cluster.nodes)}
         hosts = {}
+        node_loads: dict[str, dict[int, list]] = {}
         for g in inst.groups:
             host = [m.add_binary_variable(name=f"h_{g.id}_{k}") for k in range(cluster.nodes)]
             hosts[g.id] = host
             y_terms, replicas = [], []
+            on_node = node_loads.setdefault(g.id, {})
             for oi, opt in enumerate(inst.options[g.id]):
                 device_bytes = sum(mem * opt.tp for mem in opt.memory) / 1e9
                 device_time = sum(t * opt.tp for t in opt.tau)
@@ -381,8 +432,11 @@ class _NodeBuilder:
                     busy[k].append(device_time * z + copy_time * r)
                     y_terms.append(z)
                     replicas.append(r)
+                    on_node.setdefault(k, []).append(z)
             _serve_group(m, inst, g.id, y_terms, replicas, self.lam)
         _chain_locality(m, inst, hosts)
+        if per_node_engines(inst):
+            route_variants(m, inst, node_loads, self.lam)
         usable = cluster.device.usable_bytes / 1e9
         for k in range(cluster.nodes):
             m.add_linear_constraint(sum(memory[k]) <= usable * self.memory_scale[k] * self.v[k])

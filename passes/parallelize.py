@@ -257,7 +257,25 @@ def to_plan(inst: Instance, sol: Solution, cluster_name: str, settings: dict) ->
               "objective": sol.objective, "bound": sol.bound, "gap": sol.gap,
               "seconds": sol.seconds, **settings}
     return Plan(cluster=cluster_name, objective=inst.objective, groups=groups_out, placements=placements,
-                predicted=predicted, solver=solver, settings={})
+                predicted=predicted, solver=solver, settings={}, routes=_routes(inst, sol, placements))
+
+
+def _routes(inst: Instance, sol: Solution, placements: list[StagePlacement]) -> dict[str, dict[str, float]]:
+    """Variant -> node -> the part of its traffic that node's engine serves: the solution's routing; a
+    variant it sends nothing (no traffic share) goes to the first node that holds its whole chain."""
+    totals: dict[str, float] = {}
+    for (v, _), x in sol.routes.items():
+        totals[v] = totals.get(v, 0.0) + x
+    out: dict[str, dict[str, float]] = {}
+    for (v, k), x in sorted(sol.routes.items()):
+        if totals[v] > 0 and x > 1e-9 * totals[v]:
+            out.setdefault(v, {})[str(k)] = x / totals[v]
+    hosts = {g.id: {p.node for p in placements if p.group == g.id} for g in inst.groups}
+    for v in sorted({v for g in inst.groups for v in g.users} - set(out)):
+        whole = set.intersection(*[hosts[g.id] for g in inst.groups if v in g.users])
+        if whole:
+            out[v] = {str(min(whole)): 1.0}
+    return out
 
 
 def _predict(inst: Instance, sol: Solution, groups_out: list[dict], by_id: dict[str, BlockGroup]) -> dict:

@@ -1,4 +1,7 @@
-"""How many lanes the one engine over a plan's stages should keep: its round, in steady state.
+"""How many lanes an engine over a plan's stages should keep: its round, in steady state.
+
+On several nodes each node runs its own engine over its own copies (`Plan.engine_plans`); everything
+below is per engine, and the plan's capacity is the rate at which the first engine saturates (`settle`).
 
 The engine (`planc.runtime.engine`) splits the running sequences into lanes; each lane walks the
 engine's stages in turn, one call per copy at each, and the engine moves the oldest lane on as soon
@@ -196,9 +199,26 @@ def _capacity(plan: Any, sequences: float, costs: list, ttft: float, lanes: int)
 def settle(plan: Any, settings: dict) -> None:
     """Give `plan` the planner's `settings` plus the lanes its engine should keep (`best_lanes`),
     which `planc serve` and the plan simulation read (`planc.runtime.engine.plan_lanes`), and the
-    engine capacity at that count (`predicted["engine_capacity_rps"]`)."""
+    engine capacity at that count (`predicted["engine_capacity_rps"]`).
+
+    On several nodes every node's engine gets its own count (`settings["lanes_per_node"]`) and capacity
+    (`predicted["engines"]`: per node its lanes, capacity and share of the traffic); the plan's capacity
+    is the rate at which the first of them saturates, the router sending each node its share."""
     plan.settings = dict(settings)
     chain_length = max((g["first_position"] + g["num_blocks"] for g in plan.groups), default=0)
-    capacities = lane_capacities(plan, chain_length)
-    plan.settings["lanes"] = _best(capacities)
-    plan.predicted["engine_capacity_rps"] = capacities[plan.settings["lanes"]]
+    engines = plan.engine_plans()
+    if len(engines) == 1:
+        capacities = lane_capacities(plan, chain_length)
+        plan.settings["lanes"] = _best(capacities)
+        plan.predicted["engine_capacity_rps"] = capacities[plan.settings["lanes"]]
+        return
+    per_node = {}
+    for node, part in engines:
+        capacities = lane_capacities(part, chain_length)
+        lanes = _best(capacities)
+        per_node[str(node)] = {"lanes": lanes, "engine_capacity_rps": capacities[lanes],
+                               "share": sum(plan.node_traffic(node).values())}
+    plan.settings["lanes_per_node"] = {k: e["lanes"] for k, e in per_node.items()}
+    plan.predicted["engines"] = per_node
+    plan.predicted["engine_capacity_rps"] = min((e["engine_capacity_rps"] / e["share"] for e in per_node.values()
+                                                 if e["share"] > 0), default=0.0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -151,6 +152,10 @@ class Plan:
     solver: dict[str, Any]
     """name, status, objective, bound, gap, seconds, seed, time_limit_s."""
     settings: dict[str, Any] = field(default_factory=dict)
+    routes: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Variant -> node (as a string) -> the part of its traffic that node's engine serves. On several
+    nodes each node runs its own engine over its own copies (`engine_plans`); empty in plans made before
+    that: one engine over every node."""
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -194,7 +199,8 @@ class Plan:
                 for r in self.stage_ranges(chain_length)]
 
     def engine_limits(self, chain_length: int, tokens_per_copy: int) -> tuple[int, int]:
-        """(max_running, max_batch_tokens) of the one engine that drives the plan's deployment.
+        """(max_running, max_batch_tokens) of the engine that drives the plan's deployment (on several nodes: of
+        `for_node`'s plan, one engine per node).
 
         Sequences: as many as the stage with the least room holds (what the copies serving it hold,
         summed: a copy with pipeline depth pp holds pp lanes of its layout's decode batch, as the
@@ -212,6 +218,61 @@ class Plan:
             tokens.append(sum(max(tokens_per_copy, step_tokens(n, prompt, output) if prompt and output else 0)
                               for n in held))
         return max(1, min(room, default=1)), max(tokens_per_copy, min(tokens, default=1))
+
+    def engine_plans(self) -> list[tuple[Optional[int], "Plan"]]:
+        """The engines that run the plan, each with the part of the plan it runs: (node, its plan) per
+        node on several nodes with routes; (None, the whole plan) otherwise."""
+        nodes = sorted({p.node for p in self.placements})
+        if len(nodes) <= 1 or not self.routes:
+            return [(None, self)]
+        return [(k, self.for_node(k)) for k in nodes]
+
+    def node_traffic(self, node: int) -> dict[str, float]:
+        """Variant -> its share of all traffic that node `node`'s engine serves."""
+        shares = self.settings.get("shares") or {}
+        out = {v: shares.get(v, 0.0) * r.get(str(node), 0.0) for v, r in self.routes.items()}
+        return {v: x for v, x in out.items() if x > 0}
+
+    def for_node(self, node: int) -> "Plan":
+        """What node `node`'s engine runs: the copies on that node, its groups with the layouts they have
+        there, and the traffic routed to it (shares renormalised, its part of the rate and throughput).
+
+        >>> p = StagePlacement
+        >>> plan = Plan("c", "throughput", [{"id": "g0", "users": ["a", "b"], "share": 1.0, "layouts": [
+        ...     {"pp": 1, "tp": 1, "batch": 8, "replicas": 2}]}],
+        ...     [p("g0", 0, 0, ("layer.0",), (0,), 0, 1, 8, 1.0, 3.0), p("g0", 1, 0, ("layer.0",), (1,), 1, 1, 8, 1.0, 1.0)],
+        ...     {"throughput_rps": 4.0}, {}, {"shares": {"a": 0.5, "b": 0.5}, "rate": 4.0, "lanes_per_node": {"1": 1}},
+        ...     routes={"a": {"0": 1.0}, "b": {"0": 0.5, "1": 0.5}})
+        >>> one = plan.for_node(1)
+        >>> one.settings["shares"], one.settings["rate"], one.settings["lanes"], one.groups[0]["layouts"][0]["replicas"]
+        ({'b': 1.0}, 1.0, 1, 1)
+        """
+        traffic = self.node_traffic(node)
+        total = sum(traffic.values())
+        placements = [p for p in self.placements if p.node == node]
+        groups = []
+        for g in self.groups:
+            copies = Counter((len(c), c[0].tp, c[0].batch) for c in self.copies(g["id"]) if c[0].node == node)
+            if not copies:
+                continue
+            layouts = [{**lay, "replicas": copies[(lay["pp"], lay["tp"], lay["batch"])]} for lay in g["layouts"]
+                       if copies[(lay["pp"], lay["tp"], lay["batch"])]]
+            share = sum(traffic.get(v, 0.0) for v in g["users"]) / total if total else 0.0
+            groups.append({**g, "layouts": layouts, "share": share})
+        settings = dict(self.settings)
+        settings["shares"] = {v: x / total for v, x in traffic.items()} if total else {}
+        if settings.get("rate"):
+            settings["rate"] = settings["rate"] * total
+        lanes = (self.settings.get("lanes_per_node") or {}).get(str(node))
+        if lanes:
+            settings["lanes"] = lanes
+        predicted = {**self.predicted, "throughput_rps": self.predicted.get("throughput_rps", 0.0) * total,
+                     "variants": {v: x for v, x in (self.predicted.get("variants") or {}).items() if v in traffic}}
+        engine = (self.predicted.get("engines") or {}).get(str(node))
+        if engine:
+            predicted["engine_capacity_rps"] = engine["engine_capacity_rps"]
+        return Plan(self.cluster, self.objective, groups, placements, predicted, dict(self.solver), settings,
+                    {v: {str(node): 1.0} for v in traffic})
 
     def stage_ranges(self, chain_length: int) -> list[range]:
         """Chain positions cut where groups end and where the busiest layout of a group cuts its pipeline:

@@ -26,8 +26,9 @@ def _opt(gid, pp, tp, mem_gb, tau, cap, blocks=("b",), busy=0.0):
                        copy_busy=tuple([busy] * pp) if busy else ())
 
 
-def _instance(cluster, objective="throughput", rate=None, max_replicas=2, shares=(0.5, 0.5)):
-    """A trunk shared by two variants, and a private top for each."""
+def _instance(cluster, objective="throughput", rate=None, max_replicas=2, shares=(0.5, 0.5), per_node=False):
+    """A trunk shared by two variants, and a private top for each. `per_node`: the variants' shares are
+    known, so on several nodes each node runs its own engine (`mip.route_variants`)."""
     groups = groups_from_instances(["embedding", "layer.0", "head"],
                                    {"a": ["e", "l", "ha"], "b": ["e", "l", "hb"]})
     trunk, top_a, top_b = (g.id for g in groups)
@@ -38,7 +39,8 @@ def _instance(cluster, objective="throughput", rate=None, max_replicas=2, shares
         top_b: [_opt(top_b, 1, 1, 4.5, 0.05, 15.0)],
     }
     share = {trunk: 1.0, top_a: shares[0], top_b: shares[1]}
-    return Instance(groups, options, share, cluster, objective, rate, max_replicas)
+    variant_shares = {"a": shares[0], "b": shares[1]} if per_node else {}
+    return Instance(groups, options, share, cluster, objective, rate, max_replicas, variant_shares)
 
 
 def _route(inst: Instance, copies: dict) -> float:
@@ -46,6 +48,10 @@ def _route(inst: Instance, copies: dict) -> float:
     m = mathopt.Model()
     lam = m.add_variable(lb=0.0)
     busy = {d: [] for d in range(inst.cluster.num_devices)}
+    engines = inst.cluster.nodes > 1 and inst.variant_shares  # a node's engine serves what is routed to it
+    routed = {(v, k): m.add_variable(lb=0.0) for v in inst.variant_shares for k in range(inst.cluster.nodes)}
+    for v, share in inst.variant_shares.items():
+        m.add_linear_constraint(sum(routed[(v, k)] for k in range(inst.cluster.nodes)) == share * lam)
     for g in inst.groups:
         stage_loads = {}
         for (gid, oi, p, si), count in copies.items():
@@ -53,18 +59,23 @@ def _route(inst: Instance, copies: dict) -> float:
                 continue
             opt = inst.options[gid][oi]
             z = m.add_variable(lb=0.0, ub=opt.cap_rps * count)
-            stage_loads.setdefault((oi, p), []).append(z)
+            node = slots(inst.cluster, opt.tp)[si][0] if engines else 0
+            stage_loads.setdefault((oi, node, p), []).append(z)
             for d in slots(inst.cluster, opt.tp)[si][1]:
                 busy[d].append(opt.tau[p] * z + count * (opt.copy_busy[p] if opt.copy_busy else 0.0))
         by_option = {}
-        for (oi, p), zs in stage_loads.items():
-            by_option.setdefault(oi, []).append(sum(zs))
-        y_terms = []
-        for oi, per_stage in by_option.items():
+        for (oi, node, p), zs in stage_loads.items():
+            by_option.setdefault((oi, node), []).append(sum(zs))
+        y_terms, on_node = [], {}
+        for (oi, node), per_stage in by_option.items():
             for other in per_stage[1:]:
                 m.add_linear_constraint(other == per_stage[0])
             y_terms.append(per_stage[0])
+            on_node.setdefault(node, []).append(per_stage[0])
         m.add_linear_constraint(sum(y_terms) == inst.shares[g.id] * lam)
+        if engines:
+            for k in range(inst.cluster.nodes):
+                m.add_linear_constraint(sum(on_node.get(k, [])) == sum(routed[(v, k)] for v in g.users))
     for terms in busy.values():
         if terms:
             m.add_linear_constraint(sum(terms) <= 1.0)
@@ -124,7 +135,7 @@ def brute_force(inst: Instance) -> float:
 
 def _options_subset(inst: Instance, keep: dict[str, list[int]]) -> Instance:
     return Instance(inst.groups, {g: [inst.options[g][i] for i in keep[g]] for g in inst.options}, inst.shares,
-                    inst.cluster, inst.objective, inst.rate, inst.max_replicas)
+                    inst.cluster, inst.objective, inst.rate, inst.max_replicas, inst.variant_shares)
 
 
 CASES = {
@@ -144,6 +155,25 @@ def test_mip_objective_equals_brute_force(case):
     assert expected is not None and sol.copies
     assert sol.objective == pytest.approx(expected, rel=1e-6, abs=1e-6)
     assert sol.status == "optimal"
+
+
+def test_per_node_engines_equal_brute_force_and_route_what_each_node_carries():
+    """Two nodes of one device, each with its own engine, uneven traffic: a node's trunk carries only the
+    traffic of the tops on that node. The optimum equals brute force with that routing, is below the
+    optimum that lets any trunk copy carry any request, and its routes add up node by node."""
+    cluster, keep = _cluster(2, 1, memory_gb=11.0), {"g0": [0], "g1": [0], "g2": [0]}
+    inst = _options_subset(_instance(cluster, shares=(0.8, 0.2), per_node=True), keep)
+    free = _options_subset(_instance(cluster, shares=(0.8, 0.2)), keep)
+    sol = plan_solve(inst, time_limit_s=30, gap=0.0, method="exact")
+    assert sol.objective == pytest.approx(brute_force(inst), rel=1e-6)
+    assert sol.objective < brute_force(free) - 1.0
+    for v, share in inst.variant_shares.items():
+        assert sum(x for (u, _), x in sol.routes.items() if u == v) == pytest.approx(share * sol.lam, rel=1e-6)
+    for g in inst.groups:
+        for k in range(cluster.nodes):
+            carried = sum(z for (gid, oi, p, si), z in sol.load.items()
+                          if gid == g.id and p == 0 and slots(cluster, inst.options[gid][oi].tp)[si][0] == k)
+            assert carried == pytest.approx(sum(sol.routes[(v, k)] for v in g.users), abs=1e-4)  # solver tolerance
 
 
 def _tops(busy: float, max_replicas: int = 1) -> Instance:
