@@ -1,11 +1,15 @@
 """Simulate a plan as planc's runtime serves it on Ray: one engine over the plan's stages.
 
 What is modelled (`planc.sim_stages` has the engine's side):
-- The stages are the plan's `stage_ranges` (cut at every group boundary and at the pipeline cuts of
-  each group's busiest layout), as the runtime builds them; one engine schedules every sequence of
-  the deployment (the Ray ingress runs one replica) and pipelines as many lanes as `planc serve`
-  gives it for the plan (`planc.runtime.engine.plan_lanes`: the planner's choice, `planc.lane_model`),
-  at most one per stage.
+- One engine per node on a plan over several nodes (`Plan.engine_plans`), each over its node's copies
+  and the part of the plan `Plan.for_node` gives it; the requests are split between them as the
+  runtime's router splits them (`planc.runtime.router.NodeRouter`, the plan's routes), and since
+  their devices are disjoint each engine is simulated on its own. One engine for the whole plan
+  otherwise (one node, or a plan made before routes).
+- An engine's stages are its plan's `stage_ranges` (cut at every group boundary and at the pipeline
+  cuts of each group's busiest layout), as the runtime builds them; it schedules every sequence
+  sent to it and pipelines as many lanes as `planc serve` gives it (`planc.runtime.engine.plan_lanes`:
+  the planner's choice, `planc.lane_model`), at most one per stage.
 - At each stage every group that covers it has one actor with as many copies as the plan gives the
   group (its placements' replicas, across layouts), as `backends/ray_layout.py` lays them out; a
   copy runs its calls on the devices of its placement that holds the stage's blocks, with the block
@@ -30,11 +34,13 @@ what the HTTP server costs it, the local backend (all stages in one process, no 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 from planc.cost import CostModel
 from planc.plan import Plan
 from planc.program import Program
 from planc.runtime.engine import EngineConfig, plan_lanes
+from planc.runtime.router import NodeRouter
 from planc.sim_model import SimModel
 from planc.sim_report import summarize_records
 from planc.sim_stages import CopySpec, StagedRun, simulate_staged
@@ -77,13 +83,35 @@ def staged_run(program: Program, plan: Plan, requests: list[Request]) -> StagedR
     return StagedRun(stages, requests, config)
 
 
+def node_runs(program: Program, plan: Plan, requests: list[Request]) -> list[tuple[Optional[int], StagedRun]]:
+    """The plan's engines, each with the requests the router sends it (`planc.runtime.router`): one per
+    node on several nodes (their devices are disjoint, so each runs on its own clock), else one."""
+    engines = plan.engine_plans()
+    if len(engines) == 1:
+        return [(None, staged_run(program, plan, requests))]
+    router = NodeRouter(plan.routes)
+    sent: dict[int, list[Request]] = {node: [] for node, _ in engines}
+    unrouted = []
+    for r in sorted(requests, key=lambda r: r.arrival_s):
+        if router.serves(r.variant):
+            sent[router.pick(r.variant)].append(r)
+        else:
+            unrouted.append(r)
+    runs = [(node, staged_run(program, part, sent[node] + (unrouted if i == 0 else [])))
+            for i, (node, part) in enumerate(engines)]
+    return runs
+
+
 def simulate_plan(program: Program, plan: Plan, cost_model: CostModel, rate: float, num_requests: int = 400,
                   seed: int = 0) -> dict:
     """Serve a Gamma workload at `rate` with the plan's traffic mix and mean lengths; overall summary."""
     requests = plan_requests(program, rate, num_requests, seed)
-    result = simulate_staged(staged_run(program, plan, requests), cost_model)
+    records = []
+    for _, run in node_runs(program, plan, requests):
+        if run.requests:
+            records += simulate_staged(run, cost_model).requests
     slo = plan.settings["slo"]
-    return summarize_records(result.requests, slo["ttft_ms"], slo["tpot_ms"])
+    return summarize_records(records, slo["ttft_ms"], slo["tpot_ms"])
 
 
 def trial_span_s(plan: Plan) -> float:
