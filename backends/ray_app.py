@@ -1,7 +1,9 @@
 """The Ray Serve application of a ray bundle: `serve_config.yaml`'s import_path points here.
 
 One ingress deployment runs planc's own engine and OpenAI-compatible API (planc.runtime.server,
-unchanged); the engine's stages are `RemoteStage` proxies over `StageWorker` actors that the ingress
+unchanged); on a plan over several nodes, one engine per node behind that API, each over its node's
+actors, a request going to the engine the plan routes its variant to (`planc.runtime.router`). The
+engine's stages are `RemoteStage` proxies over `StageWorker` actors that the ingress
 starts with the resources of the bundle's layout. The actors are the ingress replica's children: if
 the replica goes, they go with it (their KV belongs to its engine); if one of them dies, Ray
 restarts it and the engine recomputes what it lost.
@@ -9,7 +11,7 @@ restarts it and the engine recomputes what it lost.
 from __future__ import annotations
 
 from dataclasses import asdict, fields
-from typing import Any
+from typing import Any, Optional
 
 import ray
 from ray import serve
@@ -31,16 +33,18 @@ def serve_options(options: dict[str, Any]) -> ServeOptions:
 
 
 def start_stages(bundle: Bundle, layout: RayLayout, config: EngineConfig, options: ServeOptions,
-                 prefix: str, timeout_s: float = STARTUP_TIMEOUT_S) -> list[RemoteStage]:
-    """Start every copy of every stage actor, wait until each has loaded its blocks, return the proxies."""
+                 prefix: str, timeout_s: float = STARTUP_TIMEOUT_S, engine: Optional[int] = None) -> list[RemoteStage]:
+    """Start every copy of every stage actor (of node `engine`'s engine, on a layout with one engine
+    per node), wait until each has loaded its blocks, return the proxies."""
     worker = ray.remote(StageWorker)
     num_layers = bundle.arch.num_layers
     plans, everyone, needs = [], [], {}
-    for i, (lo, hi) in enumerate(layout.stages):
+    stages = layout.stages if engine is None else next(e.stages for e in layout.engines if e.node == engine)
+    for i, (lo, hi) in enumerate(stages):
         layers = sum(1 for p in range(lo, hi) if 0 < p <= num_layers)
         kv_bytes = max(1, config.kv_cache_bytes * layers // num_layers)  # as in-process stages split it
         by_variant: dict[str, list[StageCopy]] = {}
-        for spec in layout.actors_of(i):
+        for spec in layout.actors_of(i, engine):
             copies = []
             for c in range(spec.copies):
                 label = f"{spec.name}.{c}"
@@ -69,12 +73,22 @@ class PlancIngress:
         self.bundle = Bundle.open(bundle)
         opts = serve_options(options)
         self.layout = RayLayout.from_json(layout)
-        config = engine_config(self.bundle, opts)
-        config.stage_positions = [range(lo, hi) for lo, hi in self.layout.stages]
         context = serve.get_replica_context()
         prefix = f"planc.{context.app_name}.{context.replica_id.unique_id}."
-        self.stages = start_stages(self.bundle, self.layout, config, opts, prefix)
-        self.state = build_state(self.bundle, opts, config, self.stages)
+        if not self.layout.engines:
+            config = engine_config(self.bundle, opts)
+            config.stage_positions = [range(lo, hi) for lo, hi in self.layout.stages]
+            self.stages = start_stages(self.bundle, self.layout, config, opts, prefix)
+            self.state = build_state(self.bundle, opts, config, self.stages)
+            return
+        # one engine per node, each over its node's actors; the router sends each request to one of them
+        engines = {}
+        for spec in self.layout.engines:
+            config = engine_config(self.bundle, opts, self.bundle.plan.for_node(spec.node))
+            config.stage_positions = [range(lo, hi) for lo, hi in spec.stages]
+            engines[spec.node] = (config, start_stages(self.bundle, self.layout, config, opts, prefix,
+                                                       engine=spec.node))
+        self.state = build_state(self.bundle, opts, nodes=engines)
 
     def __serve_build_asgi_app__(self):
         return build_app(self.state)

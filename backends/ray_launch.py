@@ -7,6 +7,7 @@ shutdown), removes the application and stops the cluster planc started.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -37,8 +38,12 @@ def read_app_args(bundle: Bundle) -> dict:
     return args
 
 
-def start_ray(address: Optional[str], num_gpus_needed: float) -> bool:
-    """Join `address`, or start a private cluster bound to 127.0.0.1; returns whether planc started it."""
+def start_ray(address: Optional[str], num_gpus_needed: float, num_cpus_needed: float = 0.0) -> bool:
+    """Join `address`, or start a private cluster bound to 127.0.0.1; returns whether planc started it.
+
+    A private cluster offers this machine's CPUs, or as many as the actors ask for when that is more (a
+    bundle planned for a larger CPU cluster then runs here oversubscribed, and says so): Ray would
+    otherwise leave the actors it cannot place pending until the start-up times out."""
     # Before ray is imported: keep a private cluster on loopback and quiet (no usage report over the network).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -60,7 +65,11 @@ def start_ray(address: Optional[str], num_gpus_needed: float) -> bool:
     # Ray runs workers at nice 15 by default; here the workers are the server (engine, stages, HTTP proxy),
     # and a local server would not yield to every other process on the machine either.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=OBJECT_STORE_BYTES,
+    cpus = os.cpu_count() or 1
+    if num_cpus_needed > cpus:
+        print(f"planc: this bundle's actors ask for {num_cpus_needed:.3g} CPUs (planned for a larger cluster); this "
+              f"machine has {cpus}: running them oversubscribed", flush=True)
+    ray.init(address="local", num_cpus=max(cpus, math.ceil(num_cpus_needed)), object_store_memory=OBJECT_STORE_BYTES,
              _node_ip_address="127.0.0.1", **common)
     return True
 
@@ -97,7 +106,8 @@ def deploy(bundle: Bundle, options, host: str, port: int, address: Optional[str]
     args["options"] = {**(args.get("options") or {}), **asdict(options), "shutdown_timeout_s": shutdown_timeout}
     layout = RayLayout.from_json(args["layout"])
     port = port or free_port(host)
-    started = start_ray(address, sum(a.num_gpus * a.copies for a in layout.actors))
+    started = start_ray(address, sum(a.num_gpus * a.copies for a in layout.actors),
+                        sum(a.num_cpus * a.copies for a in layout.actors) + layout.ingress_num_cpus)
     if after_start is not None:
         after_start()
     import ray
@@ -149,8 +159,13 @@ def _banner(bundle: Bundle, layout: RayLayout, host: str, deployment: Deployment
     actors = sum(a.copies for a in layout.actors)
     where = "a private Ray cluster" if deployment.started else "the Ray cluster"
     print(f"planc serving {len(bundle.variants)} variants: {variants}", flush=True)
-    print(f"  on {where} at {deployment.address}: {len(layout.stages)} stages in {actors} stage actors "
-          f"({layout.device}), one ingress", flush=True)
+    if layout.engines:
+        stages = " + ".join(f"{len(e.stages)}" for e in layout.engines)
+        print(f"  on {where} at {deployment.address}: one engine per plan node ({len(layout.engines)}), "
+              f"{stages} stages in {actors} stage actors ({layout.device}), one ingress", flush=True)
+    else:
+        print(f"  on {where} at {deployment.address}: {len(layout.stages)} stages in {actors} stage actors "
+              f"({layout.device}), one ingress", flush=True)
     if not bundle.manifest.get("tenants"):
         print("  tenants: none configured; the server is open to every client (no API keys)", flush=True)
     print(f"  listening on http://{host}:{deployment.port}  (OpenAI API at /v1, /health, /metrics)", flush=True)

@@ -4,7 +4,9 @@ The engine's stages are ranges of chain positions (the plan's `stage_ranges`, or
 the bundle has no plan). On Ray each stage is served by actors: one per plan group that runs
 through it (holding only that group's variants' blocks, as the plan placed them), with as many
 copies as the plan gave the group replicas and, per copy, the share of a device its placement has.
-Without a plan every stage is one actor holding every variant's blocks at its positions.
+Without a plan every stage is one actor holding every variant's blocks at its positions. A plan over
+several nodes gets one engine per node (`RayLayout.engines`), each with the stages of its node's part
+of the plan (`Plan.for_node`) and actors over its node's copies only (`ActorSpec.engine`).
 
 >>> layout = layout_for(["base", "legal"], chain_length=6, plan=None, device_kind=None)
 >>> [(a.name, a.positions, a.copies, a.num_cpus) for a in layout.actors]
@@ -44,6 +46,16 @@ class ActorSpec:
     """The plan's node of each copy (empty without a plan)."""
     group: Optional[str] = None
     """The plan's block group it serves (None without a plan)."""
+    engine: Optional[int] = None
+    """The node whose engine calls it, on a plan with one engine per node (`stage` is that engine's)."""
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One node's engine, on a plan with one engine per node: its stages, as ranges of chain positions."""
+
+    node: int
+    stages: list[tuple[int, int]]
 
 
 @dataclass
@@ -59,6 +71,9 @@ class RayLayout:
     """GPUs each worker node needs (0 on CPU clusters)."""
     cluster: Optional[str] = None
     notes: list[str] = field(default_factory=list)
+    engines: list[EngineSpec] = field(default_factory=list)
+    """One engine per node (the plan's `engine_plans`), each over its node's actors; empty: one engine
+    over `stages` and every actor."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,10 +84,12 @@ class RayLayout:
         data["stages"] = [tuple(s) for s in data["stages"]]
         data["actors"] = [ActorSpec(**{**a, "positions": tuple(a["positions"]), "variants": tuple(a["variants"]),
                                        "nodes": tuple(a["nodes"])}) for a in data["actors"]]
+        data["engines"] = [EngineSpec(e["node"], [tuple(s) for s in e["stages"]]) for e in data.get("engines", [])]
         return cls(**data)
 
-    def actors_of(self, stage: int) -> list[ActorSpec]:
-        return [a for a in self.actors if a.stage == stage]
+    def actors_of(self, stage: int, engine: Optional[int] = None) -> list[ActorSpec]:
+        """The actors of one engine stage (of node `engine`'s engine, on a plan with one per node)."""
+        return [a for a in self.actors if a.stage == stage and a.engine == engine]
 
     def gpus_per_node(self) -> dict[int, float]:
         """GPU demand of the stage copies on each node (what a worker group must offer)."""
@@ -94,32 +111,43 @@ def layout_for(variants: list[str], chain_length: int, plan: Optional[Plan], dev
                   for i, r in enumerate(ranges)]
         return RayLayout("cpu", [(r.start, r.stop) for r in ranges], actors,
                          notes=["no plan: an even split into stages, one copy each (compile with --cluster to plan)"])
-    ranges = plan.stage_ranges(chain_length)
     shares = _device_shares(plan)
     gpu = device_kind == "gpu"
-    actors = []
-    for i, (r, groups) in enumerate(plan.stage_groups(chain_length)):
-        for g in groups:
-            copies = plan.copies(g["id"])
-            names = {_block_name(p, chain_length) for p in r}
-            copy_shares, nodes = [], []
-            for copy in copies:
-                hit = [p for p in copy if names & set(p.blocks)] or copy[:1]
-                copy_shares.append(max(shares[id(p)] / _stages_in(p, ranges, chain_length) for p in hit))
-                nodes.append(hit[0].node)
-            # One amount for every copy: the smallest, so that copies the plan packs onto one device fit there.
-            amount = _ray_amount(min(copy_shares))
-            actors.append(ActorSpec(f"stage{i}-{g['id']}", i, (r.start, r.stop), tuple(g["users"]), len(copies),
-                                    amount if not gpu else CPU_SHARE, amount if gpu else 0.0, tuple(nodes), g["id"]))
+    actors, engines = [], []
+    parts = plan.engine_plans()
+    for node, part in parts:
+        ranges = part.stage_ranges(chain_length)
+        prefix = "" if node is None else f"n{node}-"
+        if node is not None:
+            engines.append(EngineSpec(node, [(r.start, r.stop) for r in ranges]))
+        for i, (r, groups) in enumerate(part.stage_groups(chain_length)):
+            for g in groups:
+                copies = part.copies(g["id"])
+                names = {_block_name(p, chain_length) for p in r}
+                copy_shares, nodes = [], []
+                for copy in copies:
+                    hit = [p for p in copy if names & set(p.blocks)] or copy[:1]
+                    copy_shares.append(max(shares[_key(p)] / _stages_in(p, ranges, chain_length) for p in hit))
+                    nodes.append(hit[0].node)
+                # One amount for every copy: the smallest, so that copies the plan packs onto one device fit there.
+                amount = _ray_amount(min(copy_shares))
+                actors.append(ActorSpec(f"{prefix}stage{i}-{g['id']}", i, (r.start, r.stop), tuple(g["users"]),
+                                        len(copies), amount if not gpu else CPU_SHARE, amount if gpu else 0.0,
+                                        tuple(nodes), g["id"], node))
     nodes_used = len({p.node for p in plan.placements}) or 1
-    return RayLayout("gpu" if gpu else "cpu", [(r.start, r.stop) for r in ranges], actors, nodes=nodes_used,
-                     devices_per_node=devices_per_node if gpu else 0, cluster=plan.cluster)
+    stages = [(r.start, r.stop) for r in plan.stage_ranges(chain_length)] if not engines else []
+    return RayLayout("gpu" if gpu else "cpu", stages, actors, nodes=nodes_used,
+                     devices_per_node=devices_per_node if gpu else 0, cluster=plan.cluster, engines=engines)
 
 
-def _device_shares(plan: Plan) -> dict[int, float]:
-    """Per placement (by id): its devices' share, when the plan packs several placements on one device."""
+def _key(p: StagePlacement) -> tuple:
+    return (p.group, p.node, p.replica, p.stage, p.devices, p.tp, p.batch)
+
+
+def _device_shares(plan: Plan) -> dict[tuple, float]:
+    """Per placement (by `_key`): its devices' share, when the plan packs several placements on one device."""
     per_device = Counter((p.node, d) for p in plan.placements for d in p.devices)
-    return {id(p): p.tp / max(per_device[(p.node, d)] for d in p.devices) for p in plan.placements}
+    return {_key(p): p.tp / max(per_device[(p.node, d)] for d in p.devices) for p in plan.placements}
 
 
 def _stages_in(p: StagePlacement, ranges: list[range], chain_length: int) -> int:

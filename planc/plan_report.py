@@ -53,6 +53,21 @@ def variant_table(plan: Plan) -> Table:
     return t
 
 
+def engine_table(plan: Plan) -> Table:
+    """One row per node's engine: the variants routed to it, its share of the traffic, lanes, capacity."""
+    t = Table(title="Engines: one per node, each over its node's copies; the router splits each variant's "
+                    "requests as shown", title_justify="left")
+    for col in ("node", "variants (part of their requests)", "share", "lanes", "engine req/s", "at plan's split"):
+        t.add_column(col, justify="left" if col.startswith("variants") else "right")
+    for node, e in sorted((plan.predicted.get("engines") or {}).items(), key=lambda kv: int(kv[0])):
+        routed = [f"{v}" + (f" ({r[node]:.0%})" if r[node] < 0.995 else "")
+                  for v, r in plan.routes.items() if r.get(node, 0) > 0]
+        whole = e["engine_capacity_rps"] / e["share"] if e["share"] > 0 else float("inf")
+        t.add_row(node, _users(routed, 6), f"{e['share']:.2f}", str(e["lanes"]), f"{e['engine_capacity_rps']:.3g}",
+                  f"{whole:.3g}")
+    return t
+
+
 def solver_line(plan: Plan) -> str:
     s = plan.solver
     bound = s["bound"]
@@ -74,7 +89,12 @@ def print_plan(console: Console, plan: Plan, cluster_desc: str, usable_gb: float
                   f"(SLO TPOT {plan.settings['slo']['tpot_ms']:g} ms, TTFT {plan.settings['slo']['ttft_ms']:g} ms; "
                   f"mean prompt {plan.settings['prompt_tokens']:.0f}, output {plan.settings['output_tokens']:.0f} tokens)"
                   + (f"; the engine keeps {plan.settings['lanes']} lane(s)" if plan.settings.get("lanes") else ""))
-    if "engine_capacity_rps" in p:
+    if p.get("engines"):
+        console.print(engine_table(plan))
+        console.print(f"as the engines run it (a stage's copies step together, each lane waiting for the slowest "
+                      f"call; the busiest node saturates first): {p['engine_capacity_rps']:.3g} req/s "
+                      "(planc.lane_model); the figure above lets every copy step at its own pace", markup=False)
+    elif "engine_capacity_rps" in p:
         console.print(f"as the one engine runs it (a stage's copies step together, each lane waiting for the "
                       f"slowest call): {p['engine_capacity_rps']:.3g} req/s (planc.lane_model); the figure above lets "
                       "every copy step at its own pace", markup=False)

@@ -13,12 +13,12 @@ import httpx
 
 
 class ServerProcess:
-    def __init__(self, bundle: Path, *args: str, env: dict | None = None):
+    def __init__(self, bundle: Path, *args: str, env: dict | None = None, startup_s: float = 60.0):
         self.proc = subprocess.Popen([sys.executable, "-m", "planc.cli", "serve", str(bundle), "--port", "0", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, **(env or {})})
         self.banner: list[str] = []
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + startup_s
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if not line:
@@ -30,7 +30,7 @@ class ServerProcess:
                 break
         else:
             self.proc.kill()
-            raise RuntimeError("planc serve did not start in 60 s")
+            raise RuntimeError(f"planc serve did not start in {startup_s:g} s")
         while time.monotonic() < deadline:
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:

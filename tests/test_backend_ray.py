@@ -266,6 +266,51 @@ def _alive(pid: int) -> bool:
         return False
 
 
+# ------------------------------------------------------------------------------ one engine per plan node
+TWO_CPU_NODES = ("nodes: 2\ndevices_per_node: 1\n"
+                 "device: {name: cpu-test, kind: cpu, memory_gb: 2, peak_tflops: {fp32: 0.2}, mem_bw_gbps: 10}\n")
+
+
+@pytest.fixture(scope="module")
+def two_node_bundle(tiny_example, tmp_path_factory) -> Path:
+    """The tiny example planned for two CPU nodes of one device each: the plan uses both nodes."""
+    root = tmp_path_factory.mktemp("ray-two-nodes")
+    (root / "cluster.yaml").write_text(TWO_CPU_NODES)
+    ctx = PassContext()
+    ctx.options["cost"] = {"cluster": str(root / "cluster.yaml")}
+    return planc.emit(planc.compile(planc.load(tiny_example), ctx=ctx), backend="ray", out=root / "tiny")
+
+
+def test_a_two_node_plan_gets_one_engine_per_node_over_that_nodes_actors(two_node_bundle):
+    plan = Bundle.open(two_node_bundle).plan
+    layout = _read(two_node_bundle)[0]["applications"][0]["args"]["layout"]
+    assert {p.node for p in plan.placements} == {0, 1}, "the tiny example should use both nodes"
+    assert [e["node"] for e in layout["engines"]] == [0, 1] and layout["stages"] == []
+    routed = {v: {int(k) for k, w in r.items() if w > 0} for v, r in plan.routes.items()}
+    assert set(routed) == set(PROMPTS)
+    for e in layout["engines"]:
+        mine = [a for a in layout["actors"] if a["engine"] == e["node"]]
+        assert mine and all(set(a["nodes"]) == {e["node"]} for a in mine)  # an engine calls its node's copies only
+        assert [p for lo, hi in e["stages"] for p in range(lo, hi)] == list(range(6))
+        for variant, nodes in routed.items():  # every variant routed here has a copy at every stage
+            if e["node"] in nodes:
+                assert all(any(variant in a["variants"] for a in mine if a["stage"] == i)
+                           for i in range(len(e["stages"])))
+
+
+@needs_ray
+def test_a_two_node_plan_serves_the_local_backends_tokens(two_node_bundle, expected):
+    srv = ServerProcess(two_node_bundle, "--shutdown-timeout", "5", startup_s=180)
+    try:
+        assert any("one engine per plan node (2)" in line for line in srv.banner), srv.banner
+        results = _concurrently(srv.url, [(v, SHORT, i % 2 == 1) for i in range(2) for v in PROMPTS])
+        assert len(results) == 8
+        for (variant, _, _), (status, text, tokens) in results:
+            assert status == 200 and (text, tokens) == expected[(variant, SHORT)], variant
+    finally:
+        assert srv.stop() == 0
+
+
 # ---------------------------------------------------------------------------------------------- no cluster
 @pytest.fixture(scope="module")
 def planned_bundle(tiny_example, tmp_path_factory) -> Path:

@@ -17,7 +17,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Optional, Union
 
 import torch
 import uvicorn
@@ -29,6 +29,7 @@ from planc.errors import PlancError
 from planc.kernels import KernelSelection, load_tuned
 from planc.kernels.dispatch import ENV_VAR as KERNELS_ENV_VAR
 from planc.runtime.engine import Engine, EngineConfig, Event, QueueFull, StepStats, plan_lanes
+from planc.runtime.router import RoutedEngines
 from planc.runtime.metrics import Metrics
 from planc.runtime.openai_api import ApiError, GenerationRequest, completion_body, parse_request, usage_of
 from planc.runtime.text import Detokenizer, TextCodec
@@ -68,7 +69,9 @@ def kernel_selection(bundle: Bundle, options: ServeOptions) -> KernelSelection:
         raise PlancError(f"{source}: {exc}") from None
 
 
-def engine_config(bundle: Bundle, options: ServeOptions) -> EngineConfig:
+def engine_config(bundle: Bundle, options: ServeOptions, plan=None) -> EngineConfig:
+    """The engine's settings: model.yaml's serving, the options, and the plan (`plan`: the part of the
+    bundle's plan this engine runs, `Plan.for_node`; default the whole of it)."""
     s = dict(bundle.manifest.get("serving") or {})
     for key in ("kv_cache_mb", "max_running", "max_queue", "max_model_len", "max_batch_tokens"):
         if getattr(options, key) is not None:
@@ -76,15 +79,16 @@ def engine_config(bundle: Bundle, options: ServeOptions) -> EngineConfig:
     max_len = s.get("max_model_len") or min(bundle.arch.max_position_embeddings, 4096)
     caps, stages, lanes = {}, None, options.lanes
     running, tokens = 64, default_batch_tokens()
-    if bundle.plan is not None:  # the runtime follows the plan: batch caps, stages, lanes, engine limits
+    plan = plan or bundle.plan
+    if plan is not None:  # the runtime follows the plan: batch caps, stages, lanes, engine limits
         # a planned block runs its layout's decode batch in one call, as the planner costed it (a split
         # call streams the weights again), unless model.yaml's serving sets a cap
-        caps = {k: min(c, s.get("block_batch_cap", c)) for k, c in bundle.plan.block_batch_caps().items()}
+        caps = {k: min(c, s.get("block_batch_cap", c)) for k, c in plan.block_batch_caps().items()}
         chain_length = len(next(iter(bundle.variants.values()))["chain"])
-        stages = bundle.plan.stage_ranges(chain_length)
+        stages = plan.stage_ranges(chain_length)
         if lanes is None:
-            lanes = plan_lanes(bundle.plan, len(stages))
-        running, tokens = bundle.plan.engine_limits(chain_length, tokens)
+            lanes = plan_lanes(plan, len(stages))
+        running, tokens = plan.engine_limits(chain_length, tokens)
     config = EngineConfig(kv_cache_bytes=int(float(s.get("kv_cache_mb", 64)) * 2**20), page_size=s.get("page_size", 16),
                           max_running=s.get("max_running") or running,
                           max_batch_tokens=s.get("max_batch_tokens") or tokens,
@@ -118,7 +122,7 @@ def tenant_keys(bundle: Bundle, environ=os.environ) -> Optional[dict[str, tuple[
 @dataclass
 class ServerState:
     bundle: Bundle
-    engine: Engine
+    engine: Union[Engine, RoutedEngines]
     codecs: dict[str, TextCodec]
     keys: Optional[dict[str, tuple[str, Optional[set[str]]]]]
     metrics: Metrics
@@ -127,14 +131,23 @@ class ServerState:
 
 
 def build_state(bundle: Bundle, options: ServeOptions, config: Optional[EngineConfig] = None,
-                stages: Optional[list] = None) -> ServerState:
-    """`config` defaults to engine_config(bundle, options); `stages` (e.g. remote ones) to in-process stages."""
+                stages: Optional[list] = None, nodes: Optional[dict[int, tuple[EngineConfig, list]]] = None) -> ServerState:
+    """`config` defaults to engine_config(bundle, options); `stages` (e.g. remote ones) to in-process stages.
+    `nodes`: one engine per node instead, {node: (its config, its stages)}, each request sent to the
+    engine the bundle's plan routes its variant to (`planc.runtime.router.RoutedEngines`)."""
     torch.set_num_threads(options.threads)
     metrics = Metrics()
     names = {b["key"]: f"{b['name']}#{b['key'][:8]}" for b in bundle.manifest["blocks"]}
-    stats = StepStats(on_batch=lambda key, size, nv: metrics.on_batch(names[key], size, nv))
-    engine = Engine(bundle, config or engine_config(bundle, options), stats, stages=stages,
-                    kernels=kernel_selection(bundle, options))
+    kernels = kernel_selection(bundle, options)
+
+    def make(cfg: EngineConfig, own_stages: Optional[list]) -> Engine:
+        stats = StepStats(on_batch=lambda key, size, nv: metrics.on_batch(names[key], size, nv))
+        return Engine(bundle, cfg, stats, stages=own_stages, kernels=kernels)
+
+    if nodes:
+        engine = RoutedEngines({k: make(cfg, st) for k, (cfg, st) in nodes.items()}, bundle.plan.routes)
+    else:
+        engine = make(config or engine_config(bundle, options), stages)
     by_dir: dict[str, TextCodec] = {}
     codecs = {}
     for name, v in bundle.variants.items():
