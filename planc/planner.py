@@ -49,7 +49,7 @@ def instance_of(program: Program) -> Instance:
     inputs = program.extras["plan_inputs"]
     settings = program.spec.plan
     return Instance(program.groups, program.plan_options, group_shares(program.groups, inputs["traffic"].shares),
-                    inputs["cluster"], "throughput", None, settings.max_replicas)
+                    inputs["cluster"], "throughput", None, settings.max_replicas, dict(inputs["traffic"].shares))
 
 
 def baseline_plans(program: Program) -> dict[str, Optional[Plan]]:
@@ -67,7 +67,7 @@ def baseline_plans(program: Program) -> dict[str, Optional[Plan]]:
     builder = OptionBuilder.for_program(program, inputs["costs"], cluster, traffic)
     per_variant = Instance(groups, {g.id: builder.options(g) for g in groups},
                            {g.id: traffic.shares.get(g.users[0], 0.0) for g in groups}, cluster, "throughput",
-                           None, 1)
+                           None, 1, {v: traffic.shares.get(v, 0.0) for v in names})
     copies = greedy_copies(per_variant, grow=False) if all(per_variant.options.values()) else None
     out["replica_per_variant"] = placement_plan(per_variant, copies, "baseline", {}, program.plan.settings)
     return out

@@ -281,3 +281,27 @@ def test_node_level_search_stops_on_node_counts_not_the_clock(monkeypatch):
     assert not first.time_limit_hit and _valid(inst, first.copies)
     assert calls and all(nodes <= limit and status != "time_limit" for limit, nodes, status in calls)
     assert sum(mip.ROOT_NODES + nodes for _, nodes, _ in calls) <= 2 * effort  # first and again
+
+
+def test_per_node_planning_keeps_the_candidate_its_score_prefers():
+    """On several nodes each node is also planned without pipelined layouts; `score` (the engines' view,
+    here: fewer pipelined copies) picks, and the kept copies index the full instance's options."""
+    import time
+
+    from planc.passes.mip import evaluate
+    from planc.passes.parallelize import _per_node
+
+    inst = _instance(_cluster(2, 2), per_node=True)
+    assert any(o.pp > 1 for opts in inst.options.values() for o in opts)
+
+    def pipelined(i: Instance, sol) -> int:
+        return sum(c for (g, o, _, _), c in sol.copies.items() if i.options[g][o].pp > 1)
+
+    start = time.perf_counter()
+    chosen = _per_node(inst, None, 5.0, 0.0, 0, "scip", start, start + 60, score=lambda i, s: -pipelined(i, s))
+    assert chosen.copies and pipelined(inst, chosen) == 0
+    assert evaluate(inst, chosen.copies).lam == pytest.approx(chosen.lam, rel=1e-6)
+    keen = _per_node(inst, None, 5.0, 0.0, 0, "scip", start, start + 60, score=lambda i, s: pipelined(i, s))
+    plain = _per_node(inst, None, 5.0, 0.0, 0, "scip", start, start + 60)
+    assert pipelined(inst, plain) > 0  # the MIP alone pipelines the trunk here
+    assert pipelined(inst, keen) == pipelined(inst, plain)  # and its choice stands when the score agrees
