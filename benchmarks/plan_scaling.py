@@ -5,13 +5,13 @@ the head (3 of every 4) or are rank-16 LoRA adapters (1 of 4), planned on H100-8
 default settings (time limit 5 s per node). Each case runs in a fresh process, so the time includes
 everything `planc plan` does after start-up (reading the spec, tracing on meta, costing, solving).
 The SIMULATED cases also report the simulator's capacity within the SLO (`planc.plan_sim`: one engine
-over the plan's stages, as the ray backend runs it) of the plan, of the baselines, and of the plan
+over the plan's stages, one per node on several nodes, as the ray backend runs it) of the plan, of the baselines, and of the plan
 with every stage copy moved onto devices of its own (what co-locating groups on shared devices costs
 in the simulation), and every deployment's SLO attainment at each of the capacities found (the
 capacity search's bracket is a sixteenth of a plan's predicted throughput wide; deployments closer
 than that are compared at the same rates).
 
-    OMP_NUM_THREADS=1 python benchmarks/plan_scaling.py [--quick | --simulated | --no-simulation] [--out benchmarks/out/plan_scaling.json]
+    OMP_NUM_THREADS=1 python benchmarks/plan_scaling.py [--quick | --simulated | --multi-node | --no-simulation] [--out benchmarks/out/plan_scaling.json]
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ LLAMA3_8B = {**LLAMA70B, "hidden_size": 4096, "intermediate_size": 14336, "num_h
 CASES = [("70b", 4, "8xH100-80GB"), ("70b", 16, "8xH100-80GB"), ("70b", 16, "2x8xH100-80GB"),
          ("70b", 32, "2x8xH100-80GB"), ("70b", 64, "4x8xH100-80GB"), ("8b", 8, "8xH100-80GB"),
          ("8b", 32, "8xH100-80GB")]
-SIMULATED = {("70b", 16, "8xH100-80GB"), ("8b", 8, "8xH100-80GB"), ("8b", 32, "8xH100-80GB")}
+MULTI_NODE = {("70b", 16, "2x8xH100-80GB"), ("70b", 32, "2x8xH100-80GB"), ("70b", 64, "4x8xH100-80GB")}
+SIMULATED = {("70b", 16, "8xH100-80GB"), ("8b", 8, "8xH100-80GB"), ("8b", 32, "8xH100-80GB")} | MULTI_NODE
 """Cases whose plan and baselines are also simulated on planc's runtime (capacity within the SLO)."""
 
 _ONE = """
@@ -80,7 +81,9 @@ print(json.dumps({"head_to_head": h2h, "import_s": t1 - t0, "plan_s": t2 - t1, "
                   "simulated_capacity_rps": p.predicted.get("simulated_capacity_rps"),
                   "simulated_capacity_unshared_rps": p.predicted.get("simulated_capacity_unshared_rps"),
                   "throughput_rps": p.predicted["throughput_rps"], "devices": p.predicted["devices"],
-                  "engine_capacity_rps": p.predicted.get("engine_capacity_rps"), "lanes": p.settings.get("lanes"),
+                  "engine_capacity_rps": p.predicted.get("engine_capacity_rps"),
+                  "lanes": p.settings.get("lanes") or p.settings.get("lanes_per_node"),
+                  "engines": p.predicted.get("engines"), "routes": p.routes,
                   "solver": p.solver, "baselines": b,
                   "pass_seconds": {r.name: r.seconds for r in program.log}}))
 """
@@ -106,13 +109,16 @@ def write_spec(root: Path, model: str, num_variants: int, cluster: str) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="only the two cases the issue names")
-    ap.add_argument("--simulated", action="store_true", help="only the cases that are also simulated (~40 min)")
+    ap.add_argument("--simulated", action="store_true", help="only the cases that are also simulated (~50 min)")
+    ap.add_argument("--multi-node", action="store_true", help="only the multi-node cases, simulated (~10 min)")
     ap.add_argument("--no-simulation", action="store_true", help="plan every case, simulate none (~2 min)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/plan_scaling.json"))
     args = ap.parse_args()
     cases = [("70b", 16, "8xH100-80GB"), ("70b", 64, "4x8xH100-80GB")] if args.quick else CASES
     if args.simulated:
         cases = [c for c in cases if c in SIMULATED]
+    if args.multi_node:
+        cases = [c for c in cases if c in MULTI_NODE]
     rows = []
     for model, num_variants, cluster in cases:
         simulate = (model, num_variants, cluster) in SIMULATED and not args.no_simulation

@@ -1,4 +1,4 @@
-"""Simulate a plan as planc's runtime serves it on Ray: one engine over the plan's stages.
+"""Simulate a plan as planc's runtime serves it on Ray: one engine over the plan's stages (one per node).
 
 What is modelled (`planc.sim_stages` has the engine's side):
 - One engine per node on a plan over several nodes (`Plan.engine_plans`), each over its node's copies
@@ -97,9 +97,9 @@ def node_runs(program: Program, plan: Plan, requests: list[Request]) -> list[tup
             sent[router.pick(r.variant)].append(r)
         else:
             unrouted.append(r)
-    runs = [(node, staged_run(program, part, sent[node] + (unrouted if i == 0 else [])))
+    # a variant no node serves goes to the first engine, as `RoutedEngines` sends it, and fails there
+    return [(node, staged_run(program, part, sent[node] + (unrouted if i == 0 else [])))
             for i, (node, part) in enumerate(engines)]
-    return runs
 
 
 def simulate_plan(program: Program, plan: Plan, cost_model: CostModel, rate: float, num_requests: int = 400,

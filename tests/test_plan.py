@@ -128,8 +128,11 @@ def test_two_nodes_run_one_engine_each_over_what_is_routed_there(tmp_path):
     node's engine has its own copies, lanes and capacity, and the plan's capacity is the busiest node's."""
     from planc.lane_model import engine_capacity
 
+    from planc.plan_sim import node_runs, plan_requests
+
     spec = _spec(tmp_path, 12, 4, "{cluster: 2x8xH100-80GB, time_limit_s: 4, slo: {tpot_ms: 100, ttft_ms: 3000}}")
-    p = plan(spec).plan
+    program = plan(spec)
+    p = program.plan
     assert p.solver["method"] == "per-node" and {pl.node for pl in p.placements} == {0, 1}
     assert set(p.routes) == {g for grp in p.groups for g in grp["users"]}
     engines = dict(p.engine_plans())
@@ -148,6 +151,12 @@ def test_two_nodes_run_one_engine_each_over_what_is_routed_there(tmp_path):
         assert e["engine_capacity_rps"] == pytest.approx(engine_capacity(part, chain, e["lanes"]))
     assert p.predicted["engine_capacity_rps"] == pytest.approx(
         min(e["engine_capacity_rps"] / e["share"] for e in p.predicted["engines"].values()))
+    requests = plan_requests(program, rate=10.0, num_requests=200)
+    runs = dict(node_runs(program, p, requests))  # the simulation: each engine on its node's devices only
+    assert set(runs) == {0, 1} and sum(len(r.requests) for r in runs.values()) == len(requests)
+    for node, run in runs.items():
+        assert {r.variant for r in run.requests} <= {v for v, parts in p.routes.items() if str(node) in parts}
+        assert {k for stage in run.stages for copies in stage.values() for c in copies for k, _ in c.devices} == {node}
     # the engines' view picked the nodes' plans: well above what one engine per node of the MIP's own
     # choice gave (session 9: 34.7 req/s), within reach of the MIP's figure
     assert p.predicted["engine_capacity_rps"] > 0.8 * p.predicted["throughput_rps"]
