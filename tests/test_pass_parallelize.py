@@ -283,25 +283,24 @@ def test_node_level_search_stops_on_node_counts_not_the_clock(monkeypatch):
     assert sum(mip.ROOT_NODES + nodes for _, nodes, _ in calls) <= 2 * effort  # first and again
 
 
-def test_per_node_planning_keeps_the_candidate_its_score_prefers():
-    """On several nodes each node is also planned without pipelined layouts; `score` (the engines' view,
-    here: fewer pipelined copies) picks, and the kept copies index the full instance's options."""
-    import time
-
+def test_plan_solve_keeps_the_restricted_candidate_its_score_prefers():
+    """With a `score` (the engines' view; here: fewer pipelined copies), the node-level search is also run
+    without pipelined layouts and the candidate that scores `CANDIDATE_MARGIN` more is kept, its copies
+    indexing the full instance's options; where the score agrees with the MIP, the MIP's plan stands."""
     from planc.passes.mip import evaluate
-    from planc.passes.parallelize import _per_node
+    from planc.passes.parallelize import restricted
 
-    inst = _instance(_cluster(2, 2), per_node=True)
-    assert any(o.pp > 1 for opts in inst.options.values() for o in opts)
+    inst = _instance(_cluster(1, 4), per_node=True)
+    assert [label for label, _ in restricted(inst)] == ["unpipelined"]  # every option here has batch 1
 
     def pipelined(i: Instance, sol) -> int:
         return sum(c for (g, o, _, _), c in sol.copies.items() if i.options[g][o].pp > 1)
 
-    start = time.perf_counter()
-    chosen = _per_node(inst, None, 5.0, 0.0, 0, "scip", start, start + 60, score=lambda i, s: -pipelined(i, s))
-    assert chosen.copies and pipelined(inst, chosen) == 0
-    assert evaluate(inst, chosen.copies).lam == pytest.approx(chosen.lam, rel=1e-6)
-    keen = _per_node(inst, None, 5.0, 0.0, 0, "scip", start, start + 60, score=lambda i, s: pipelined(i, s))
-    plain = _per_node(inst, None, 5.0, 0.0, 0, "scip", start, start + 60)
+    plain = plan_solve(inst, time_limit_s=3, gap=0.0, method="node-level")
     assert pipelined(inst, plain) > 0  # the MIP alone pipelines the trunk here
-    assert pipelined(inst, keen) == pipelined(inst, plain)  # and its choice stands when the score agrees
+    chosen = plan_solve(inst, time_limit_s=3, gap=0.0, method="node-level", score=lambda i, s: 1 - pipelined(i, s))
+    assert chosen.copies and pipelined(inst, chosen) == 0 and chosen.method.endswith("unpipelined")
+    assert evaluate(inst, chosen.copies).lam == pytest.approx(chosen.lam, rel=1e-6)
+    assert chosen.bound == pytest.approx(plain.bound)  # the full instance's bound, not the restricted one's
+    keen = plan_solve(inst, time_limit_s=3, gap=0.0, method="node-level", score=lambda i, s: 1 + pipelined(i, s))
+    assert keen.copies == plain.copies
