@@ -157,6 +157,15 @@ def test_two_nodes_run_one_engine_each_over_what_is_routed_there(tmp_path):
     for node, run in runs.items():
         assert {r.variant for r in run.requests} <= {v for v, parts in p.routes.items() if str(node) in parts}
         assert {k for stage in run.stages for copies in stage.values() for c in copies for k, _ in c.devices} == {node}
+    from rich.console import Console
+
+    from planc.plan_report import print_plan
+
+    console = Console(record=True, width=220)
+    print_plan(console, p, "2 nodes of 8 H100-80GB", 72.0)
+    text = console.export_text()
+    assert "Engines: one per node" in text and "the busiest node saturates first" in text
+    assert all(f"\n│    {k} │" in text for k in ("0", "1"))  # a row per node's engine
     # the engines' view picked the nodes' plans: well above what one engine per node of the MIP's own
     # choice gave (session 9: 34.7 req/s), within reach of the MIP's figure
     assert p.predicted["engine_capacity_rps"] > 0.8 * p.predicted["throughput_rps"]
