@@ -73,9 +73,9 @@ def plan_solve(inst: Instance, time_limit_s: float = 10.0, gap: float = 0.01, se
 
     `score` (how the engines would run a solution, `engine_score`): instances too large to solve
     exactly are also solved restricted to one decode batch for every group, and without pipelined
-    layouts (`restricted`), each with `CANDIDATE_EFFORT` of the full search's effort, and the restricted
-    candidate with the highest score replaces the full search's plan if it scores `CANDIDATE_MARGIN`
-    more; on several nodes, each node's plan is chosen so. The MIP lets every copy step at its own
+    layouts (`restricted`), each with `CANDIDATE_EFFORT` of the full search's effort (and a backstop of
+    twice that), and the restricted candidate with the highest score replaces the full search's plan
+    if it scores `CANDIDATE_MARGIN` more; on several nodes, each node's plan is chosen so. The MIP lets every copy step at its own
     pace; an engine steps a stage's copies together (a batch-128 copy beside a batch-512 one runs at
     the larger's step) and reaches a pipelined copy's overlapped pace only with several lanes. 8B x 32
     variants on 8 H100: the full search keeps the greedy packer's mixed batches (MIP 224.8 req/s,
@@ -93,12 +93,9 @@ def plan_solve(inst: Instance, time_limit_s: float = 10.0, gap: float = 0.01, se
         return main
     alternative, best = None, 0.0
     for label, sub in restricted(inst):
-        left = deadline - time.perf_counter()
-        if left <= 0:
-            main.time_limit_hit = True
-            break
-        alt = _search(sub, time_limit_s * CANDIDATE_EFFORT, gap, seed, solver, "node-level",
-                      time.perf_counter(), time.perf_counter() + left, None)
+        effort, now = time_limit_s * CANDIDATE_EFFORT, time.perf_counter()
+        alt = _search(sub, effort, gap, seed, solver, "node-level", now, now + 2 * effort, None)  # own backstop
+        main.time_limit_hit = main.time_limit_hit or alt.time_limit_hit
         if alt.copies and (value := score(sub, alt)) > best:
             alternative, best = _with_options(alt, sub, inst), value
             alternative.method = f"{alt.method}, {label}"
