@@ -90,7 +90,8 @@ def serve_config(layout: RayLayout, bundle_dir: str, options: Optional[dict[str,
             "args": {"bundle": bundle_dir, "layout": layout.to_json(), "options": options or {}},
             "deployments": [{
                 "name": INGRESS,
-                "num_replicas": 1,  # its engine(s) schedule every sequence (one per plan node); the stages carry the data parallelism
+                # its engines (one per plan node) schedule every sequence; the stages carry the data parallelism
+                "num_replicas": 1,
                 "max_ongoing_requests": MAX_ONGOING_REQUESTS,
                 "ray_actor_options": {"num_cpus": layout.ingress_num_cpus},
             }],

@@ -58,7 +58,7 @@ CANDIDATE_EFFORT = 1.0
 """Search effort of each restricted candidate, as a share of the full search's (`plan_solve` with `score`)."""
 CANDIDATE_MARGIN = 0.05
 """A restricted candidate replaces the full search's plan only when its score is this much higher: engine
-capacity came within 0.77-1.01 of the simulated capacity (session 8), so closer plans are not ranked."""
+capacity came within 0.77-1.07 of the simulated capacity (sessions 8 and 9), so closer plans are not ranked."""
 
 
 def plan_solve(inst: Instance, time_limit_s: float = 10.0, gap: float = 0.01, seed: int = 0,
@@ -75,9 +75,10 @@ def plan_solve(inst: Instance, time_limit_s: float = 10.0, gap: float = 0.01, se
     exactly are also solved restricted to one decode batch for every group, and without pipelined
     layouts (`restricted`), each with `CANDIDATE_EFFORT` of the full search's effort (and a backstop of
     twice that), and the restricted candidate with the highest score replaces the full search's plan
-    if it scores `CANDIDATE_MARGIN` more; on several nodes, each node's plan is chosen so. The MIP lets every copy step at its own
-    pace; an engine steps a stage's copies together (a batch-128 copy beside a batch-512 one runs at
-    the larger's step) and reaches a pipelined copy's overlapped pace only with several lanes. 8B x 32
+    if it scores `CANDIDATE_MARGIN` more; on several nodes, each node's plan is chosen so. The MIP
+    lets every copy step at its own pace; an engine steps a stage's copies together (a batch-128 copy
+    beside a batch-512 one runs at the larger's step) and reaches a pipelined copy's overlapped pace
+    only with several lanes. 8B x 32
     variants on 8 H100: the full search keeps the greedy packer's mixed batches (MIP 224.8 req/s,
     engine 124.1, simulated 126.4); without pipelined layouts it finds MIP 310.9, engine 312.3,
     simulated 291.4."""

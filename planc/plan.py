@@ -240,7 +240,8 @@ class Plan:
         >>> p = StagePlacement
         >>> plan = Plan("c", "throughput", [{"id": "g0", "users": ["a", "b"], "share": 1.0, "layouts": [
         ...     {"pp": 1, "tp": 1, "batch": 8, "replicas": 2}]}],
-        ...     [p("g0", 0, 0, ("layer.0",), (0,), 0, 1, 8, 1.0, 3.0), p("g0", 1, 0, ("layer.0",), (1,), 1, 1, 8, 1.0, 1.0)],
+        ...     [p("g0", 0, 0, ("layer.0",), (0,), 0, 1, 8, 1.0, 3.0),
+        ...      p("g0", 1, 0, ("layer.0",), (1,), 1, 1, 8, 1.0, 1.0)],
         ...     {"throughput_rps": 4.0}, {}, {"shares": {"a": 0.5, "b": 0.5}, "rate": 4.0, "lanes_per_node": {"1": 1}},
         ...     routes={"a": {"0": 1.0}, "b": {"0": 0.5, "1": 0.5}})
         >>> one = plan.for_node(1)
