@@ -75,20 +75,18 @@ class PlancIngress:
         self.layout = RayLayout.from_json(layout)
         context = serve.get_replica_context()
         prefix = f"planc.{context.app_name}.{context.replica_id.unique_id}."
-        if not self.layout.engines:
-            config = engine_config(self.bundle, opts)
-            config.stage_positions = [range(lo, hi) for lo, hi in self.layout.stages]
-            self.stages = start_stages(self.bundle, self.layout, config, opts, prefix)
-            self.state = build_state(self.bundle, opts, config, self.stages)
-            return
-        # one engine per node, each over its node's actors; the router sends each request to one of them
+        # one engine over every actor, or one per plan node over that node's actors (the router then
+        # sends each request to one of them)
+        parts = [(e.node, e.stages) for e in self.layout.engines] or [(None, self.layout.stages)]
         engines = {}
-        for spec in self.layout.engines:
-            config = engine_config(self.bundle, opts, self.bundle.plan.for_node(spec.node))
-            config.stage_positions = [range(lo, hi) for lo, hi in spec.stages]
-            engines[spec.node] = (config, start_stages(self.bundle, self.layout, config, opts, prefix,
-                                                       engine=spec.node))
-        self.state = build_state(self.bundle, opts, nodes=engines)
+        for node, stages in parts:
+            config = engine_config(self.bundle, opts, None if node is None else self.bundle.plan.for_node(node))
+            config.stage_positions = [range(lo, hi) for lo, hi in stages]
+            engines[node] = (config, start_stages(self.bundle, self.layout, config, opts, prefix, engine=node))
+        if None in engines:
+            self.state = build_state(self.bundle, opts, *engines[None])
+        else:
+            self.state = build_state(self.bundle, opts, nodes=engines)
 
     def __serve_build_asgi_app__(self):
         return build_app(self.state)
