@@ -95,6 +95,8 @@ def test_row_chunked_mlp_equals_the_whole_batch_with_adapters_across_chunks(tiny
     whole = ex._mlp(mlp, h, batch, adapters)
     monkeypatch.setattr(ex, "MLP_CHUNK_ROWS", 4)
     chunked = ex._mlp(mlp, h, batch, adapters)
-    assert torch.allclose(chunked, whole, atol=1e-5, rtol=1e-5)
+    # fp32 sums in another order (chunks of other row counts take other matmul kernels, e.g. with AVX-512):
+    # an error relative to the terms' size (up to ~700 here), not to each output's
+    assert torch.allclose(chunked, whole, atol=1e-6 * whole.abs().max().item(), rtol=1e-5)
     plain = ex._mlp(mlp, h, ex.RaggedBatch([ex.Segment(0, 0, h.shape[0], 0)]), adapters)
     assert not torch.allclose(plain[3:11], whole[3:11], atol=1e-3)  # the adapters do change these rows
