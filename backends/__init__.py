@@ -9,7 +9,7 @@ them as {role: relative path}. Register your own without editing planc:
 ...     name = "echo"
 ...     def emit(self, program, root, ctx):
 ...         return {}
->>> register_backend(Echo())
+>>> echo = register_backend(Echo())
 >>> get_backend("echo").name
 'echo'
 """

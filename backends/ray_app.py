@@ -4,7 +4,8 @@ One ingress deployment runs planc's own engine and OpenAI-compatible API (planc.
 unchanged); on a plan over several nodes, one engine per node behind that API, each over its node's
 actors, a request going to the engine the plan routes its variant to (`planc.runtime.router`). The
 engine's stages are `RemoteStage` proxies over `StageWorker` actors that the ingress
-starts with the resources of the bundle's layout. The actors are the ingress replica's children: if
+starts with the resources of the bundle's layout, each plan node's actors on one Ray node
+(`planc.backends.ray_placement`). The actors are the ingress replica's children: if
 the replica goes, they go with it (their KV belongs to its engine); if one of them dies, Ray
 restarts it and the engine recomputes what it lost.
 """
@@ -18,6 +19,7 @@ from ray import serve
 
 from planc.backends.ray import INGRESS
 from planc.backends.ray_layout import MAX_ONGOING_REQUESTS, RayLayout
+from planc.backends.ray_placement import reserve
 from planc.backends.ray_stage import RemoteStage, StageCopy, StageWorker, wait_attached
 from planc.bundle import Bundle
 from planc.runtime.engine import EngineConfig
@@ -33,9 +35,12 @@ def serve_options(options: dict[str, Any]) -> ServeOptions:
 
 
 def start_stages(bundle: Bundle, layout: RayLayout, config: EngineConfig, options: ServeOptions,
-                 prefix: str, timeout_s: float = STARTUP_TIMEOUT_S, engine: Optional[int] = None) -> list[RemoteStage]:
+                 prefix: str, timeout_s: float = STARTUP_TIMEOUT_S, engine: Optional[int] = None,
+                 placement: Optional[dict[str, Any]] = None) -> list[RemoteStage]:
     """Start every copy of every stage actor (of node `engine`'s engine, on a layout with one engine
-    per node), wait until each has loaded its blocks, return the proxies."""
+    per node), wait until each has loaded its blocks, return the proxies. `placement`: a copy's
+    scheduling strategy by its label (`ray_placement.reserve`); a copy not in it goes where Ray puts it."""
+    placement = placement or {}
     worker = ray.remote(StageWorker)
     num_layers = bundle.arch.num_layers
     plans, everyone, needs = [], [], {}
@@ -50,6 +55,7 @@ def start_stages(bundle: Bundle, layout: RayLayout, config: EngineConfig, option
                 label = f"{spec.name}.{c}"
                 handle = worker.options(
                     name=prefix + label, num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
+                    scheduling_strategy=placement.get(label),  # None: Ray's default
                     max_restarts=-1,  # a restart costs only the KV of its sequences, which the engine recomputes
                     max_task_retries=0,  # a call that was in flight fails; the engine decides what to redo
                 ).remote(str(bundle.root), (lo, hi), list(spec.variants), kv_bytes, config.page_size, asdict(options))
@@ -78,11 +84,13 @@ class PlancIngress:
         # one engine over every actor, or one per plan node over that node's actors (the router then
         # sends each request to one of them)
         parts = [(e.node, e.stages) for e in self.layout.engines] or [(None, self.layout.stages)]
+        placement = reserve(self.layout, prefix, STARTUP_TIMEOUT_S)  # each plan node's actors on one Ray node
         engines = {}
         for node, stages in parts:
             config = engine_config(self.bundle, opts, None if node is None else self.bundle.plan.for_node(node))
             config.stage_positions = [range(lo, hi) for lo, hi in stages]
-            engines[node] = (config, start_stages(self.bundle, self.layout, config, opts, prefix, engine=node))
+            engines[node] = (config, start_stages(self.bundle, self.layout, config, opts, prefix, engine=node,
+                                                  placement=placement))
         if None in engines:
             self.state = build_state(self.bundle, opts, *engines[None])
         else:

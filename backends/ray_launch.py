@@ -20,6 +20,7 @@ import yaml
 
 from planc.backends.ray import APP_NAME
 from planc.backends.ray_layout import RayLayout
+from planc.backends.ray_placement import placed_nodes, unplaceable
 from planc.bundle import Bundle
 from planc.errors import PlancError
 
@@ -115,6 +116,11 @@ def deploy(bundle: Bundle, options, host: str, port: int, address: Optional[str]
 
     from planc.backends.ray_app import app_builder
 
+    problem = unplaceable(layout, ray.nodes())  # at once, rather than a deployment pending until it times out
+    if problem is not None:
+        ray.shutdown()
+        raise PlancError(f"{bundle.root}: {problem}")
+
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # planc's banner says what matters
     try:
         serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
@@ -154,6 +160,15 @@ def serve_bundle(bundle: Bundle, options, host: str, port: int, shutdown_timeout
         undeploy()
 
 
+def _placed_nodes() -> dict[int, str]:
+    """Plan node -> "<Ray node id, 8 hex> (<its address>)", from the placement groups the ingress reserved."""
+    import ray
+
+    addresses = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    return {k: f"{node_id[:8]} ({addresses.get(node_id, '?')})"
+            for k, node_id in placed_nodes(f"planc.{APP_NAME}.").items()}
+
+
 def _banner(bundle: Bundle, layout: RayLayout, host: str, deployment: Deployment) -> None:
     variants = ", ".join(f"{n} ({v['kind']})" for n, v in bundle.variants.items())
     actors = sum(a.copies for a in layout.actors)
@@ -166,6 +181,9 @@ def _banner(bundle: Bundle, layout: RayLayout, host: str, deployment: Deployment
     else:
         print(f"  on {where} at {deployment.address}: {len(layout.stages)} stages in {actors} stage actors "
               f"({layout.device}), one ingress", flush=True)
+    placed = _placed_nodes()
+    if placed:
+        print("  plan nodes on Ray nodes: " + ", ".join(f"{k} -> {where}" for k, where in placed.items()), flush=True)
     if not bundle.manifest.get("tenants"):
         print("  tenants: none configured; the server is open to every client (no API keys)", flush=True)
     print(f"  listening on http://{host}:{deployment.port}  (OpenAI API at /v1, /health, /metrics)", flush=True)

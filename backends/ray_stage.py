@@ -86,7 +86,7 @@ class StageWorker:
     def info(self) -> dict:
         """Who this is (for tests and operators); changes nothing."""
         return {"incarnation": self.incarnation, "pid": os.getpid(), "positions": list(self.stage.positions),
-                "num_sequences": len(self.seqs)}
+                "num_sequences": len(self.seqs), "node_id": ray.get_runtime_context().get_node_id()}
 
     def run(self, request: bytes) -> bytes:
         """One step on this copy. In: pickled (incarnation, KV ops, block calls, packed inputs); out: pickled

@@ -311,6 +311,96 @@ def test_a_two_node_plan_serves_the_local_backends_tokens(two_node_bundle, expec
         assert srv.stop() == 0
 
 
+# ------------------------------------------------------------------------------ several Ray nodes
+@pytest.fixture(scope="module")
+def three_ray_nodes():
+    """A real Ray cluster of three nodes on this machine (a head and two workers, one CPU each: each holds
+    one of the two-node plan's nodes, 1.0 CPU of stage actors, and no node holds two)."""
+    import secrets
+
+    from ray.cluster_utils import Cluster
+
+    # Token auth (set above): `ray.init(address="local")` writes ~/.ray/auth_token when there is none, and every
+    # process of this machine reads it; a Cluster's head does not write one, so do it as ray.init would.
+    token = Path.home() / ".ray" / "auth_token"
+    if not os.environ.get("RAY_AUTH_TOKEN") and not token.exists():
+        token.parent.mkdir(parents=True, exist_ok=True)
+        token.write_text(secrets.token_hex(32))
+    args = dict(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=100 * 2**20)
+    cluster = Cluster(initialize_head=False)
+    try:
+        cluster.add_node(**args, include_dashboard=False)
+        for _ in range(2):
+            cluster.add_node(**args)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+@needs_ray
+def test_each_plan_node_runs_on_one_ray_node_and_serves_the_local_backends_tokens(two_node_bundle, expected,
+                                                                                  three_ray_nodes):
+    """Joined to a cluster of three Ray nodes, each plan node's stage actors all run on one Ray node, the two
+    plan nodes on two different ones (without placement groups Ray spread node 0's four actors over all three
+    nodes), and the served tokens are the local backend's."""
+    import ray
+
+    srv = ServerProcess(two_node_bundle, "--address", three_ray_nodes.address, "--shutdown-timeout", "5",
+                        startup_s=180)
+    try:
+        (line,) = [line for line in srv.banner if "plan nodes on Ray nodes:" in line]
+        shown = dict(re.findall(r"(\d+) -> ([0-9a-f]{8}) \(127\.0\.0\.1\)", line))
+        assert set(shown) == {"0", "1"} and len(set(shown.values())) == 2, line
+        ray.init(address=three_ray_nodes.address, namespace="planc-tests", log_to_driver=False,
+                 logging_level="ERROR", _node_ip_address="127.0.0.1")
+        try:
+            where: dict[str, set] = {}
+            for name, handle in _stage_actors().items():  # planc.<app>.<replica>.n<node>-stage...<copy>
+                node = re.search(r"\.n(\d+)-stage", name).group(1)
+                where.setdefault(node, set()).add(ray.get(handle.info.remote(), timeout=30)["node_id"][:8])
+        finally:
+            ray.shutdown()
+        assert where == {k: {v} for k, v in shown.items()}, where
+        results = _concurrently(srv.url, [(v, SHORT, i % 2 == 1) for i in range(2) for v in PROMPTS])
+        assert len(results) == 8
+        for (variant, _, _), (status, text, tokens) in results:
+            assert status == 200 and (text, tokens) == expected[(variant, SHORT)], variant
+    finally:
+        assert srv.stop() == 0
+
+
+@needs_ray
+def test_a_plan_node_no_ray_node_can_hold_is_refused_at_once_in_one_line(planned_bundle, three_ray_nodes):
+    """A GPU plan joined to a CPU cluster: one line naming the bundle and the plan node, before deploying."""
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "planc.cli", "serve", str(planned_bundle), "--address",
+                        three_ray_nodes.address], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith(f"error: {planned_bundle}: plan node 0's stage actors need") and "GPU" in line, line
+    assert "the cluster's 3 nodes have (CPU, GPU): (1, 0), (1, 0), (1, 0)" in line, line
+    assert time.monotonic() - start < 60
+
+
+def test_node_bundles_follow_the_layout_and_fit_what_the_plan_gave_each_node(two_node_bundle, ray_bundle):
+    from planc.backends.ray_layout import RayLayout
+    from planc.backends.ray_placement import node_bundles, unplaceable
+
+    layout = RayLayout.from_json(_read(two_node_bundle)[0]["applications"][0]["args"]["layout"])
+    bundles = node_bundles(layout)
+    assert sorted(bundles) == [0, 1]
+    for node, items in bundles.items():  # one bundle per copy, labelled as the ingress names the actor
+        mine = [a for a in layout.actors if a.engine == node]
+        assert [label for label, _ in items] == [f"{a.name}.{c}" for a in mine for c in range(a.copies)]
+        assert sum(r["CPU"] for _, r in items) == pytest.approx(sum(a.num_cpus * a.copies for a in mine))
+    one_cpu = {"Alive": True, "Resources": {"CPU": 1.0}}
+    assert unplaceable(layout, [one_cpu, one_cpu]) is None
+    assert "plan node 0's stage actors need 1 CPU" in unplaceable(layout, [{**one_cpu, "Alive": False}])
+    no_plan = RayLayout.from_json(_read(ray_bundle)[0]["applications"][0]["args"]["layout"])
+    assert node_bundles(no_plan) == {} and unplaceable(no_plan, []) is None  # no plan: Ray places them
+
+
 # ---------------------------------------------------------------------------------------------- no cluster
 @pytest.fixture(scope="module")
 def planned_bundle(tiny_example, tmp_path_factory) -> Path:

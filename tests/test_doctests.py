@@ -12,11 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _module(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
-    parts = ("planc",) + parts if parts[0] == "passes" else parts  # passes/ installs as planc.passes
+    parts = ("planc",) + parts if parts[0] in ("passes", "backends") else parts  # they install inside planc
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-MODULES = sorted(_module(path) for top in ("planc", "passes") for path in (ROOT / top).rglob("*.py")
+MODULES = sorted(_module(path) for top in ("planc", "passes", "backends") for path in (ROOT / top).rglob("*.py")
                  if "__pycache__" not in path.parts and ">>> " in path.read_text(encoding="utf-8"))
 
 
