@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 from planc.errors import PlancError
 from planc.pass_manager import Pass, PassContext
-from planc.passes.greedy import greedy_copies, pack_replicas
+from planc.passes.greedy import assign_variants, greedy_copies, node_instances, pack_replicas, union_copies
 from planc.passes.mip import (MIN_NODES, ROOT_NODES, Instance, Solution, group_shares, node_level_limit, relaxation_bound,
                               slots, solve as solve_exact, solve_nodes)
 from planc.lane_model import settle
@@ -193,29 +193,15 @@ def _search(inst: Instance, time_limit_s: float, gap: float, seed: int, solver: 
     return best
 
 
-def assign_variants(inst: Instance) -> list[list[str]]:
-    """Variants per node: the ones with private blocks spread by memory, then traffic (longest first)."""
-    private = {v: 0.0 for v in inst.variant_shares}
-    for g in inst.groups:
-        if len(g.users) == 1 and inst.options[g.id]:
-            private[g.users[0]] += min(sum(m * o.tp for m in o.memory) for o in inst.options[g.id])
-    nodes = inst.cluster.nodes
-    load = [[0.0, 0.0] for _ in range(nodes)]
-    out: list[list[str]] = [[] for _ in range(nodes)]
-    total_mem = sum(private.values()) or 1.0
-    for v in sorted(private, key=lambda v: (-private[v], -inst.variant_shares[v], v)):
-        k = min(range(nodes), key=lambda k: (load[k][0] / total_mem + load[k][1], k))
-        out[k].append(v)
-        load[k][0] += private[v]
-        load[k][1] += inst.variant_shares[v]
-    return out
-
-
 def _per_node(inst: Instance, best: Optional[Solution], time_limit_s: float, gap: float, seed: int,
               solver: str, start: float, deadline: float, score: Optional[Score] = None) -> Solution:
-    """Multi-node clusters: give each node a set of variants, plan each node on its own (the groups its
-    variants need, their traffic), then score the union exactly. A chain never leaves its node.
+    """Multi-node clusters: give each node a set of variants and a part of their traffic
+    (`greedy.assign_variants`: a popular one may be split over nodes), plan each node on its own (the
+    groups its variants need, the traffic it carries), then score the union exactly (which routes
+    each variant's traffic over the nodes that hold its chain). A chain never leaves its node.
     Each node gets an equal share of the effort; the wall clock left is shared out as its backstop.
+    When the split differs from keeping every variant whole on one node, both are planned (each with
+    the full effort) and the better union is kept (by `score`, else by the MIP's objective).
 
     With `score`, each node keeps the candidate its engine runs fastest (`plan_solve`): the MIP ranks
     plans alike that engines do not (70B x 32 variants on 2 nodes: 2 x TP4 trunk copies and one
@@ -223,44 +209,50 @@ def _per_node(inst: Instance, best: Optional[Solution], time_limit_s: float, gap
     compared with the greedy placement by `score` too."""
     import time
 
-    cluster = inst.cluster
-    one_node = cluster.model_copy(update={"nodes": 1})
-    per = cluster.devices_per_node
-    copies: dict[tuple, int] = {}
-    hit = False
-    parts = [vs for vs in assign_variants(inst) if vs]
-    for k, variants in enumerate(parts):
-        backstop = (deadline - time.perf_counter()) / (len(parts) - k) * 0.9
-        mine = set(variants)
-        groups = [g for g in inst.groups if mine & set(g.users)]
-        ids = {g.id for g in groups}
-        total = sum(inst.variant_shares[v] for v in variants) or 1.0
-        sub = Instance([replace(g, predecessors=tuple(p for p in g.predecessors if p in ids)) for g in groups],
-                       {g.id: inst.options[g.id] for g in groups},
-                       {g.id: sum(inst.variant_shares[v] for v in g.users if v in mine) / total for g in groups},
-                       one_node, inst.objective, (inst.rate or 0.0) * total if inst.rate else None,
-                       max(1, inst.max_replicas // len(parts)),
-                       {v: inst.variant_shares[v] / total for v in variants})
-        sol = plan_solve(sub, time_limit_s / len(parts) * 0.9, gap, seed, solver, backstop_s=max(backstop, 0.5),
-                         score=score)
-        hit = hit or sol.time_limit_hit
-        if not sol.copies:
-            return best or sol
-        for (gid, oi, p, si), count in sol.copies.items():
-            tp = inst.options[gid][oi].tp
-            key = (gid, oi, p, k * (per // tp) + si)
-            copies[key] = copies.get(key, 0) + count
-    whole = solve_exact(inst, max(deadline - time.perf_counter(), 1.0), 0.0, seed, solver, fixed=copies)
-    whole.method = "per-node"
-    if score is not None and whole.copies and best is not None and best.copies:
-        chosen = whole if score(inst, whole) >= score(inst, best) else best
-    else:
-        chosen = better(whole, best, inst.objective) or whole
+    splits = [True] + ([False] if assign_variants(inst) != assign_variants(inst, split=False) else [])
+    hit, chosen, value = False, best, None
+    for i, split in enumerate(splits):  # each assignment a candidate; each gets the full effort
+        stop = time.perf_counter() + (deadline - time.perf_counter()) / (len(splits) - i)
+        copies, node_hit = _plan_nodes(inst, split, time_limit_s, gap, seed, solver, stop, score)
+        hit = hit or node_hit
+        if copies is None:
+            continue
+        whole = solve_exact(inst, max(stop - time.perf_counter(), 1.0), 0.0, seed, solver, fixed=copies)
+        whole.method = "per-node" if len(splits) == 1 else f"per-node, {'split' if split else 'whole'} variants"
+        if not whole.copies:
+            continue
+        if score is None:
+            chosen = better(whole, chosen, inst.objective)
+            continue
+        mine = score(inst, whole)
+        if chosen is None or not chosen.copies or mine >= (value if value is not None else score(inst, chosen)):
+            chosen, value = whole, mine
+    if chosen is None:
+        return Solution(status="infeasible", objective=float("nan"), bound=relaxation_bound(inst),
+                        seconds=time.perf_counter() - start, lam=0.0, time_limit_hit=hit)
     chosen.bound = relaxation_bound(inst)
     chosen.seconds = time.perf_counter() - start
     chosen.status = "feasible"
     chosen.time_limit_hit = hit
     return chosen
+
+
+def _plan_nodes(inst: Instance, split: bool, time_limit_s: float, gap: float, seed: int, solver: str,
+                deadline: float, score: Optional[Score]) -> tuple[Optional[dict[tuple, int]], bool]:
+    """Each node planned on its own for what `node_instances(inst, split)` gives it: the union of their
+    stage copies (None when a node's part has no plan), and whether a search hit its time limit."""
+    import time
+
+    subs, parts, hit = node_instances(inst, split), [], False
+    for k, sub in subs:
+        backstop = (deadline - time.perf_counter()) / (len(subs) - k) * 0.9
+        sol = plan_solve(sub, time_limit_s / len(subs) * 0.9, gap, seed, solver, backstop_s=max(backstop, 0.5),
+                         score=score)
+        hit = hit or sol.time_limit_hit
+        if not sol.copies:
+            return None, hit
+        parts.append((k, sol.copies))
+    return union_copies(inst, parts), hit
 
 
 def _with_options(sol: Solution, solved: Instance, target: Instance) -> Solution:

@@ -303,12 +303,17 @@ def test_a_two_node_plan_serves_the_local_backends_tokens(two_node_bundle, expec
     srv = ServerProcess(two_node_bundle, "--shutdown-timeout", "5", startup_s=180)
     try:
         assert any("one engine per plan node (2)" in line for line in srv.banner), srv.banner
-        results = _concurrently(srv.url, [(v, SHORT, i % 2 == 1) for i in range(2) for v in PROMPTS])
-        assert len(results) == 8
-        for (variant, _, _), (status, text, tokens) in results:
-            assert status == 200 and (text, tokens) == expected[(variant, SHORT)], variant
+        _assert_serves_local_tokens(srv.url, expected)
     finally:
         assert srv.stop() == 0
+
+
+def _assert_serves_local_tokens(url: str, expected) -> None:
+    """Every variant twice at once (streamed and not): the local backend's greedy text and token count."""
+    results = _concurrently(url, [(v, SHORT, i % 2 == 1) for i in range(2) for v in PROMPTS])
+    assert len(results) == 8
+    for (variant, _, _), (status, text, tokens) in results:
+        assert status == 200 and (text, tokens) == expected[(variant, SHORT)], variant
 
 
 # ------------------------------------------------------------------------------ several Ray nodes
@@ -362,10 +367,7 @@ def test_each_plan_node_runs_on_one_ray_node_and_serves_the_local_backends_token
         finally:
             ray.shutdown()
         assert where == {k: {v} for k, v in shown.items()}, where
-        results = _concurrently(srv.url, [(v, SHORT, i % 2 == 1) for i in range(2) for v in PROMPTS])
-        assert len(results) == 8
-        for (variant, _, _), (status, text, tokens) in results:
-            assert status == 200 and (text, tokens) == expected[(variant, SHORT)], variant
+        _assert_serves_local_tokens(srv.url, expected)
     finally:
         assert srv.stop() == 0
 
@@ -396,7 +398,9 @@ def test_node_bundles_follow_the_layout_and_fit_what_the_plan_gave_each_node(two
         assert sum(r["CPU"] for _, r in items) == pytest.approx(sum(a.num_cpus * a.copies for a in mine))
     one_cpu = {"Alive": True, "Resources": {"CPU": 1.0}}
     assert unplaceable(layout, [one_cpu, one_cpu]) is None
-    assert "plan node 0's stage actors need 1 CPU" in unplaceable(layout, [{**one_cpu, "Alive": False}])
+    need = sum(r["CPU"] for _, r in bundles[0])
+    assert f"plan node 0's stage actors need {round(need, 4):g} CPU on one Ray node" in unplaceable(
+        layout, [{**one_cpu, "Alive": False}])
     no_plan = RayLayout.from_json(_read(ray_bundle)[0]["applications"][0]["args"]["layout"])
     assert node_bundles(no_plan) == {} and unplaceable(no_plan, []) is None  # no plan: Ray places them
 
