@@ -215,7 +215,7 @@ def assign_variants(inst: Instance, split: bool = True) -> list[dict[str, float]
     uses = {v: {g.id for g in inst.groups if v in g.users and inst.options[g.id]} for v in shares}
     weights = {g.id: min(sum(m * o.tp for m in o.memory) for o in inst.options[g.id])
                for g in inst.groups if inst.options[g.id]}
-    private = {v: sum(weights[g.id] for g in inst.groups if g.users == (v,) and g.id in weights) for v in shares}
+    private = {v: sum(weights[g.id] for g in inst.groups if tuple(g.users) == (v,) and g.id in weights) for v in shares}
     nodes = inst.cluster.nodes
     parts: list[dict[str, float]] = [{} for _ in range(nodes)]
     load = [[0.0, 0.0] for _ in range(nodes)]
@@ -245,6 +245,8 @@ def assign_variants(inst: Instance, split: bool = True) -> list[dict[str, float]
             break
         v = min(movable, key=lambda v: (memory({**parts[cold], v: 1.0}), -parts[hot][v] * shares[v], v))
         moved = min(parts[hot][v] * shares[v], traffic[hot] - target, target - traffic[cold])
+        if moved <= 1e-9:
+            break
         parts[cold][v] = parts[cold].get(v, 0.0) + moved / shares[v]
         parts[hot][v] -= moved / shares[v]
         if parts[hot][v] <= 1e-9:
