@@ -67,6 +67,8 @@ def reserve(layout: RayLayout, prefix: str, timeout_s: float) -> dict[str, Any]:
     from planc.runtime.stage import StageFailed
 
     bundles = node_bundles(layout)
+    if not bundles:
+        return {}
     groups = {node: placement_group([r for _, r in items], strategy="STRICT_PACK", name=f"{prefix}node{node}")
               for node, items in bundles.items()}
     ready = {node: g.ready() for node, g in groups.items()}
