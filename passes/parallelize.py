@@ -210,7 +210,8 @@ def _per_node(inst: Instance, best: Optional[Solution], time_limit_s: float, gap
     import time
 
     splits = [True] + ([False] if assign_variants(inst) != assign_variants(inst, split=False) else [])
-    hit, chosen, value = False, best, None
+    hit, chosen = False, best
+    value = score(inst, best) if score is not None and best is not None and best.copies else None  # greedy's, once
     for i, split in enumerate(splits):  # each assignment a candidate; each gets the full effort
         stop = time.perf_counter() + (deadline - time.perf_counter()) / (len(splits) - i)
         copies, node_hit = _plan_nodes(inst, split, time_limit_s, gap, seed, solver, stop, score)
@@ -225,7 +226,7 @@ def _per_node(inst: Instance, best: Optional[Solution], time_limit_s: float, gap
             chosen = better(whole, chosen, inst.objective)
             continue
         mine = score(inst, whole)
-        if chosen is None or not chosen.copies or mine >= (value if value is not None else score(inst, chosen)):
+        if value is None or mine >= value:
             chosen, value = whole, mine
     if chosen is None:
         return Solution(status="infeasible", objective=float("nan"), bound=relaxation_bound(inst),
