@@ -26,6 +26,8 @@ from planc.errors import PlancError
 
 OBJECT_STORE_BYTES = 200 * 2**20
 """Small: stages exchange hidden states of one step, never weights."""
+PORT_ATTEMPTS = 3
+"""Free ports tried for `--port 0` (one can be taken between picking it and Serve binding it)."""
 
 
 def read_app_args(bundle: Bundle) -> dict:
@@ -106,7 +108,6 @@ def deploy(bundle: Bundle, options, host: str, port: int, address: Optional[str]
     args["bundle"] = str(bundle.root.resolve())
     args["options"] = {**(args.get("options") or {}), **asdict(options), "shutdown_timeout_s": shutdown_timeout}
     layout = RayLayout.from_json(args["layout"])
-    port = port or free_port(host)
     started = start_ray(address, sum(a.num_gpus * a.copies for a in layout.actors),
                         sum(a.num_cpus * a.copies for a in layout.actors) + layout.ingress_num_cpus)
     if after_start is not None:
@@ -122,13 +123,26 @@ def deploy(bundle: Bundle, options, host: str, port: int, address: Optional[str]
         raise PlancError(f"{bundle.root}: {problem}")
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # planc's banner says what matters
+    for attempt in range(PORT_ATTEMPTS):
+        chosen = port or free_port(host)
+        try:
+            serve.start(http_options={"host": host, "port": chosen}, logging_config={"log_level": "WARNING"})
+            break
+        except RuntimeError as exc:
+            taken = "Failed to bind to address" in str(exc)
+            if taken and not port and attempt + 1 < PORT_ATTEMPTS:
+                serve.shutdown()  # a free port we picked was taken before Serve bound it (Ray's own processes
+                continue          # bind ports too): pick another
+            ray.shutdown()
+            if taken:
+                raise PlancError(f"--port {chosen}: {host}:{chosen} is already in use") from None
+            raise PlancError(f"the Ray Serve HTTP proxy failed to start: {str(exc).strip().splitlines()[0]}") from None
     try:
-        serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
         serve.run(app_builder(args), name=APP_NAME, route_prefix="/", blocking=False)
     except RuntimeError as exc:
         ray.shutdown()
         raise PlancError(f"the Ray Serve application failed to deploy: {str(exc).strip().splitlines()[0]}") from None
-    return Deployment(port, started, ray.get_runtime_context().gcs_address)
+    return Deployment(chosen, started, ray.get_runtime_context().gcs_address)
 
 
 def undeploy() -> None:

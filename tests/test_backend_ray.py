@@ -266,6 +266,41 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@needs_ray
+def test_a_port_taken_before_serve_binds_it_is_replaced_and_a_busy_port_is_refused(ray_bundle, monkeypatch):
+    """`--port 0`: the free port planc picks can be taken (Ray's own processes bind ports) before Serve binds
+    it; planc picks another. A busy `--port N` is one error line."""
+    import socket
+
+    from planc.backends import ray_launch
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        picks, real = iter([taken]), ray_launch.free_port
+        monkeypatch.setattr(ray_launch, "free_port", lambda host: next(picks, None) or real(host))
+        deployment = ray_launch.deploy(Bundle.open(ray_bundle), ServeOptions(), "127.0.0.1", 0, None)
+        try:
+            assert deployment.port != taken
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{deployment.port}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            else:
+                pytest.fail("the deployment never became healthy")
+        finally:
+            ray_launch.undeploy()
+        r = subprocess.run([sys.executable, "-m", "planc.cli", "serve", str(ray_bundle), "--port", str(taken)],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: --port {taken}: 127.0.0.1:{taken} is already in use"]
+
+
 # ------------------------------------------------------------------------------ one engine per plan node
 TWO_CPU_NODES = ("nodes: 2\ndevices_per_node: 1\n"
                  "device: {name: cpu-test, kind: cpu, memory_gb: 2, peak_tflops: {fp32: 0.2}, mem_bw_gbps: 10}\n")
