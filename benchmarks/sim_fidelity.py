@@ -416,6 +416,10 @@ def main() -> None:
     p.add_argument("--retries", type=int, default=2, help="runs repeated when others kept > 0.25 cores busy")
     p.add_argument("--repeat", type=int, default=1,
                    help="measure each run this many times back to back (the machine's own spread beside the error)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every model and mode this many times, interleaved (tiny engine, tiny serve, 100m "
+                        "engine, 100m serve, then again), each with its own fit right before it; pooled figures "
+                        "compare all rounds' requests together")
     p.add_argument("--cpu", type=int, default=0,
                    help="pin this process, its children (engine, planc serve, calibrations) and the speed probe to "
                         "this CPU: the machine's speed drifts per CPU, and the probe sees the drift of its own "
@@ -425,7 +429,7 @@ def main() -> None:
     p.add_argument("--refit-child", type=Path, nargs=3, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     import torch
-    from planc.bench.result import write_result
+    from planc.bench.result import load_result, write_result
     from planc.bundle import Bundle
     from planc.cluster import LOCAL_PROFILE, load_device
     from planc.cost import CostModel
@@ -448,19 +452,21 @@ def main() -> None:
     if args.reprofile and not args.resimulate:
         meta["profile"] = reprofile(profile_path, args.wait_quiet, args.retries)
     profile = load_device(str(profile_path))
-    rows, profiles = [], {}
-    for model in args.models.split(","):
-        spec = sl.tiny_spec() if model == "tiny" else sl.big_spec()
-        bundle_dir = sl.bundle(model, spec, shared=True)
-        bundle = Bundle.open(bundle_dir)
-        variants = VARIANTS[model] or list(bundle.variants)
-        requests = workload(model, args.quick).requests(variants)
-        for mode in args.modes.split(","):
-            fitted = {when: OUT / f"sim_fidelity_profile_{model}_{mode}_{when}.yaml" for when in ("before", "after")}
-            names = [f"sim_fidelity_{model}_{mode}{f'_run{i}' if i > 1 else ''}.json" for i in range(1, args.repeat + 1)]
-            fits_path = OUT / f"sim_fidelity_{model}_{mode}_fits.json"
+    rows, profiles, pool = [], {}, {}
+    slots = [(model, mode) for model in args.models.split(",") for mode in args.modes.split(",")]
+    inputs = {model: prepare(model, args.quick) for model in dict.fromkeys(m for m, _ in slots)}
+    for rnd in range(1, args.rounds + 1):
+        tag = f"_round{rnd}" if args.rounds > 1 else ""
+        for model, mode in slots:
+            bundle_dir, bundle, variants, requests = inputs[model]
+            # with rounds, the next round's "before" fit shows the drift: no "after" fit
+            whens = ("before", "after") if args.rounds == 1 else ("before",)
+            fitted = {when: OUT / f"sim_fidelity_profile_{model}_{mode}{tag}_{when}.yaml" for when in whens}
+            names = [f"sim_fidelity_{model}_{mode}{tag}{f'_run{i}' if i > 1 else ''}.json"
+                     for i in range(1, args.repeat + 1)]
+            fits_path = OUT / f"sim_fidelity_{model}_{mode}{tag}_fits.json"
             if args.resimulate:
-                runs = [json.loads((OUT / n).read_text()) for n in names if (OUT / n).is_file()]
+                runs = [load_result(OUT / n) for n in names if (OUT / n).is_file()]
                 fits = json.loads(fits_path.read_text()) if fits_path.is_file() else {}
             else:
                 fits = {"profile": meta["profile"]} if "profile" in meta else {}
@@ -468,16 +474,16 @@ def main() -> None:
                     fits["before"] = refit_child(profile_path, fitted["before"], OUT / "sim_fidelity_calibration",
                                                  args.wait_quiet, args.retries)
                 runs = [measure(model, mode, bundle_dir, requests, variants, args) for _ in range(args.repeat)]
-                if args.refit:
+                if args.refit and "after" in fitted:
                     fits["after"] = refit_child(profile_path, fitted["after"], OUT / "sim_fidelity_calibration",
                                                 args.wait_quiet, args.retries)
                 for name, measured in zip(names, runs):
                     write_result(OUT / name, measured)
                 fits_path.write_text(json.dumps(fits, indent=1) + "\n")
-            meta[f"{model}_{mode}"] = fits
+            meta[f"{model}_{mode}{tag}"] = fits
             devices = {when: load_device(str(path)) for when, path in fitted.items()} if args.refit \
                 else {"profile": profile}
-            profiles.update({f"{model}_{mode}_{when}": d.model_dump(mode="json") for when, d in devices.items()})
+            profiles.update({f"{model}_{mode}{tag}_{when}": d.model_dump(mode="json") for when, d in devices.items()})
             for run, measured in enumerate(runs, 1):
                 probe = measured["meta"].get("probe_ms")
                 scaled = {f"{when}+probe": speed_scaled(d, probe / fits[when]["probe_ms"]) for when, d in devices.items()
@@ -485,12 +491,73 @@ def main() -> None:
                 cost_models = {when: CostModel(d, dtype_bytes=4) for when, d in {**devices, **scaled}.items()}
                 sims = {when: simulated(bundle, requests, cm, mode) for when, cm in cost_models.items()}
                 for when, sim in sims.items():
-                    write_result(OUT / f"sim_fidelity_{model}_simulated_{mode}_{when}_run{run}.json", sim)
-                rows += report(model, mode, bundle, measured, sims, cost_models, run)
+                    write_result(OUT / f"sim_fidelity_{model}_simulated_{mode}{tag}_{when}_run{run}.json", sim)
+                rows += report(model, mode, bundle, measured, sims, cost_models, run if args.rounds == 1 else rnd)
+                slot = pool.setdefault((model, mode), {"measured": [], "sims": {}})
+                slot["measured"].append(measured)
+                for when, sim in sims.items():
+                    slot["sims"].setdefault(when, []).append(sim)
+    pooled_rows = [pooled_row(model, mode, slot) for (model, mode), slot in pool.items()
+                   if len(slot["measured"]) > 1]
     out = {"machine": machine(), "meta": meta, "profile": profile.model_dump(mode="json"), "profiles": profiles,
-           "rows": rows}
+           "rows": rows, "pooled": pooled_rows}
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print_table(rows)
+    if pooled_rows:
+        print_pooled(pooled_rows)
+
+
+def prepare(model: str, quick: bool):
+    """The model's bundle (compiled once, shared), its variants and the seeded workload's requests."""
+    from planc.bundle import Bundle
+
+    spec = sl.tiny_spec() if model == "tiny" else sl.big_spec()
+    bundle_dir = sl.bundle(model, spec, shared=True)
+    bundle = Bundle.open(bundle_dir)
+    variants = VARIANTS[model] or list(bundle.variants)
+    return bundle_dir, bundle, variants, workload(model, quick).requests(variants)
+
+
+def pooled(results: list[dict]) -> dict:
+    """Several runs of one workload as one long run: their requests' latencies together, their output
+    tokens over their summed durations. The machine's speed drifts between runs; pooled, the drift
+    averages out and what stays is the simulator's own bias."""
+    from planc.bench.metrics import group_summary
+
+    records = [r for res in results for r in res["records"]]
+    return {"summary": {"overall": group_summary(records, sum(res["duration_s"] for res in results), {})}}
+
+
+def pooled_row(model: str, mode: str, slot: dict) -> dict:
+    """Pooled measured runs against the pooled predictions (each run predicted with its own fit), and the
+    measured runs' spread: each run's figure over the pooled one, min and max."""
+    measured = pooled(slot["measured"])
+    spread = {}
+    for name, q in FIGURES:
+        whole = figure(measured, name, q)
+        each = [figure(m, name, q) for m in slot["measured"]]
+        spread[f"{name}.{q}" if q else name] = [min(each) / whole - 1, max(each) / whole - 1] if whole else None
+    return {"model": model, "mode": mode, "runs": len(slot["measured"]), "spread": spread,
+            "compare": {when: compare(pooled(sims), measured) for when, sims in slot["sims"].items()}}
+
+
+def print_pooled(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="pooled over the rounds: simulated vs measured (spread: each measured run vs the pooled figure)")
+    for col in ("model", "measured on", "runs", "figure", "measured", "spread of runs", "cost model", "simulated",
+                "error"):
+        t.add_column(col, justify="left" if col in ("model", "measured on", "figure", "cost model") else "right")
+    for row in rows:
+        for when, comp in row["compare"].items():
+            for key, c in comp.items():
+                lo, hi = row["spread"][key] or (None, None)
+                spread = "-" if lo is None else f"{100 * lo:+.0f}%..{100 * hi:+.0f}%"
+                err = "-" if c["error"] is None else f"{100 * c['error']:+.1f}%"
+                t.add_row(row["model"], row["mode"], str(row["runs"]), key, _fmt(c["measured"]), spread, when,
+                          _fmt(c["simulated"]), err)
+    Console().print(t)
 
 
 def measure(model: str, mode: str, bundle_dir: Path, requests, variants, args) -> dict:
