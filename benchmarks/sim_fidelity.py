@@ -270,11 +270,16 @@ def figure(result: dict, name: str, q) -> float:
     return g[name] if q is None else (g[name] or {}).get(q)
 
 
+def figure_key(name: str, q) -> str:
+    """A figure's name in the tables and JSON: `tpot_ms.p50`, `output_tokens_per_s`."""
+    return f"{name}.{q}" if q else name
+
+
 def compare(sim: dict, measured: dict) -> dict:
     out = {}
     for name, q in FIGURES:
         s, m = figure(sim, name, q), figure(measured, name, q)
-        out[f"{name}.{q}" if q else name] = {"simulated": s, "measured": m,
+        out[figure_key(name, q)] = {"simulated": s, "measured": m,
                                              "error": (s / m - 1) if s is not None and m else None}
     return out
 
@@ -536,7 +541,7 @@ def pooled_row(model: str, mode: str, slot: dict) -> dict:
     for name, q in FIGURES:
         whole = figure(measured, name, q)
         each = [figure(m, name, q) for m in slot["measured"]]
-        spread[f"{name}.{q}" if q else name] = [min(each) / whole - 1, max(each) / whole - 1] if whole else None
+        spread[figure_key(name, q)] = [min(each) / whole - 1, max(each) / whole - 1] if whole else None
     return {"model": model, "mode": mode, "runs": len(slot["measured"]), "spread": spread,
             "compare": {when: compare(pooled(sims), measured) for when, sims in slot["sims"].items()}}
 
