@@ -155,7 +155,8 @@ def _measure(quick: bool, say: Callable[[str], None]) -> DeviceProfile:
         server = measure_server(bundle_dirs[0], quick, say)
     overheads = device.overheads.model_copy(update={
         "server_request_us": server.request_us, "server_token_us": server.token_us,
-        "engine_request_us": server.engine_request_us, "engine_token_us": server.engine_token_us})
+        "engine_request_us": server.engine_request_us, "engine_token_us": server.engine_token_us,
+        "engine_step_us": server.engine_step_us})
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     source = (f"`planc profile{' --quick' if quick else ''}` on {socket.gethostname()} ({cpu_name()}, "
               f"{os.cpu_count()} cores, torch {torch.__version__}, 1 thread) at {when}; overheads and table scale "
@@ -200,6 +201,7 @@ def profile_rows(profile: DeviceProfile) -> list[tuple[str, str]]:
             ("per prefill token in a block call", f"{ov.per_token_us:.2f} us"),
             ("per batched decode attention call", f"{ov.decode_call_us:.1f} us"),
             ("planc serve, per streamed token", f"{ov.server_token_us:.1f} us (engine loses {ov.engine_token_us:.0f} us)"),
+            ("planc serve, per step that streams", f"engine loses {ov.engine_step_us:.0f} us"),
             ("planc serve, per request", f"{ov.server_request_us:.0f} us (engine loses {ov.engine_request_us:.0f} us)"),
             ("matmul table", _table_summary(profile)), ("memory", f"{profile.memory_gb:g} GB")]
 

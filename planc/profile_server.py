@@ -16,13 +16,17 @@ per streamed token on the calibration model while the server thread used ~0.1 ms
 and it waited: the GIL, which the engine retakes after every torch op, and the wake-ups of a
 second busy thread). So each round also runs, right after the HTTP one, on an engine in this
 process with the same requests, concurrency and settings (no server), and the difference of the two
-rounds' wall times is fitted the same way: engine_request_us and engine_token_us. That difference is
-noisy here: at concurrency 1 and 3 two repeats of the experiment gave 243 and 0, and 973 and 0 us per
-token; at 6 (what the rounds use) 376 and 382. Whether it is a cost per token or per step (one
-wake-up of the server per step's burst of tokens) those figures cannot tell (benchmarks/RESULTS.md).
+rounds' wall times is the engine's loss. The server wakes once per step to stream that step's tokens,
+so the loss has a part per step and a part per token: at concurrency 1 a step streams one token, at 6
+about six. The rounds come in pairs at two concurrencies (short and long outputs); each pair's long
+minus short round has no per-request part, and the two pairs' differences give two equations in the
+per-step and per-token parts (`fit_toll`); the short round at the higher concurrency then gives the
+per-request part. On the Intel host of 2026-11-27 the loss was ~290-370 us per step and ~10-25 us per
+token (benchmarks/RESULTS.md): mostly per step, which a per-token figure alone charged too little to
+small batches and too much to large ones.
 
 >>> cost = measure_server(bundle_dir)  # doctest: +SKIP
->>> cost.token_us, cost.engine_token_us  # doctest: +SKIP
+>>> cost.token_us, cost.engine_step_us, cost.engine_token_us  # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -33,24 +37,48 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
-ROUNDS = ((32, 4), (32, 64))
-"""(requests, output tokens each) per round: the same requests, short and long outputs. Rounds of 16
-and 128 tokens gave the same per-token cost within 5% here: it does not grow with the output."""
-ROUNDS_QUICK = ((8, 4), (8, 32))
-REPEATS = 3
-CONCURRENCY = 6
+ROUNDS = ((6, 32, 4), (6, 32, 64), (1, 12, 4), (1, 12, 64))
+"""(concurrency, requests, output tokens each) per round: a pair of rounds, short and long outputs, at each
+of two concurrencies; the higher first. Rounds of 16 and 128 tokens gave the same per-token server CPU
+within 5% here: it does not grow with the output."""
+ROUNDS_QUICK = ((6, 8, 4), (6, 8, 32), (1, 4, 4), (1, 4, 32))
+REPEATS = 5
 
 
 @dataclass(frozen=True)
 class ServerCost:
-    """Microseconds per request and per streamed token: the server thread's CPU, and the engine's loss."""
+    """Microseconds per request and per streamed token of the server thread's CPU, and the engine's loss per
+    request, per streamed token and per step that streams tokens."""
 
     request_us: float
     token_us: float
     engine_request_us: float
     engine_token_us: float
+    engine_step_us: float
+
+
+@dataclass(frozen=True)
+class Round:
+    """One round of `measure_server`: what it sent and what it took."""
+
+    concurrency: int
+    requests: int
+    tokens: int
+    """Output tokens of each request."""
+    steps: int
+    """Engine steps the in-process run took (the HTTP run's are the same requests at the same concurrency)."""
+    server_cpu_s: float
+    http_s: float
+    alone_s: float
+
+    @property
+    def loss_s(self) -> float:
+        """Wall time planc serve took beyond the engine alone."""
+        return self.http_s - self.alone_s
+
+
 PROMPT_TOKENS = 24
 
 
@@ -82,39 +110,55 @@ def measure_server(bundle_dir: Path, quick: bool = False,
     server = LocalServer(bundle_dir, "--threads 1 --kv-cache-mb 32", env={"OMP_NUM_THREADS": "1"})
     rounds = ROUNDS_QUICK if quick else ROUNDS
     fits = []
-    with server as url, _in_process(bundle_dir).in_thread() as engine:
+    engine, steps = _in_process(bundle_dir)
+    with server as url, engine.in_thread():
         pid = server.proc.pid  # `python -m planc.cli serve`, whose main thread runs the asyncio loop
-        asyncio.run(_round(url, 4, 2))  # warm-up: first requests pay imports and code paths
-        _engine_round(engine, 4, 2)
+        asyncio.run(_round(url, 4, 2, 4))  # warm-up: first requests pay imports and code paths
+        _engine_round(engine, 4, 2, 4)
         for repeat in range(1 if quick else REPEATS):
-            cpu, http, alone = [], [], []
-            for i, (requests, tokens) in enumerate(rounds):
+            measured = []
+            for i, (concurrency, requests, tokens) in enumerate(rounds):
                 say(f"server cost, round {i + 1} of {len(rounds)}, repeat {repeat + 1}")
                 before, start = thread_cpu_s(pid), time.perf_counter()
-                asyncio.run(_round(url, requests, tokens))
-                http.append(time.perf_counter() - start)
-                cpu.append(thread_cpu_s(pid) - before)
-                start = time.perf_counter()
-                _engine_round(engine, requests, tokens)
-                alone.append(time.perf_counter() - start)
-            fits.append(fit_server(rounds, cpu) + fit_server(rounds, [h - a for h, a in zip(http, alone)]))
-    return ServerCost(*(float(statistics.median(f[i] for f in fits)) for i in range(4)))
+                asyncio.run(_round(url, requests, tokens, concurrency))
+                http = time.perf_counter() - start
+                cpu = thread_cpu_s(pid) - before
+                steps_before, start = steps.count, time.perf_counter()
+                _engine_round(engine, requests, tokens, concurrency)
+                measured.append(Round(concurrency, requests, tokens, steps.count - steps_before, cpu, http,
+                                      time.perf_counter() - start))
+            fits.append(fit_server(rounds[:2], [r.server_cpu_s for r in measured[:2]]) + fit_toll(measured))
+    return ServerCost(*(float(statistics.median(f[i] for f in fits)) for i in range(5)))
 
 
 def _in_process(bundle_dir: Path):
-    """planc's engine on `bundle_dir` with planc serve's settings (no server): to run in this process."""
+    """planc's engine on `bundle_dir` with planc serve's settings (no server), to run in this process, and
+    the counter of its steps."""
     from planc.bundle import Bundle
-    from planc.runtime.engine import Engine
+    from planc.runtime.engine import Engine, StepStats
     from planc.runtime.server import ServeOptions, engine_config
 
     bundle = Bundle.open(bundle_dir)
-    return Engine(bundle, engine_config(bundle, ServeOptions(kv_cache_mb=32, threads=1)))
+    steps = _StepCounter(next(iter(bundle.variants.values()))["chain"][0]["block"])
+    return Engine(bundle, engine_config(bundle, ServeOptions(kv_cache_mb=32, threads=1)), StepStats(on_batch=steps)), steps
 
 
-def _engine_round(engine, requests: int, tokens: int) -> None:
+class _StepCounter:
+    """Counts the engine's forward steps as the batched calls of the chain's first block: one per step on the
+    calibration bundle (one variant, batches far below the cap)."""
+
+    def __init__(self, first_block: str):
+        self.first_block, self.count = first_block, 0
+
+    def __call__(self, block: str, batch: int, variants: int) -> None:
+        if block == self.first_block:
+            self.count += 1
+
+
+def _engine_round(engine, requests: int, tokens: int, concurrency: int) -> None:
     from planc.runtime.sampling import SamplingParams
 
-    gate, done = threading.Semaphore(CONCURRENCY), threading.Semaphore(0)
+    gate, done = threading.Semaphore(concurrency), threading.Semaphore(0)
 
     def sink(event) -> None:
         if event.finished:
@@ -131,22 +175,61 @@ def _prompt(i: int) -> list[int]:
     return [3 + (i * 7 + k) % 250 for k in range(PROMPT_TOKENS)]
 
 
-def fit_server(rounds: tuple[tuple[int, int], ...], cpu_s: list[float]) -> tuple[float, float]:
-    """Solve CPU = requests * a + requests * tokens * b for (a, b) in microseconds, neither below 0.
+def fit_server(rounds: Sequence[tuple[int, int, int]], cpu_s: Sequence[float]) -> tuple[float, float]:
+    """Solve CPU = requests * a + requests * tokens * b for (a, b) in microseconds, neither below 0, from two
+    rounds (concurrency, requests, tokens) that differ in tokens.
 
-    >>> fit_server(((10, 4), (10, 64)), [10 * (500e-6 + 4 * 100e-6), 10 * (500e-6 + 64 * 100e-6)])
+    >>> fit_server(((6, 10, 4), (6, 10, 64)), [10 * (500e-6 + 4 * 100e-6), 10 * (500e-6 + 64 * 100e-6)])
     (500.0, 100.0)
     """
-    (n1, t1), (n2, t2) = rounds
+    (_, n1, t1), (_, n2, t2) = rounds
     per_token = max(0.0, (cpu_s[1] / n2 - cpu_s[0] / n1) / (t2 - t1))
     per_request = max(0.0, cpu_s[0] / n1 - t1 * per_token)
     return round(per_request * 1e6, 1), round(per_token * 1e6, 1)
 
 
-async def _round(url: str, requests: int, tokens: int) -> None:
+def fit_toll(rounds: Sequence[Round]) -> tuple[float, float, float]:
+    """The engine's loss per request, per token and per step, in microseconds, none below 0, from two pairs of
+    rounds (short, long outputs; each pair at one concurrency): loss = requests*a + tokens*b + steps*c.
+
+    A pair's long minus short round has no per-request part, so the two differences fix b and c. Where either
+    comes out below 0 (noise), one term alone is kept: b or c, whichever least-squares fit of both differences
+    leaves the smaller residual. The first round then fixes a.
+
+    >>> def rnd(c, n, t, steps, a=3000e-6, b=20e-6, s=300e-6):
+    ...     return Round(c, n, t, steps, 0.0, n * a + n * t * b + steps * s, 0.0)
+    >>> fit_toll([rnd(6, 32, 4, 24), rnd(6, 32, 64, 344), rnd(1, 12, 4, 48), rnd(1, 12, 64, 768)])
+    (3000.0, 20.0, 300.0)
+    >>> fit_toll([rnd(6, 32, 4, 24, s=0), rnd(6, 32, 64, 344, s=0), rnd(1, 12, 4, 48, s=0), rnd(1, 12, 64, 768, s=0)])
+    (3000.0, 20.0, 0.0)
+    >>> fit_toll([rnd(6, 32, 4, 24, b=0), rnd(6, 32, 64, 300, b=0), rnd(1, 12, 4, 48, b=0), rnd(1, 12, 64, 768, b=0)])
+    (3000.0, 0.0, 300.0)
+    """
+    first, *_ = rounds
+    diffs = [(long.steps - short.steps, long.requests * long.tokens - short.requests * short.tokens,
+              long.loss_s - short.loss_s) for short, long in (rounds[0:2], rounds[2:4])]
+    (s1, t1, l1), (s2, t2, l2) = diffs
+    det = s1 * t2 - s2 * t1
+    per_step = (l1 * t2 - l2 * t1) / det if det else -1.0
+    per_token = (s1 * l2 - s2 * l1) / det if det else -1.0
+    if per_step < 0 or per_token < 0:  # one term alone: keep the one whose fit leaves the smaller residual
+        alone = [_one_term([d[i] for d in diffs], [d[2] for d in diffs]) for i in (0, 1)]
+        per_step, per_token = ((alone[0][0], 0.0) if alone[0][1] <= alone[1][1] else (0.0, alone[1][0]))
+    per_request = max(0.0, (first.loss_s - first.steps * per_step - first.requests * first.tokens * per_token)
+                      / first.requests)
+    return tuple(round(max(0.0, x) * 1e6, 1) for x in (per_request, per_token, per_step))
+
+
+def _one_term(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """Least squares y = k * x with k >= 0: (k, the residual sum of squares)."""
+    k = max(0.0, sum(a * b for a, b in zip(x, y)) / (sum(a * a for a in x) or 1.0))
+    return k, sum((b - k * a) ** 2 for a, b in zip(x, y))
+
+
+async def _round(url: str, requests: int, tokens: int, concurrency: int) -> None:
     import httpx
 
-    gate = asyncio.Semaphore(CONCURRENCY)
+    gate = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         async def one(i: int) -> None:
             async with gate:

@@ -18,9 +18,10 @@ runs the HTTP server's asyncio thread: it parses each request before the engine 
 each token after the step that sampled it (the profile's server_request_us and server_token_us: a
 token reaches the client when the server has streamed it and those before it). The engine thread
 pays for that thread far more than its CPU time (GIL handoffs at every torch op while the server is
-runnable, its wake-ups): the profile's engine_token_us and engine_request_us, measured on a real
-server as planc serve's time minus the engine's alone, lengthen the step during which the server
-streams those tokens and parses those requests.
+runnable, its wake-ups): the profile's engine_step_us, engine_token_us and engine_request_us,
+measured on a real server as planc serve's time minus the engine's alone, lengthen the step during
+which the server streams those tokens (one wake-up per step that sampled, plus a part per token) and
+parses those requests.
 
 >>> from planc.cluster import load_device
 >>> from planc.cost import BlockCost, CostModel
@@ -98,6 +99,7 @@ class _Engine:
         self.token_s = ov.server_token_us * 1e-6 if server else 0.0
         self.request_s = ov.server_request_us * 1e-6 if server else 0.0
         self.toll_token_s = ov.engine_token_us * 1e-6 if server else 0.0
+        self.toll_step_s = ov.engine_step_us * 1e-6 if server else 0.0
         self.toll_request_s = ov.engine_request_us * 1e-6 if server else 0.0
 
     def replica(self, index: int, num_pages: int) -> _Replica:
@@ -133,10 +135,11 @@ class _Engine:
         r.last_end = now
 
     def end_step(self, r: _Replica, now: float) -> None:
-        """The step's sequences sample (`Scheduler.sample`); the server streams their tokens while the
-        next step runs, which pays for it."""
+        """The step's sequences sample (`Scheduler.sample`); the server wakes to stream their tokens while
+        the next step runs, which pays for it (once per step that sampled, and per token)."""
         sampled = r.sample(r.work, now)
-        r.server_toll_s += sampled * self.toll_token_s
+        if sampled:
+            r.server_toll_s += self.toll_step_s + sampled * self.toll_token_s
         r.work, r.last_end = [], now
 
 

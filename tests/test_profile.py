@@ -135,3 +135,31 @@ def test_live_fit_predicts_the_mean_step_not_the_median_under_skewed_noise():
     total = measured.sum()
     assert sum(p for _, _, p in mean.samples) == pytest.approx(total, rel=0.01)
     assert sum(p for _, _, p in median.samples) < 0.97 * total
+
+
+def test_toll_fit_keeps_one_term_when_noise_makes_the_other_negative():
+    """Losses made of 300 us per step and 3 ms per request, the concurrency-1 pair 40 ms slower by noise: both
+    terms together would need a negative per-token figure, so the per-step term alone is fitted."""
+    from planc.profile_server import Round, fit_toll
+
+    def rnd(c, n, t, steps, noise=0.0):
+        return Round(c, n, t, steps, 0.0, n * 3e-3 + steps * 300e-6 + noise, 0.0)
+
+    request_us, token_us, step_us = fit_toll([rnd(6, 32, 4, 24), rnd(6, 32, 64, 344),
+                                              rnd(1, 12, 4, 48), rnd(1, 12, 64, 768, noise=0.04)])
+    assert token_us == 0.0 and 300.0 < step_us < 360.0 and request_us > 0
+
+
+def test_step_counter_counts_the_engines_forward_steps(tmp_path):
+    """One request at a time: a request of t output tokens takes t steps (a prefill that samples, then t - 1
+    decodes); the counter sees exactly those, not the idle loop's iterations."""
+    from planc.profile_calibrate import calibration_bundles
+    from planc.profile_server import _engine_round, _in_process
+
+    engine, steps = _in_process(calibration_bundles(tmp_path)[0])
+    with engine.in_thread():
+        _engine_round(engine, 3, 5, 1)
+        assert steps.count == 15
+        # six at once: 4 steps when all six are in before the first step, up to 9 if the first started alone
+        _engine_round(engine, 6, 4, 6)
+        assert 4 <= steps.count - 15 <= 9

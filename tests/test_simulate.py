@@ -278,6 +278,30 @@ def test_the_toll_grows_with_the_tokens_streamed_per_step():
     assert http == pytest.approx(engine + 32 * TOLL * 1e-3, rel=1e-6)
 
 
+def test_the_step_toll_is_paid_once_per_step_that_streams_however_many_tokens():
+    """The server wakes once per step to stream its tokens: 32 decodes per step pay engine_step_us once, where
+    engine_token_us is paid 32 times; a lone sequence pays both once per step."""
+    reqs = [Request(0.0, "a", 8, 20) for _ in range(32)]
+    cm = served(engine_step_us=TOLL)
+    engine = simulate(ONE, cm, reqs, server=False).summary()["tpot_ms"]["p50"]
+    http = simulate(ONE, cm, reqs).summary()["tpot_ms"]["p50"]
+    assert http == pytest.approx(engine + TOLL * 1e-3, rel=1e-6)
+    both = served(engine_step_us=TOLL, engine_token_us=7.0)
+    lone = simulate(ONE, both, [Request(0.0, "a", 20, 5)]).requests[0]
+    step = (STEP + 6 * CALL + 4 * SEQ) * US
+    assert lone.tpot_s == pytest.approx(step + (TOLL + 7.0) * US)
+
+
+def test_a_step_that_samples_nothing_wakes_no_server():
+    """A long prompt prefilled over three steps streams its first token after the third: only the step after
+    that one pays the step toll (the first and second sampled nothing)."""
+    engine = EngineConfig(max_batch_tokens=16, page_size=16)
+    base = simulate(ONE, served(), [Request(0.0, "a", 40, 3)], engine).requests[0]
+    tolled = simulate(ONE, served(engine_step_us=TOLL), [Request(0.0, "a", 40, 3)], engine).requests[0]
+    assert tolled.ttft_s == pytest.approx(base.ttft_s)
+    assert tolled.e2e_s == pytest.approx(base.e2e_s + 2 * TOLL * US)
+
+
 def batched(**ov: float) -> CostModel:
     dev = overhead_only().device.model_copy(update={"overheads": Overheads(**ov)})
     return CostModel(dev, dtype_bytes=4)
