@@ -96,12 +96,14 @@ def thread_cpu_s(pid: int, tid: Optional[int] = None) -> float:
 def measure_server(bundle_dir: Path, quick: bool = False,
                    progress: Optional[Callable[[str], None]] = None) -> ServerCost:
     """What planc serve costs on the bundle at `bundle_dir`: its main thread's CPU per request and token,
-    and the wall time the engine loses to it per request and token.
+    and the wall time the engine loses to it per request, token and step.
 
     Each round runs over HTTP and then, right after, on the in-process engine, and the rounds are
-    repeated REPEATS times; every figure is the median of the repeats' fits. This VM's speed drifts by
-    10-60% within a minute (the same in-process round took 6.2 s and 9.9 s three minutes apart), so all
-    HTTP rounds first and then all in-process ones, as before, measured the drift as much as the server.
+    repeated REPEATS times; every figure is the median of the repeats' fits. This VM's speed drifted by
+    10-60% within a minute on its earlier host (the same in-process round took 6.2 s and 9.9 s three
+    minutes apart), so all HTTP rounds first and then all in-process ones measured the drift as much as
+    the server. The concurrency-6 pair is the noisy one: two measurements a minute apart with 5 repeats
+    gave 316 and 345 us per step, 85 and 60 us per token.
 
     Needs Linux (/proc) and a free port on 127.0.0.1; about 40 s on the calibration bundle (`quick` 8 s)."""
     from planc.bench.server import LocalServer
