@@ -9,6 +9,7 @@ capacity from the cost model. Needs no weights: without chains, instances come f
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,7 +21,7 @@ from planc.errors import SpecError
 from planc.pass_manager import Pass, PassContext
 from planc.plan import BlockGroup, LoraUse, groups_from_instances, parse_changes, step_tokens
 from planc.program import Program
-from planc.workload import load_workload
+from planc.workload import Request, load_workload
 
 _LAYER_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 _BATCHES = tuple(2 ** i for i in range(11))  # 1 .. 1024
@@ -35,6 +36,9 @@ class Traffic:
     output_tokens: float
     rate: Optional[float] = None
     """Offered requests/s (from the workload or plan.rate)."""
+    requests: tuple[Request, ...] = ()
+    """The workload file's requests, when plan.workload names one: the simulator replays them (their mix,
+    lengths and burstiness) at the rates it tries (`planc.plan_sim.plan_requests`)."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ def traffic_for(program: Program) -> Traffic:
     rate = settings.rate or ((len(requests) - 1) / span if span > 0 else None)
     return Traffic({n: c / len(requests) for n, c in counts.items()},
                    float(np.mean([r.prompt_tokens for r in requests])),
-                   float(np.mean([r.output_tokens for r in requests])), rate)
+                   float(np.mean([r.output_tokens for r in requests])), rate, tuple(requests))
 
 
 def plan_groups(program: Program) -> list[BlockGroup]:
@@ -205,6 +209,43 @@ class OptionBuilder:
                     out.extend(self._options_at(group, stages, tp))
         return pareto(out)
 
+    def no_layout(self, group: BlockGroup) -> str:
+        """Why `options(group)` is empty, with the figures of the layout that came closest: memory first (one
+        sequence, the widest layouts), then the TTFT, then the TPOT at a decode batch of one, each against
+        the group's share of the SLO, and what would make it fit."""
+        lo, share = self.traffic.output_tokens, group.num_positions / self.chain_length
+        weights = [self.costs[b].weight_bytes for b in group.blocks]
+        rows = []  # (max memory per device, TTFT s, TPOT s, tp, pp) at batch 1
+        for tp in self.cluster.tp_degrees():
+            for pp in (1, 2, 4, 8, 16):
+                stages = _split_stages(group.blocks, weights, pp) if pp * tp <= self.cluster.devices_per_node else None
+                if stages is None:
+                    continue
+                prefill = [self._stage_prefill(st, tp, i == pp - 1) for i, st in enumerate(stages)]
+                decode = [self._stage_decode(st, tp, 1, i == pp - 1) for i, st in enumerate(stages)]
+                memory = max(self._memory(group, st, tp, pp, 1) for st in stages)
+                rows.append((memory, sum(prefill), sum(_loaded_steps(decode, prefill, 1, lo)), tp, pp))
+        dev = self.cluster.device
+        usable = dev.usable_bytes
+        fits = [r for r in rows if r[0] <= usable]
+        if not fits:
+            memory, _, _, tp, pp = min(rows)
+            return (f"one sequence needs {memory / 1e9:.1f} GB per device even at TP {tp} x PP {pp} (the most one node "
+                    f"of {self.cluster.devices_per_node} allows); each {dev.name} holds {usable / 1e9:.1f} GB usable: "
+                    f"use devices with more memory, or more devices per node")
+        ttft_budget = self.ttft_budget_s * share
+        prompt = int(round(self.traffic.prompt_tokens))
+        if all(r[1] > ttft_budget for r in fits):
+            _, ttft, _, tp, pp = min(fits, key=lambda r: r[1])
+            return (f"a {prompt}-token prefill takes at least {ttft * 1e3:.3g} ms there (TP {tp} x PP {pp}) against "
+                    f"its share of plan.slo.ttft_ms ({ttft_budget * 1e3:.3g} of {self.ttft_budget_s * 1e3:g} ms): raise "
+                    f"plan.slo.ttft_ms to at least {math.ceil(ttft / share * 1e3)}, shorten the prompts, or use faster devices")
+        tpot_budget = self.tpot_budget_s * share
+        _, _, tpot, tp, pp = min((r for r in fits if r[1] <= ttft_budget), key=lambda r: r[2])
+        return (f"a decode step of one sequence takes at least {tpot * 1e3:.3g} ms there (TP {tp} x PP {pp}) against "
+                f"its share of plan.slo.tpot_ms ({tpot_budget * 1e3:.3g} of {self.tpot_budget_s * 1e3:g} ms): raise "
+                f"plan.slo.tpot_ms to at least {math.ceil(tpot / share * 1e3)}, or use faster devices")
+
     def _stage_decode(self, stage, tp, batch, last) -> float:
         ctx = batch * (self.traffic.prompt_tokens + self.traffic.output_tokens / 2)
         t = sum(self.cm.block_time(self.costs[b], tp, decode_seqs=batch, context_tokens=ctx) for b in stage)
@@ -291,7 +332,8 @@ class CostPass(Pass):
         builder = OptionBuilder.for_program(program, costs, cluster, traffic)
         program.groups = plan_groups(program)
         program.plan_options = {g.id: builder.options(g) for g in program.groups}
-        program.extras["plan_inputs"] = {"cluster": cluster, "traffic": traffic, "costs": costs}
+        no_layout = {g.id: builder.no_layout(g) for g in program.groups if not program.plan_options[g.id]}
+        program.extras["plan_inputs"] = {"cluster": cluster, "traffic": traffic, "costs": costs, "no_layout": no_layout}
         return True
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from planc.errors import PlancError
 from planc.pass_manager import Pass, PassContext
@@ -59,11 +59,14 @@ CANDIDATE_EFFORT = 1.0
 CANDIDATE_MARGIN = 0.05
 """A restricted candidate replaces the full search's plan only when its score is this much higher: engine
 capacity came within 0.77-1.07 of the simulated capacity (sessions 8 and 9), so closer plans are not ranked."""
+SIMULATED_CANDIDATES = 3
+"""With plan.simulate: how many of the search's candidates (the one chosen, then the best by engine capacity)
+the simulator ranks, beside the greedy packer's; each costs a capacity search (seconds to minutes)."""
 
 
 def plan_solve(inst: Instance, time_limit_s: float = 10.0, gap: float = 0.01, seed: int = 0,
                solver: str = "scip", method: str = "auto", backstop_s: Optional[float] = None,
-               score: Optional[Score] = None) -> Solution:
+               score: Optional[Score] = None, pool: Optional[list[Solution]] = None) -> Solution:
     """The best placement found within the search effort, its objective and a valid bound.
 
     `time_limit_s` sets the search effort as branch-and-bound nodes (`mip.WORK_PER_SECOND`), which
@@ -81,25 +84,40 @@ def plan_solve(inst: Instance, time_limit_s: float = 10.0, gap: float = 0.01, se
     only with several lanes. 8B x 32
     variants on 8 H100: the full search keeps the greedy packer's mixed batches (MIP 224.8 req/s,
     engine 124.1, simulated 126.4); without pipelined layouts it finds MIP 310.9, engine 312.3,
-    simulated 291.4."""
+    simulated 291.4.
+
+    `pool`, when given, receives every candidate placement scored (as solutions of `inst`): the full
+    search's and each restricted one's, or on several nodes each assignment's union; the chosen one is
+    among them (the simulator re-ranks them: `ParallelizePass`)."""
     import time
 
     start = time.perf_counter()
     deadline = start + (2 * time_limit_s if backstop_s is None else backstop_s)
     exact = method == "exact" or (method == "auto" and slot_variables(inst) <= EXACT_MAX_SLOT_VARIABLES)
     if score is None or exact or (inst.cluster.nodes > 1 and inst.variant_shares and method == "auto"):
-        return _search(inst, time_limit_s, gap, seed, solver, method, start, deadline, score)
+        sol = _search(inst, time_limit_s, gap, seed, solver, method, start, deadline, score, pool)
+        if pool is not None and sol.copies and not any(c is sol for c in pool):
+            pool.append(sol)
+        return sol
     main = _search(inst, time_limit_s, gap, seed, solver, method, start, deadline, None)
     if not main.copies:
         return main
+    if pool is not None:
+        pool.append(main)
     alternative, best = None, 0.0
     for label, sub in restricted(inst):
         effort, now = time_limit_s * CANDIDATE_EFFORT, time.perf_counter()
         alt = _search(sub, effort, gap, seed, solver, "node-level", now, now + 2 * effort, None)  # own backstop
         main.time_limit_hit = main.time_limit_hit or alt.time_limit_hit
-        if alt.copies and (value := score(sub, alt)) > best:
-            alternative, best = _with_options(alt, sub, inst), value
-            alternative.method = f"{alt.method}, {label}"
+        if not alt.copies:
+            continue
+        value = score(sub, alt)
+        alt = _with_options(alt, sub, inst)
+        alt.method = f"{alt.method}, {label}"
+        if pool is not None:
+            pool.append(alt)
+        if value > best:
+            alternative, best = alt, value
     chosen = alternative if alternative is not None and best > score(inst, main) * (1 + CANDIDATE_MARGIN) else main
     if chosen is not main:
         chosen.bound = main.bound  # the full instance's bound (a restricted one bounds less)
@@ -124,7 +142,7 @@ def restricted(inst: Instance) -> list[tuple[str, Instance]]:
 
 
 def _search(inst: Instance, time_limit_s: float, gap: float, seed: int, solver: str, method: str, start: float,
-            deadline: float, score: Optional[Score]) -> Solution:
+            deadline: float, score: Optional[Score], pool: Optional[list[Solution]] = None) -> Solution:
     """`plan_solve`'s search of one instance (exact, per node, or node-level rounds)."""
     import time
 
@@ -141,7 +159,7 @@ def _search(inst: Instance, time_limit_s: float, gap: float, seed: int, solver: 
     if best is not None:
         best.method = "greedy"
     if inst.cluster.nodes > 1 and inst.variant_shares and method == "auto":
-        return _per_node(inst, best, time_limit_s, gap, seed, solver, start, deadline, score)
+        return _per_node(inst, best, time_limit_s, gap, seed, solver, start, deadline, score, pool)
     scale = [1.0] * inst.cluster.nodes
     bound, floor = float("nan"), None  # the first relaxation runs without a floor: it gives the bound
     time_limit_hit = False
@@ -194,7 +212,8 @@ def _search(inst: Instance, time_limit_s: float, gap: float, seed: int, solver: 
 
 
 def _per_node(inst: Instance, best: Optional[Solution], time_limit_s: float, gap: float, seed: int,
-              solver: str, start: float, deadline: float, score: Optional[Score] = None) -> Solution:
+              solver: str, start: float, deadline: float, score: Optional[Score] = None,
+              pool: Optional[list[Solution]] = None) -> Solution:
     """Multi-node clusters: give each node a set of variants and a part of their traffic
     (`greedy.assign_variants`: a popular one may be split over nodes), plan each node on its own (the
     groups its variants need, the traffic it carries), then score the union exactly (which routes
@@ -222,6 +241,8 @@ def _per_node(inst: Instance, best: Optional[Solution], time_limit_s: float, gap
         whole.method = "per-node" if len(splits) == 1 else f"per-node, {'split' if split else 'whole'} variants"
         if not whole.copies:
             continue
+        if pool is not None:
+            pool.append(whole)
         if score is None:
             chosen = better(whole, chosen, inst.objective)
             continue
@@ -301,6 +322,11 @@ def _idle_options(sol: Solution, gid: str) -> set[int]:
     if not any(z > 1e-9 for z in load.values()):
         return set()
     return {o for o, z in load.items() if z <= 1e-9}
+
+
+def _placement_key(plan: Plan) -> tuple:
+    """What two plans with the same stage copies on the same devices share (their loads may differ)."""
+    return tuple(sorted((p.group, p.stage, p.blocks, p.devices, p.tp, p.batch) for p in plan.placements))
 
 
 def to_plan(inst: Instance, sol: Solution, cluster_name: str, settings: dict) -> Plan:
@@ -386,15 +412,17 @@ def _predict(inst: Instance, sol: Solution, groups_out: list[dict], by_id: dict[
             "memory_gb": {str(d): round(m, 3) for d, m in sorted(memory.items())}}
 
 
-def explain_infeasible(inst: Instance) -> str:
-    """What would make an infeasible instance fit."""
+def explain_infeasible(inst: Instance, no_layout: Optional[Mapping[str, str]] = None) -> str:
+    """What would make an infeasible instance fit. `no_layout`: per group without options, why
+    (`OptionBuilder.no_layout`)."""
     cluster = inst.cluster
     dev = cluster.device
     for g in inst.groups:
         if not inst.options[g.id]:
+            why = (no_layout or {}).get(g.id) or (f"none meets the SLO and fits {dev.memory_gb:g} GB per device: relax "
+                                                  f"plan.slo, or use more or larger devices per node")
             return (f"block group {g.id} ({g.blocks[0]}..{g.blocks[-1]}, used by {', '.join(g.users[:4])}) has no "
-                    f"layout within one node of {cluster.devices_per_node} {dev.name} that meets the SLO and fits "
-                    f"{dev.memory_gb:g} GB per device: relax plan.slo, or use more or larger devices per node")
+                    f"layout within one node of {cluster.devices_per_node} {dev.name}: {why}")
     need = sum(min(sum(m * o.tp for m in o.memory) for o in inst.options[g.id]) for g in inst.groups)
     devices = math.ceil(need / dev.usable_bytes)
     if devices > cluster.num_devices:
@@ -429,14 +457,16 @@ class ParallelizePass(Pass):
                   "time_limit_s": opts.get("time_limit_s") or settings.time_limit_s or min(5.0 * cluster.nodes, 45.0),
                   "gap_limit": opts.get("gap", settings.gap)}
         if any(not o for o in inst.options.values()):
-            raise PlancError(f"plan: {explain_infeasible(inst)}")
+            raise PlancError(f"plan: {explain_infeasible(inst, inputs.get('no_layout'))}")
         plan_settings = {"slo": settings.slo.model_dump(), "rate": rate, "prompt_tokens": traffic.prompt_tokens,
                          "output_tokens": traffic.output_tokens, "shares": traffic.shares,
                          "max_replicas": settings.max_replicas}
         name = cluster.name or cluster.device.name
         score = engine_score(name, params, plan_settings) if settings.objective == "throughput" else None
+        simulate = bool(opts.get("simulate", settings.simulate)) and settings.objective == "throughput"
+        pool: list[Solution] = []
         sol = plan_solve(inst, params["time_limit_s"], params["gap_limit"], params["seed"], params["solver"],
-                         opts.get("method", "auto"), score=score)
+                         opts.get("method", "auto"), score=score, pool=pool if simulate else None)
         if not sol.copies:
             if sol.status in ("infeasible", "infeasible_or_unbounded"):
                 raise PlancError(f"plan: {self._why(inst, params)}")
@@ -444,25 +474,42 @@ class ParallelizePass(Pass):
                              f"({sol.status}); raise plan.time_limit_s")
         program.plan = to_plan(inst, sol, name, params)
         settle(program.plan, plan_settings)
-        if opts.get("simulate", settings.simulate) and settings.objective == "throughput":
-            program.plan = self._rank_by_simulation(program, inst, program.plan, name, params, plan_settings)
+        if simulate:
+            program.plan = self._rank_by_simulation(program, inst, program.plan, name, params, plan_settings, pool)
         return True
 
     def _rank_by_simulation(self, program: Program, inst: Instance, best: Plan, name: str, params: dict,
-                            plan_settings: dict) -> Plan:
-        """Re-rank the MIP's plan and the greedy packer's by the simulator's capacity within the SLO."""
+                            plan_settings: dict, pool: list[Solution]) -> Plan:
+        """Re-rank the search's candidates by the simulator's capacity within the SLO: the plan chosen, the
+        other placements the search scored (`plan_solve`'s pool) best first by engine capacity, up to
+        SIMULATED_CANDIDATES in all, and the greedy packer's."""
         from planc.cost import CostModel
         from planc.passes.greedy import greedy_copies
         from planc.plan_sim import simulated_capacity
 
         cm = CostModel.for_cluster(inst.cluster, program.base.checkpoint.arch.dtype_bytes)
+        others = []
+        for sol in pool:
+            plan = to_plan(inst, sol, name, params)
+            settle(plan, plan_settings)
+            others.append(plan)
+        others.sort(key=lambda c: -c.predicted["engine_capacity_rps"])
+        candidates, seen = [], set()
+        for c in [best] + others:
+            key = _placement_key(c)
+            if key not in seen and len(candidates) < SIMULATED_CANDIDATES:
+                seen.add(key)
+                candidates.append(c)
         greedy = placement_plan(inst, greedy_copies(inst), name, params, plan_settings, method="greedy")
-        candidates = [best] + ([greedy] if greedy else [])
+        if greedy is not None and _placement_key(greedy) not in seen:
+            candidates.append(greedy)
+        ranked = {}
         for c in candidates:
             c.predicted["simulated_capacity_rps"] = simulated_capacity(program, c, cm)
+            label = c.solver["method"] if c is not best else f"{c.solver['method']} (chosen by engine capacity)"
+            ranked[label if label not in ranked else f"{label} #{len(ranked) + 1}"] = c.predicted["simulated_capacity_rps"]
         chosen = max(candidates, key=lambda c: c.predicted["simulated_capacity_rps"])
-        chosen.solver["ranked_by_simulation"] = {c.solver["method"]: c.predicted["simulated_capacity_rps"]
-                                                 for c in candidates}
+        chosen.solver["ranked_by_simulation"] = ranked
         return chosen
 
     def _why(self, inst: Instance, params: dict) -> str:

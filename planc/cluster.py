@@ -296,15 +296,25 @@ def load_cluster(ref: Union[str, Path]) -> Cluster:
         if not isinstance(raw, dict):
             raise SpecError(f"{path}: expected a mapping with nodes, devices_per_node, device, links")
         device = load_device(raw.get("device", ""), f"{path}: device")
-        return _validate(Cluster, {**raw, "device": device, "name": raw.get("name", path.stem)}, str(path))
+        links = raw.get("links", {})
+        if isinstance(links, dict):  # unset figures as a named cluster of this device has them
+            links = {**default_links(device), **links}
+        return _validate(Cluster, {**raw, "device": device, "links": links, "name": raw.get("name", path.stem)},
+                         str(path))
     m = _NAMED.match(str(ref))
     if not m:
         raise SpecError(f"cluster {ref!r}: expected a YAML file or a name like 8xH100-80GB")
     a, b, device_name = m.groups()
     nodes, per_node = (int(a), int(b)) if b else (1, int(a or 1))
     device = load_device(device_name, f"cluster {ref!r}")
-    links = Links(intra_node_gbps=device.nvlink_gbps or (device.mem_bw_gbps if device.kind == "cpu" else 900.0))
-    return Cluster(nodes=nodes, devices_per_node=per_node, device=device, links=links, name=str(ref))
+    return Cluster(nodes=nodes, devices_per_node=per_node, device=device, links=Links(**default_links(device)),
+                   name=str(ref))
+
+
+def default_links(device: DeviceProfile) -> dict[str, float]:
+    """Link figures a cluster of `device` has unless its file sets them: within a node the profile's fitted
+    all-reduce bandwidth (`nvlink_gbps`), a CPU's memory bandwidth, else 900 GB/s (NVLink 4)."""
+    return {"intra_node_gbps": device.nvlink_gbps or (device.mem_bw_gbps if device.kind == "cpu" else 900.0)}
 
 
 def _read_yaml(path: Path):

@@ -102,6 +102,10 @@ def print_plan(console: Console, plan: Plan, cluster_desc: str, usable_gb: float
     if "simulated_capacity_rps" in p:
         console.print(f"simulated on planc's runtime: {p['simulated_capacity_rps']:.3g} req/s with 90% of requests "
                       "within the SLO", markup=False)
+        ranked = plan.solver.get("ranked_by_simulation") or {}
+        if len(ranked) > 1:
+            console.print("candidates simulated: " + "; ".join(f"{label} {rps:.3g}" for label, rps in ranked.items()),
+                          markup=False)
     if baselines:
         parts = []
         for name, b in baselines.items():

@@ -34,7 +34,7 @@ what the HTTP server costs it, the local backend (all stages in one process, no 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Sequence
 
 from planc.cost import CostModel
 from planc.plan import Plan
@@ -104,7 +104,8 @@ def node_runs(program: Program, plan: Plan, requests: list[Request]) -> list[tup
 
 def simulate_plan(program: Program, plan: Plan, cost_model: CostModel, rate: float, num_requests: int = 400,
                   seed: int = 0) -> dict:
-    """Serve a Gamma workload at `rate` with the plan's traffic mix and mean lengths; overall summary."""
+    """Serve `plan_requests` at `rate` (the plan's workload file replayed, or Gamma arrivals with its traffic
+    mix and mean lengths); overall summary."""
     requests = plan_requests(program, rate, num_requests, seed)
     records = []
     for _, run in node_runs(program, plan, requests):
@@ -136,13 +137,38 @@ def head_to_head(program: Program, plans: dict[str, Plan], cost_model: CostModel
 
 
 def plan_requests(program: Program, rate: float, num_requests: int, seed: int = 0) -> list[Request]:
-    """Gamma arrivals at `rate` (cv 1) with the plan's traffic mix and mean lengths."""
+    """`num_requests` arrivals at a mean of `rate` per second: the plan's workload file replayed (its variants,
+    lengths and gaps in order, its clock scaled to `rate`, repeated as often as needed), or without one, Gamma
+    arrivals (cv 1) with the plan's traffic mix and mean lengths."""
     traffic = program.extras["plan_inputs"]["traffic"]
+    if traffic.requests:
+        return replay_at(traffic.requests, rate, num_requests)
     workload = GammaWorkload(rate=rate, cv=1.0, num_requests=num_requests, seed=seed,
                              variants={v: s for v, s in traffic.shares.items() if s > 0},
                              prompt_tokens=Fixed(value=max(1, round(traffic.prompt_tokens))),
                              output_tokens=Fixed(value=max(1, round(traffic.output_tokens))))
     return workload.requests(list(traffic.shares))
+
+
+def replay_at(trace: Sequence[Request], rate: float, num_requests: int) -> list[Request]:
+    """The first `num_requests` of `trace` repeated end to end (a mean gap between repeats), its clock scaled so
+    that the requests arrive at a mean of `rate` per second.
+
+    >>> trace = [Request(10.0, "a", 5, 2), Request(11.5, "b", 7, 3), Request(13.0, "a", 9, 4)]
+    >>> [(r.arrival_s, r.variant, r.prompt_tokens) for r in replay_at(trace, 2.0, 5)]
+    [(0.0, 'a', 5), (0.5, 'b', 7), (1.0, 'a', 9), (1.5, 'a', 5), (2.0, 'b', 7)]
+    """
+    t0 = trace[0].arrival_s
+    span = trace[-1].arrival_s - t0
+    gap = span / (len(trace) - 1) if len(trace) > 1 and span > 0 else 1.0
+    period = span + gap  # one pass of the trace, and the gap to the next
+    scale = (period / len(trace)) * rate  # the trace's own mean gap over the wanted one
+    out = []
+    for i in range(num_requests):
+        r = trace[i % len(trace)]
+        at = (r.arrival_s - t0 + (i // len(trace)) * period) / scale
+        out.append(dataclasses.replace(r, arrival_s=at))
+    return out
 
 
 def simulated_capacity(program: Program, plan: Plan, cost_model: CostModel, attainment: float = 0.9,

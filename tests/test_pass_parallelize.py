@@ -197,6 +197,45 @@ def test_many_groups_on_few_devices_equal_brute_force(busy):
     assert sol.objective == pytest.approx(brute_force(inst), rel=1e-6)
 
 
+def _restricted_growth(n: int, k: int):
+    """Every assignment of n items to at most k interchangeable bins, once each (bins numbered by first use)."""
+    def grow(prefix: list[int], used: int):
+        if len(prefix) == n:
+            yield tuple(prefix)
+            return
+        for b in range(min(used + 1, k)):
+            yield from grow(prefix + [b], max(used, b + 1))
+    yield from grow([], 0)
+
+
+def test_eight_groups_on_four_devices_equal_brute_force():
+    """The issue's largest small instance: 8 block groups (a trunk with two layouts and seven private tops) on
+    one node of 4 devices, one replica each. Brute force tries every layout choice and every placement up to
+    relabelling the devices (they are interchangeable: one node, TP 1): 2 x 2795 placements."""
+    names = "abcdefg"
+    groups = groups_from_instances(["embedding", "layer.0", "head"], {v: ["e", "l", f"h{v}"] for v in names})
+    trunk = groups[0].id
+    options = {trunk: [_opt(trunk, 1, 1, 4.0, 0.05, 30.0, busy=0.1), _opt(trunk, 1, 1, 2.5, 0.08, 30.0, busy=0.1)]}
+    shares = {trunk: 1.0}
+    for g, share, tau, mem in zip(groups[1:], (0.3, 0.2, 0.15, 0.12, 0.1, 0.08, 0.05),
+                                  (0.02, 0.03, 0.05, 0.04, 0.06, 0.03, 0.05), (2.0, 1.5, 2.5, 3.0, 1.0, 2.0, 3.5)):
+        options[g.id] = [_opt(g.id, 1, 1, mem, tau, 25.0, busy=0.05)]
+        shares[g.id] = share
+    inst = Instance(groups, options, shares, _cluster(1, 4, memory_gb=6.0), "throughput", None, 1)
+    best, tried = None, 0
+    for trunk_option in range(2):
+        for devices in _restricted_growth(len(groups), 4):
+            copies = {(g.id, trunk_option if g.id == trunk else 0, 0, d): 1 for g, d in zip(groups, devices)}
+            if _valid(inst, copies):
+                tried += 1
+                value = _route(inst, copies)
+                if value is not None and (best is None or value > best):
+                    best = value
+    assert tried > 100 and best is not None
+    sol = plan_solve(inst, time_limit_s=60, gap=0.0, method="exact")
+    assert sol.status == "optimal" and sol.objective == pytest.approx(best, rel=1e-6)
+
+
 def test_copies_pay_for_their_weights_whatever_their_load():
     """Each copy's load-independent device time lowers what the devices carry, and an extra replica of
     a group is no longer free on a device with time left (two replicas of the trunk: 0.12 each)."""

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from planc.cli import main
@@ -40,8 +42,15 @@ def test_cluster_names_files_and_errors(tmp_path):
                  " mem_bw_gbps: 900}\nlinks: {intra_node_gbps: 64, inter_node_gbps: 25}\n")
     c = load_cluster(f)
     assert (c.num_devices, c.links.inter_node_gbps, c.device.name) == (8, 25, "mine")
+    assert c.links.intra_node_gbps == 64
     with pytest.raises(SpecError, match="unknown device 'B300'"):
         load_cluster("8xB300")
+    # a file that leaves out links (or some of them) costs all-reduces as the named cluster of its device does
+    f.write_text("nodes: 2\ndevices_per_node: 8\ndevice: H100-80GB\n")
+    assert load_cluster(f).links == load_cluster("2x8xH100-80GB").links
+    f.write_text("nodes: 2\ndevices_per_node: 8\ndevice: H100-80GB\nlinks: {inter_node_gbps: 100}\n")
+    links = load_cluster(f).links
+    assert (links.intra_node_gbps, links.inter_node_gbps) == (load_cluster("H100-80GB").device.nvlink_gbps, 100)
     f.write_text("nodes: 2\ndevices_per_node: 4\ndevice: H100-80GB\nlinks: {intra_node_gbps: -1}\n")
     with pytest.raises(SpecError, match="cluster.yaml: links.intra_node_gbps"):
         load_cluster(f)
@@ -214,6 +223,26 @@ def test_workload_sets_the_mix_and_lengths(tmp_path):
     assert p.settings["rate"] == pytest.approx(3.0, rel=0.15)
 
 
+def test_the_simulator_replays_the_workload_file_at_the_rate_it_tries(tmp_path):
+    """With plan.workload the capacity trials replay its requests (variant and lengths in order, bursts
+    included) on a clock scaled to the trial's rate, not fixed lengths at the means."""
+    from planc.plan_sim import plan_requests
+
+    (tmp_path / "w.yaml").write_text("kind: gamma\nrate: 3\ncv: 3\nnum_requests: 150\nvariants: {ft0: 9, base: 1}\n"
+                                     "prompt_tokens: {dist: lognormal, mean: 300, cv: 1.0, max: 4000}\n"
+                                     "output_tokens: {dist: uniform, low: 10, high: 200}\n")
+    program = plan(_spec(tmp_path, 2, 0, "{cluster: 8xH100-80GB, time_limit_s: 2, workload: w.yaml}"))
+    trace = program.extras["plan_inputs"]["traffic"].requests
+    replay = plan_requests(program, rate=40.0, num_requests=400)
+    assert [(r.variant, r.prompt_tokens, r.output_tokens) for r in replay[:150]] == \
+        [(r.variant, r.prompt_tokens, r.output_tokens) for r in trace]
+    assert replay[150].prompt_tokens == trace[0].prompt_tokens and len({r.prompt_tokens for r in replay}) > 50
+    arrivals = [r.arrival_s for r in replay]
+    assert arrivals == sorted(arrivals) and (len(replay) - 1) / arrivals[-1] == pytest.approx(40.0, rel=0.05)
+    gaps = np.diff(arrivals[:150])
+    assert gaps.std() / gaps.mean() > 2  # the workload's burstiness (cv 3), not Poisson's 1
+
+
 def test_compiled_bundle_embeds_the_plan_and_the_engine_follows_it(tiny_example, tmp_path):
     from planc.bundle import Bundle
     from planc.runtime.server import ServeOptions, engine_config
@@ -244,7 +273,9 @@ def test_simulation_ranks_candidates_and_predicts_the_plans_latency(tmp_path):
     program = plan(spec)
     p = program.plan
     ranked = p.solver["ranked_by_simulation"]
-    assert "greedy" in ranked and p.predicted["simulated_capacity_rps"] == max(ranked.values()) > 0
+    # the plan chosen by engine capacity, other placements the search scored, greedy's (unless the same placement)
+    assert len(ranked) >= 2 and any("chosen by engine capacity" in label for label in ranked)
+    assert p.predicted["simulated_capacity_rps"] == max(ranked.values()) > 0
     cm = CostModel.for_cluster(program.extras["plan_inputs"]["cluster"], 2)
     light = simulate_plan(program, p, cm, rate=0.5, num_requests=40)
     assert light["requests"]["ok"] == 40 and light["slo"]["attainment"] == 1.0
@@ -308,3 +339,28 @@ def test_a_pipelined_copy_holds_a_batch_per_stage():
     plan.groups[0]["layouts"].append({"pp": 1, "tp": 1, "batch": 8, "replicas": 1, "stage_blocks": [4],
                                       "cap_rps": 1.0})
     assert plan.engine_limits(4, 10) == (16 + 8, 80 + 40)
+
+
+@pytest.mark.parametrize("cluster, slo, expected", [
+    ("1xA100-80GB", "{tpot_ms: 100, ttft_ms: 3000}", r"one sequence needs [\d.]+ GB per device even at TP 1 x PP 1 .* "
+                                                     r"holds 72\.0 GB usable"),
+    ("8xH100-80GB", "{tpot_ms: 1, ttft_ms: 3000}", r"decode step .* raise plan\.slo\.tpot_ms to at least (\d+)"),
+    ("8xH100-80GB", "{tpot_ms: 100, ttft_ms: 1}", r"prefill .* raise plan\.slo\.ttft_ms to at least (\d+)"),
+])
+def test_a_group_without_layout_says_which_limit_and_what_would_fit(tmp_path, cluster, slo, expected):
+    """Memory, TTFT or TPOT: the message gives the nearest layout's figure, and the SLO it names makes that
+    group plannable."""
+    spec = _spec(tmp_path, 2, 1, f"{{cluster: {cluster}, time_limit_s: 2, slo: {slo}}}")
+    with pytest.raises(PlancError, match=expected) as err:
+        plan(spec)
+    message = str(err.value)
+    assert message.count("\n") == 0 and "has no layout within one node" in message
+    group = message.split("block group ")[1].split(" ")[0]
+    suggested = re.search(expected, message)
+    if suggested.groups():
+        key = "tpot_ms" if "tpot" in expected else "ttft_ms"
+        relaxed = slo.replace(f"{key}: 1,", f"{key}: {suggested.group(1)},").replace(f"{key}: 1}}", f"{key}: {suggested.group(1)}}}")
+        try:
+            plan(_spec(tmp_path, 2, 1, f"{{cluster: {cluster}, time_limit_s: 2, slo: {relaxed}}}"))
+        except PlancError as exc:
+            assert f"block group {group} " not in str(exc)
