@@ -8,7 +8,8 @@ Linear times over weight shapes and row counts (the cost model uses it instead o
 matmul term: a few rows of a one-thread BLAS call are far off the roofline), the runtime's fixed
 overheads and the table's live/isolated scale fitted on steps of a live run of planc's own engine
 (`planc.profile_calibrate`), and what `planc serve`'s HTTP thread costs per request and streamed
-token, and what it costs the engine thread (`planc.profile_server`).
+token, and what it costs the engine thread per request, token and step, measured on the tiny example
+(`planc.profile_server`, `example_bundle`).
 
 >>> profile = measure_local(quick=True)          # doctest: +SKIP
 >>> write_profile(profile, "local-profile.yaml")  # doctest: +SKIP
@@ -151,8 +152,8 @@ def _measure(quick: bool, say: Callable[[str], None]) -> DeviceProfile:
 
         bundle_dirs = calibration_bundles(Path(tmp))
         device, fit = refit(device, [Bundle.open(d) for d in bundle_dirs], quick, say)
-        say("planc serve's cost per request and token")
-        server = measure_server(bundle_dirs[0], quick, say)
+        say("planc serve's cost per request and token, on the tiny example")
+        server = measure_server(example_bundle(Path(tmp) / "example"), quick, say)
     overheads = device.overheads.model_copy(update={
         "server_request_us": server.request_us, "server_token_us": server.token_us,
         "engine_request_us": server.engine_request_us, "engine_token_us": server.engine_token_us,
@@ -164,6 +165,21 @@ def _measure(quick: bool, say: Callable[[str], None]) -> DeviceProfile:
               f"table times x{fit.table_scale:.3f} up to {SPLIT_ROWS} rows, x{fit.many_row_scale:.3f} beyond "
               f"(the many-row ratio is in the times)")
     return device.model_copy(update={"overheads": overheads, "source": source})
+
+
+def example_bundle(root: Path) -> Path:
+    """The tiny example (`planc example`: trained weights, its own tokenizer) compiled to `root/bundle`. planc
+    serve's costs are measured on it rather than on the calibration models: they stream the text of random
+    weights, and the server's work per token (detokenizing, JSON) and what it costs the engine depend on the
+    text streamed (the example's server CPU per token was 1.26x, the engine's loss per token 1.65x the
+    calibration model's; benchmarks/RESULTS.md)."""
+    import planc
+    from planc.example import write_tiny_example
+
+    write_tiny_example(root)
+    out = root / "bundle"
+    planc.emit(planc.compile(planc.load(root / "model.yaml")), out=out)
+    return out
 
 
 def write_profile(profile: DeviceProfile, path: Union[str, Path]) -> Path:

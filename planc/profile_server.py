@@ -6,24 +6,30 @@ builds a JSON chunk and writes a server-sent event; for every request it parses 
 response and updates metrics. All of that is Python holding the GIL, which the engine thread needs
 for its own Python work, so the simulator charges it there (`planc.simulate`).
 
-Here `planc serve` runs the calibration bundle in a child process (127.0.0.1, one engine thread), this
-process streams requests to it (token-id prompts, ignore_eos) in two rounds that differ only in
-output length, and the main thread's CPU time is read from Linux's /proc before and after each
-round. Two rounds give two equations: CPU = requests * per_request + tokens * per_token.
+Two measurements on a bundle (`planc profile` uses the tiny example: `planc.profile.example_bundle`), both
+on 127.0.0.1:
 
-That CPU is not what the server costs the engine. On a real server the engine thread lost ~0.4 ms
-per streamed token on the calibration model while the server thread used ~0.1 ms (its own CPU grew
-and it waited: the GIL, which the engine retakes after every torch op, and the wake-ups of a
-second busy thread). So each round also runs, right after the HTTP one, on an engine in this
-process with the same requests, concurrency and settings (no server), and the difference of the two
-rounds' wall times is the engine's loss. The server wakes once per step to stream that step's tokens,
-so the loss has a part per step and a part per token: at concurrency 1 a step streams one token, at 6
-about six. The rounds come in pairs at two concurrencies (short and long outputs); each pair's long
-minus short round has no per-request part, and the two pairs' differences give two equations in the
-per-step and per-token parts (`fit_toll`); the short round at the higher concurrency then gives the
-per-request part. On the Intel host of 2026-11-27 the loss was ~290-370 us per step and ~10-25 us per
-token (benchmarks/RESULTS.md): mostly per step, which a per-token figure alone charged too little to
-small batches and too much to large ones.
+- **The server thread's CPU** (server_request_us, server_token_us: how late a request reaches the engine
+  and a token the client). `planc serve` runs in a child process; this process streams requests to it
+  (token-id prompts, ignore_eos) in two rounds that differ only in output length, and the main thread's
+  CPU time is read from Linux's /proc before and after each round: CPU = requests * per_request +
+  tokens * per_token.
+- **What the server costs the engine thread** (engine_step_us, engine_token_us, engine_request_us). That
+  is far more than the server's CPU: the GIL, which the engine retakes after every torch op, and the
+  wake-ups of a second busy thread (and of the client, where they share a core). `planc serve`'s state
+  and HTTP server run in this process with every engine step timed: its wall time and the engine
+  thread's own CPU time, whose difference is the time the engine thread could not run. `planc bench`'s
+  load generator drives it from a child process with an open-loop Gamma workload (bursty, mixed
+  lengths, as real traffic is), and that difference, over back-to-back steps, is fitted on one per
+  step, the tokens the step before sampled (the server streams them during this one) and the requests
+  submitted during the step (`fit_step_toll`).
+
+The second replaced (session 12) the difference of two wall times: planc serve's rounds minus the same
+rounds on an engine alone, fitted on closed-loop rounds at concurrency 1 and 6. That was noisy (two
+measurements a minute apart: 316 and 345 us per step, 85 and 60 us per token) and could not tell per step
+from per token without rounds at two concurrencies. Timed steps show both at once: on the tiny example,
+pinned to one core, ~240-300 us per step and ~220 us per token; on the calibration bundle ~140-190 us and
+~140 us (benchmarks/RESULTS.md: the loss depends on the model served, by up to 1.5x here).
 
 >>> cost = measure_server(bundle_dir)  # doctest: +SKIP
 >>> cost.token_us, cost.engine_step_us, cost.engine_token_us  # doctest: +SKIP
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
 import threading
 import time
@@ -39,12 +46,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-ROUNDS = ((6, 32, 4), (6, 32, 64), (1, 12, 4), (1, 12, 64))
-"""(concurrency, requests, output tokens each) per round: a pair of rounds, short and long outputs, at each
-of two concurrencies; the higher first. Rounds of 16 and 128 tokens gave the same per-token server CPU
-within 5% here: it does not grow with the output."""
-ROUNDS_QUICK = ((6, 8, 4), (6, 8, 32), (1, 4, 4), (1, 4, 32))
-REPEATS = 5
+ROUNDS = ((32, 4), (32, 64))
+"""(requests, output tokens each) per round of the server-CPU measurement: the same requests, short and long
+outputs. Rounds of 16 and 128 tokens gave the same per-token cost within 5% here: it does not grow with the
+output."""
+ROUNDS_QUICK = ((8, 4), (8, 32))
+REPEATS = 3
+CONCURRENCY = 6
+TOLL_WORKLOAD = {"kind": "gamma", "rate": 5.0, "cv": 1.5, "seed": 7,
+                 "prompt_tokens": {"dist": "uniform", "low": 8, "high": 128},
+                 "output_tokens": {"dist": "uniform", "low": 8, "high": 128}}
+"""The open-loop traffic the engine's loss is measured under: batches of one to a dozen sequences on the
+calibration bundle, mostly a few (its steps take a few ms). Not the fidelity benchmark's workload."""
+TOLL_REQUESTS, TOLL_REQUESTS_QUICK = 160, 40
+WARMUP = 4
+"""Untimed requests the load generator sends first (their steps are left out of the fit)."""
+PROMPT_TOKENS = 24
 
 
 @dataclass(frozen=True)
@@ -60,26 +77,18 @@ class ServerCost:
 
 
 @dataclass(frozen=True)
-class Round:
-    """One round of `measure_server`: what it sent and what it took."""
+class TimedStep:
+    """One engine step that sampled, as `measure_toll` sees it."""
 
-    concurrency: int
-    requests: int
-    tokens: int
-    """Output tokens of each request."""
-    steps: int
-    """Engine steps the in-process run took (the HTTP run's are the same requests at the same concurrency)."""
-    server_cpu_s: float
-    http_s: float
-    alone_s: float
-
-    @property
-    def loss_s(self) -> float:
-        """Wall time planc serve took beyond the engine alone."""
-        return self.http_s - self.alone_s
-
-
-PROMPT_TOKENS = 24
+    start: float
+    """perf_counter at its start."""
+    wall_s: float
+    cpu_s: float
+    """The engine thread's own CPU time during the step."""
+    sampled: int
+    """Tokens the step sampled (the server streams them during the next step)."""
+    submitted: int
+    """Requests the server submitted to the engine during the step (it parsed them meanwhile)."""
 
 
 def thread_cpu_s(pid: int, tid: Optional[int] = None) -> float:
@@ -95,143 +104,202 @@ def thread_cpu_s(pid: int, tid: Optional[int] = None) -> float:
 
 def measure_server(bundle_dir: Path, quick: bool = False,
                    progress: Optional[Callable[[str], None]] = None) -> ServerCost:
-    """What planc serve costs on the bundle at `bundle_dir`: its main thread's CPU per request and token,
-    and the wall time the engine loses to it per request, token and step.
+    """What planc serve costs on the bundle at `bundle_dir`: its main thread's CPU per request and token
+    (`server_cpu`), and the time the engine thread loses to it per request, token and step (`measure_toll`).
 
-    Each round runs over HTTP and then, right after, on the in-process engine, and the rounds are
-    repeated REPEATS times; every figure is the median of the repeats' fits. This VM's speed drifted by
-    10-60% within a minute on its earlier host (the same in-process round took 6.2 s and 9.9 s three
-    minutes apart), so all HTTP rounds first and then all in-process ones measured the drift as much as
-    the server. The concurrency-6 pair is the noisy one: two measurements a minute apart with 5 repeats
-    gave 316 and 345 us per step, 85 and 60 us per token.
+    Needs Linux (/proc) and free ports on 127.0.0.1; about 50 s on the tiny example (`quick` 15 s)."""
+    request_us, token_us = server_cpu(bundle_dir, quick, progress)
+    return ServerCost(request_us, token_us, *measure_toll(bundle_dir, quick, progress))
 
-    Needs Linux (/proc) and a free port on 127.0.0.1; about 40 s on the calibration bundle (`quick` 8 s)."""
+
+def server_cpu(bundle_dir: Path, quick: bool = False,
+               progress: Optional[Callable[[str], None]] = None) -> tuple[float, float]:
+    """planc serve's main-thread CPU per request and per streamed token, in microseconds: ROUNDS against a
+    child `planc serve`, repeated REPEATS times, the median of the repeats' fits."""
     from planc.bench.server import LocalServer
 
     say = progress or (lambda _msg: None)
-    server = LocalServer(bundle_dir, "--threads 1 --kv-cache-mb 32", env={"OMP_NUM_THREADS": "1"})
     rounds = ROUNDS_QUICK if quick else ROUNDS
     fits = []
-    engine, steps = _in_process(bundle_dir)
-    with server as url, engine.in_thread():
+    server = LocalServer(bundle_dir, "--threads 1 --kv-cache-mb 32", env={"OMP_NUM_THREADS": "1"})
+    with server as url:
         pid = server.proc.pid  # `python -m planc.cli serve`, whose main thread runs the asyncio loop
-        asyncio.run(_round(url, 4, 2, 4))  # warm-up: first requests pay imports and code paths
-        _engine_round(engine, 4, 2, 4)
+        asyncio.run(_round(url, 4, 2))  # warm-up: first requests pay imports and code paths
         for repeat in range(1 if quick else REPEATS):
-            measured = []
-            for i, (concurrency, requests, tokens) in enumerate(rounds):
-                say(f"server cost, round {i + 1} of {len(rounds)}, repeat {repeat + 1}")
-                before, start = thread_cpu_s(pid), time.perf_counter()
-                asyncio.run(_round(url, requests, tokens, concurrency))
-                http = time.perf_counter() - start
-                cpu = thread_cpu_s(pid) - before
-                steps_before, start = steps.count, time.perf_counter()
-                _engine_round(engine, requests, tokens, concurrency)
-                measured.append(Round(concurrency, requests, tokens, steps.count - steps_before, cpu, http,
-                                      time.perf_counter() - start))
-            fits.append(fit_server(rounds[:2], [r.server_cpu_s for r in measured[:2]]) + fit_toll(measured))
-    return ServerCost(*(float(statistics.median(f[i] for f in fits)) for i in range(5)))
+            cpu = []
+            for i, (requests, tokens) in enumerate(rounds):
+                say(f"server CPU, round {i + 1} of {len(rounds)}, repeat {repeat + 1}")
+                before = thread_cpu_s(pid)
+                asyncio.run(_round(url, requests, tokens))
+                cpu.append(thread_cpu_s(pid) - before)
+            fits.append(fit_server(rounds, cpu))
+    return tuple(float(statistics.median(f[i] for f in fits)) for i in range(2))
 
 
-def _in_process(bundle_dir: Path):
-    """planc's engine on `bundle_dir` with planc serve's settings (no server), to run in this process, and
-    the counter of its steps."""
+def fit_server(rounds: Sequence[tuple[int, int]], cpu_s: Sequence[float]) -> tuple[float, float]:
+    """Solve CPU = requests * a + requests * tokens * b for (a, b) in microseconds, neither below 0, from two
+    rounds (requests, tokens) that differ in tokens.
+
+    >>> fit_server(((10, 4), (10, 64)), [10 * (500e-6 + 4 * 100e-6), 10 * (500e-6 + 64 * 100e-6)])
+    (500.0, 100.0)
+    """
+    (n1, t1), (n2, t2) = rounds
+    per_token = max(0.0, (cpu_s[1] / n2 - cpu_s[0] / n1) / (t2 - t1))
+    per_request = max(0.0, cpu_s[0] / n1 - t1 * per_token)
+    return round(per_request * 1e6, 1), round(per_token * 1e6, 1)
+
+
+def measure_toll(bundle_dir: Path, quick: bool = False,
+                 progress: Optional[Callable[[str], None]] = None) -> tuple[float, float, float]:
+    """The time planc serve's engine thread loses to the server, in microseconds per request, per streamed
+    token and per step that streams: the server built as `planc serve` builds it, in this process, every
+    engine step timed, and `planc bench`'s load generator in a child process sending TOLL_WORKLOAD
+    (`fit_step_toll`)."""
+    import socket
+    import subprocess
+    import sys
+
+    import uvicorn
+
     from planc.bundle import Bundle
-    from planc.runtime.engine import Engine, StepStats
-    from planc.runtime.server import ServeOptions, engine_config
+    from planc.runtime.server import ServeOptions, build_app, build_state
 
-    bundle = Bundle.open(bundle_dir)
-    steps = _StepCounter(next(iter(bundle.variants.values()))["chain"][0]["block"])
-    return Engine(bundle, engine_config(bundle, ServeOptions(kv_cache_mb=32, threads=1)), StepStats(on_batch=steps)), steps
+    say = progress or (lambda _msg: None)
+    state = build_state(Bundle.open(bundle_dir), ServeOptions(kv_cache_mb=32, threads=1))
+    timer = _StepTimer(state.engine)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(build_app(state), log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="planc-profile-server", daemon=True)
+    thread.start()
+    n = TOLL_REQUESTS_QUICK if quick else TOLL_REQUESTS
+    try:
+        _wait_healthy(url)
+        say(f"the engine's loss to planc serve: {n} requests")
+        code = f"from planc.profile_server import _send_load; _send_load({url!r}, {n})"
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if run.returncode != 0:
+            raise RuntimeError(f"the load for planc serve failed: {(run.stderr or run.stdout).strip()[-300:]}")
+    finally:
+        server.should_exit = True  # its lifespan stops and joins the engine thread
+        thread.join(15)
+        sock.close()
+    submitted, first = 0, len(timer.steps)
+    for i, step in enumerate(timer.steps):  # the warm-up requests' steps pay first calls: left out
+        submitted += step.submitted
+        if submitted > WARMUP:
+            first = i + 1
+            break
+    return fit_step_toll(timer.steps[first:])
 
 
-class _StepCounter:
-    """Counts the engine's forward steps as the batched calls of the chain's first block: one per step on the
-    calibration bundle (one variant, batches far below the cap)."""
+def _send_load(url: str, num_requests: int) -> None:
+    """`planc bench`'s open-loop load generator sending TOLL_WORKLOAD to `url` (run in a child process, so that
+    the client is not a thread of the server's process), after WARMUP untimed requests; exits non-zero unless
+    every request completed."""
+    import httpx
 
-    def __init__(self, first_block: str):
-        self.first_block, self.count = first_block, 0
+    from planc.bench.config import make_config
+    from planc.bench.run import BenchPlan, run_bench
+    from planc.workload import GammaWorkload
 
-    def __call__(self, block: str, batch: int, variants: int) -> None:
-        if block == self.first_block:
-            self.count += 1
+    variants = [m["id"] for m in httpx.get(url + "/v1/models", timeout=10).json()["data"]]
+    requests = GammaWorkload(**TOLL_WORKLOAD, num_requests=num_requests).requests(variants)
+    config = make_config(url=url, mode="open", max_requests=num_requests, duration_s=600, request_timeout_s=120,
+                         prompt="ids", token_id_range=(3, 250), ignore_eos=True, warmup=WARMUP,
+                         label="planc profile", scrape_metrics=False)
+    result = run_bench(BenchPlan(config, requests=requests, variants=variants))
+    if result["counts"]["completed"] != num_requests:
+        errors = sorted({r.get("error") for r in result["requests"] if r.get("error")})
+        raise SystemExit(f"{result['counts']['completed']} of {num_requests} requests completed: {errors[:2]}")
 
 
-def _engine_round(engine, requests: int, tokens: int, concurrency: int) -> None:
-    from planc.runtime.sampling import SamplingParams
+def fit_step_toll(steps: Sequence[TimedStep], back_to_back_s: float = 0.002) -> tuple[float, float, float]:
+    """(per request, per token, per step) in microseconds, none below 0: least squares of each step's wall minus
+    CPU time on the requests submitted during it, the tokens the step before sampled, and one. Only steps
+    that follow one that sampled within `back_to_back_s`: the server's work done while the engine idles costs
+    it nothing (the simulator forgives it so).
 
-    gate, done = threading.Semaphore(concurrency), threading.Semaphore(0)
+    >>> import random
+    >>> rng, steps, t = random.Random(0), [], 0.0
+    >>> for i in range(400):
+    ...     sub, prev = rng.randint(0, 1), steps[-1].sampled if steps else 0
+    ...     loss = (300 + 150 * prev + 2000 * sub) * 1e-6 if prev else 0.0
+    ...     steps.append(TimedStep(t, 0.004 + loss, 0.004, rng.randint(1, 6), sub))
+    ...     t += 0.004 + loss
+    >>> fit_step_toll(steps)
+    (2000.0, 150.0, 300.0)
+    """
+    import numpy as np
 
-    def sink(event) -> None:
-        if event.finished:
-            gate.release()
-            done.release()
-    for i in range(requests):
-        gate.acquire()
-        engine.submit("base", _prompt(i), SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True), sink)
-    for _ in range(requests):
-        done.acquire()
+    from planc.profile_calibrate import _nonnegative_lstsq
+
+    rows, loss = [], []
+    for before, step in zip(steps, steps[1:]):
+        if before.sampled and step.start - (before.start + before.wall_s) <= back_to_back_s:
+            rows.append((step.submitted, before.sampled, 1.0))
+            loss.append(step.wall_s - step.cpu_s)
+    if len(rows) < 3:
+        return 0.0, 0.0, 0.0
+    coef = _nonnegative_lstsq(np.asarray(rows, dtype=float), np.asarray(loss))
+    return tuple(round(float(c) * 1e6, 1) for c in coef)
+
+
+class _StepTimer:
+    """Times every step of `engine` that samples (wall and the engine thread's CPU) and counts the requests
+    submitted during it, by wrapping the instance's step, _sample and submit (the runtime is not changed)."""
+
+    def __init__(self, engine):
+        self.steps: list[TimedStep] = []
+        self._sampled, self._submitted = 0, 0
+        step, sample, submit = engine.step, engine._sample, engine.submit
+
+        def timed_step():
+            self._sampled = 0
+            submitted, start, cpu = self._submitted, time.perf_counter(), time.thread_time()
+            busy = step()
+            if self._sampled:
+                self.steps.append(TimedStep(start, time.perf_counter() - start, time.thread_time() - cpu,
+                                            self._sampled, self._submitted - submitted))
+            return busy
+
+        def counted_sample(work, logits):
+            self._sampled += len(logits)
+            return sample(work, logits)
+
+        def counted_submit(*args, **kwargs):
+            self._submitted += 1
+            return submit(*args, **kwargs)
+
+        engine.step, engine._sample, engine.submit = timed_step, counted_sample, counted_submit
+
+
+def _wait_healthy(url: str, timeout_s: float = 60.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the in-process planc serve at {url} did not answer /health")
+        time.sleep(0.1)
 
 
 def _prompt(i: int) -> list[int]:
     return [3 + (i * 7 + k) % 250 for k in range(PROMPT_TOKENS)]
 
 
-def fit_server(rounds: Sequence[tuple[int, int, int]], cpu_s: Sequence[float]) -> tuple[float, float]:
-    """Solve CPU = requests * a + requests * tokens * b for (a, b) in microseconds, neither below 0, from two
-    rounds (concurrency, requests, tokens) that differ in tokens.
-
-    >>> fit_server(((6, 10, 4), (6, 10, 64)), [10 * (500e-6 + 4 * 100e-6), 10 * (500e-6 + 64 * 100e-6)])
-    (500.0, 100.0)
-    """
-    (_, n1, t1), (_, n2, t2) = rounds
-    per_token = max(0.0, (cpu_s[1] / n2 - cpu_s[0] / n1) / (t2 - t1))
-    per_request = max(0.0, cpu_s[0] / n1 - t1 * per_token)
-    return round(per_request * 1e6, 1), round(per_token * 1e6, 1)
-
-
-def fit_toll(rounds: Sequence[Round]) -> tuple[float, float, float]:
-    """The engine's loss per request, per token and per step, in microseconds, none below 0, from two pairs of
-    rounds (short, long outputs; each pair at one concurrency): loss = requests*a + tokens*b + steps*c.
-
-    A pair's long minus short round has no per-request part, so the two differences fix b and c. Where either
-    comes out below 0 (noise), one term alone is kept: b or c, whichever least-squares fit of both differences
-    leaves the smaller residual. The first round then fixes a.
-
-    >>> def rnd(c, n, t, steps, a=3000e-6, b=20e-6, s=300e-6):
-    ...     return Round(c, n, t, steps, 0.0, n * a + n * t * b + steps * s, 0.0)
-    >>> fit_toll([rnd(6, 32, 4, 24), rnd(6, 32, 64, 344), rnd(1, 12, 4, 48), rnd(1, 12, 64, 768)])
-    (3000.0, 20.0, 300.0)
-    >>> fit_toll([rnd(6, 32, 4, 24, s=0), rnd(6, 32, 64, 344, s=0), rnd(1, 12, 4, 48, s=0), rnd(1, 12, 64, 768, s=0)])
-    (3000.0, 20.0, 0.0)
-    >>> fit_toll([rnd(6, 32, 4, 24, b=0), rnd(6, 32, 64, 300, b=0), rnd(1, 12, 4, 48, b=0), rnd(1, 12, 64, 768, b=0)])
-    (3000.0, 0.0, 300.0)
-    """
-    first, *_ = rounds
-    diffs = [(long.steps - short.steps, long.requests * long.tokens - short.requests * short.tokens,
-              long.loss_s - short.loss_s) for short, long in (rounds[0:2], rounds[2:4])]
-    (s1, t1, l1), (s2, t2, l2) = diffs
-    det = s1 * t2 - s2 * t1
-    per_step = (l1 * t2 - l2 * t1) / det if det else -1.0
-    per_token = (s1 * l2 - s2 * l1) / det if det else -1.0
-    if per_step < 0 or per_token < 0:  # one term alone: keep the one whose fit leaves the smaller residual
-        alone = [_one_term([d[i] for d in diffs], [d[2] for d in diffs]) for i in (0, 1)]
-        per_step, per_token = ((alone[0][0], 0.0) if alone[0][1] <= alone[1][1] else (0.0, alone[1][0]))
-    per_request = max(0.0, (first.loss_s - first.steps * per_step - first.requests * first.tokens * per_token)
-                      / first.requests)
-    return tuple(round(max(0.0, x) * 1e6, 1) for x in (per_request, per_token, per_step))
-
-
-def _one_term(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
-    """Least squares y = k * x with k >= 0: (k, the residual sum of squares)."""
-    k = max(0.0, sum(a * b for a, b in zip(x, y)) / (sum(a * a for a in x) or 1.0))
-    return k, sum((b - k * a) ** 2 for a, b in zip(x, y))
-
-
-async def _round(url: str, requests: int, tokens: int, concurrency: int) -> None:
+async def _round(url: str, requests: int, tokens: int) -> None:
     import httpx
 
-    gate = asyncio.Semaphore(concurrency)
+    gate = asyncio.Semaphore(CONCURRENCY)
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         async def one(i: int) -> None:
             async with gate:

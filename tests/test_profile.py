@@ -35,6 +35,8 @@ def test_written_profile_loads_with_plausible_figures(profile_path):
     assert table.linear_us(2048, 1024, 1024) > 10 * table.linear_us(16, 1024, 1024)
     # planc serve's own work per streamed token and per request: some Python per token, more per request
     assert 1 < ov.server_token_us < 100_000 and ov.server_request_us > ov.server_token_us
+    # and what it costs the engine thread beyond that (the GIL, the server's wake-ups): something per step or token
+    assert ov.engine_step_us + ov.engine_token_us > 0 and max(ov.engine_step_us, ov.engine_token_us) < 100_000
 
 
 def test_local_profile_is_read_not_remeasured(profile_path):
@@ -137,29 +139,41 @@ def test_live_fit_predicts_the_mean_step_not_the_median_under_skewed_noise():
     assert sum(p for _, _, p in median.samples) < 0.97 * total
 
 
-def test_toll_fit_keeps_one_term_when_noise_makes_the_other_negative():
-    """Losses made of 300 us per step and 3 ms per request, the concurrency-1 pair 40 ms slower by noise: both
-    terms together would need a negative per-token figure, so the per-step term alone is fitted."""
-    from planc.profile_server import Round, fit_toll
+def test_toll_fit_leaves_out_steps_after_the_engine_idled():
+    """A step after an idle gap pays nothing for the tokens streamed meanwhile (the server did that work while
+    the engine had none): such steps, and steps after one that sampled nothing, are not fitted."""
+    from planc.profile_server import TimedStep, fit_step_toll
 
-    def rnd(c, n, t, steps, noise=0.0):
-        return Round(c, n, t, steps, 0.0, n * 3e-3 + steps * 300e-6 + noise, 0.0)
+    steps, t = [], 0.0
+    for i in range(60):
+        idle = 0.05 if i % 5 == 0 else 0.0  # every fifth step starts after the engine idled
+        t += idle
+        loss = 0.0 if idle else (200 + 100 * 3) * 1e-6
+        steps.append(TimedStep(t, 0.005 + loss, 0.005, 3 if i % 7 else 0, 0))
+        t += 0.005 + loss
+    request_us, token_us, step_us = fit_step_toll(steps)
+    # steps after a zero-sample step have loss too, but are left out with those after idle gaps: 500 us in all
+    assert request_us == 0.0 and step_us + 3 * token_us == pytest.approx(500.0, abs=1.0)
 
-    request_us, token_us, step_us = fit_toll([rnd(6, 32, 4, 24), rnd(6, 32, 64, 344),
-                                              rnd(1, 12, 4, 48), rnd(1, 12, 64, 768, noise=0.04)])
-    assert token_us == 0.0 and 300.0 < step_us < 360.0 and request_us > 0
 
+def test_step_timer_sees_every_sampling_step_and_the_requests_submitted(tmp_path):
+    """One request at a time: a request of t output tokens takes t steps that sample one token each; the timer
+    sees exactly those (not the idle loop's iterations), each no shorter than its CPU time."""
+    import threading
 
-def test_step_counter_counts_the_engines_forward_steps(tmp_path):
-    """One request at a time: a request of t output tokens takes t steps (a prefill that samples, then t - 1
-    decodes); the counter sees exactly those, not the idle loop's iterations."""
+    from planc.bundle import Bundle
     from planc.profile_calibrate import calibration_bundles
-    from planc.profile_server import _engine_round, _in_process
+    from planc.profile_server import _StepTimer
+    from planc.runtime.engine import Engine
+    from planc.runtime.sampling import SamplingParams
 
-    engine, steps = _in_process(calibration_bundles(tmp_path)[0])
+    engine = Engine(Bundle.open(calibration_bundles(tmp_path)[0]))
+    timer = _StepTimer(engine)
     with engine.in_thread():
-        _engine_round(engine, 3, 5, 1)
-        assert steps.count == 15
-        # six at once: 4 steps when all six are in before the first step, up to 9 if the first started alone
-        _engine_round(engine, 6, 4, 6)
-        assert 4 <= steps.count - 15 <= 9
+        for i in range(3):
+            done = threading.Event()
+            engine.submit("base", [5 + i, 6, 7, 8], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True),
+                          lambda ev, done=done: ev.finished and done.set())
+            assert done.wait(30)
+    assert len(timer.steps) == 15 and all(s.sampled == 1 for s in timer.steps)
+    assert sum(s.submitted for s in timer.steps) <= 3 and all(s.wall_s >= s.cpu_s * 0.99 for s in timer.steps)
