@@ -59,11 +59,11 @@ class Overheads(_Strict):
     """The same thread's CPU time per request (parse, tokenize, response setup, metrics)."""
     engine_token_us: float = Field(0.0, ge=0)
     """Time the engine thread loses per token `planc serve` streams (GIL handoffs to the asyncio thread, the
-    caches it disturbs): planc serve's time for a workload minus the engine's alone, fitted per token; it
-    lengthens the engine step during which the token is streamed."""
+    caches it disturbs): measured on timed engine steps of a live planc serve (each step's wall minus the
+    engine thread's CPU, `planc.profile_server.measure_toll`); it lengthens the engine step during which the
+    token is streamed."""
     engine_step_us: float = Field(0.0, ge=0)
-    """The same, per step that streams tokens (the server wakes once for the step's tokens, however many);
-    fitted beside engine_token_us from rounds at two concurrencies."""
+    """The same, per step that streams tokens (the server wakes for the step's tokens, however many)."""
     engine_request_us: float = Field(0.0, ge=0)
     """The same, per request."""
 

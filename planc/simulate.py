@@ -19,9 +19,9 @@ each token after the step that sampled it (the profile's server_request_us and s
 token reaches the client when the server has streamed it and those before it). The engine thread
 pays for that thread far more than its CPU time (GIL handoffs at every torch op while the server is
 runnable, its wake-ups): the profile's engine_step_us, engine_token_us and engine_request_us,
-measured on a real server as planc serve's time minus the engine's alone, lengthen the step during
-which the server streams those tokens (one wake-up per step that sampled, plus a part per token) and
-parses those requests.
+measured on a live planc serve as the time its engine thread could not run in each step, lengthen the
+step during which the server streams those tokens (one wake-up per step that sampled, plus a part
+per token) and parses those requests.
 
 >>> from planc.cluster import load_device
 >>> from planc.cost import BlockCost, CostModel
