@@ -105,14 +105,35 @@ def node_runs(program: Program, plan: Plan, requests: list[Request]) -> list[tup
 def simulate_plan(program: Program, plan: Plan, cost_model: CostModel, rate: float, num_requests: int = 400,
                   seed: int = 0) -> dict:
     """Serve `plan_requests` at `rate` (the plan's workload file replayed, or Gamma arrivals with its traffic
-    mix and mean lengths); overall summary."""
+    mix and mean lengths); overall summary, with each device's utilisation: the share of the span from the
+    first arrival to the last token that its copies' calls ran (calls of copies sharing a device are
+    time-sliced and overlap: capped at 1), and their mean over the plan's devices."""
     requests = plan_requests(program, rate, num_requests, seed)
-    records = []
+    records, busy = [], {}
     for _, run in node_runs(program, plan, requests):
         if run.requests:
-            records += simulate_staged(run, cost_model).requests
+            result = simulate_staged(run, cost_model)
+            records += result.requests
+            for spec, (busy_s, _, _) in zip(_copy_specs(run), result.replicas):
+                for (_, device), share in spec.devices.items():
+                    busy[device] = busy.get(device, 0.0) + busy_s * share
     slo = plan.settings["slo"]
-    return summarize_records(records, slo["ttft_ms"], slo["tpot_ms"])
+    out = summarize_records(records, slo["ttft_ms"], slo["tpot_ms"])
+    span = out["duration_s"]
+    per_device = {str(d): min(1.0, busy.get(d, 0.0) / span) if span > 0 else 0.0 for d in plan.devices_used()}
+    out["utilization"] = {"mean": sum(per_device.values()) / len(per_device) if per_device else 0.0,
+                          "per_device": per_device}
+    return out
+
+
+def _copy_specs(run: StagedRun) -> list[CopySpec]:
+    """The run's copies in the order `simulate_staged` reports them (first met, stage by stage)."""
+    seen: dict[int, CopySpec] = {}
+    for actors in run.stages:
+        for specs in actors.values():
+            for spec in specs:
+                seen.setdefault(id(spec), spec)
+    return list(seen.values())
 
 
 def trial_span_s(plan: Plan) -> float:

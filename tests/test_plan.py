@@ -279,11 +279,16 @@ def test_simulation_ranks_candidates_and_predicts_the_plans_latency(tmp_path):
     cm = CostModel.for_cluster(program.extras["plan_inputs"]["cluster"], 2)
     light = simulate_plan(program, p, cm, rate=0.5, num_requests=40)
     assert light["requests"]["ok"] == 40 and light["slo"]["attainment"] == 1.0
+    # every device the plan uses gets a utilisation (a decode step streams a copy's weights whatever its batch,
+    # so even light load keeps the devices busy for a good part of the time); heavy load keeps them busier
+    util = light["utilization"]
+    assert set(util["per_device"]) == {str(d) for d in p.devices_used()} and 0 < util["mean"] < 1
     predicted = max(v["tpot_ms"] for v in p.predicted["variants"].values())
     assert 0.3 * predicted < light["tpot_ms"]["p50"] < 2.0 * predicted
     # far past capacity, and more requests than fit in flight at once within the TTFT
     heavy = simulate_plan(program, p, cm, rate=50 * p.predicted["simulated_capacity_rps"], num_requests=1000)
     assert heavy["slo"]["attainment"] < 0.9  # far past capacity the SLO breaks
+    assert util["mean"] < heavy["utilization"]["mean"] and max(heavy["utilization"]["per_device"].values()) <= 1.0
 
 
 def test_engine_limits_follow_the_plans_copies(tiny_example, tmp_path):
