@@ -509,6 +509,14 @@ class ParallelizePass(Pass):
             label = c.solver["method"] if c is not best else f"{c.solver['method']} (chosen by engine capacity)"
             ranked[label if label not in ranked else f"{label} #{len(ranked) + 1}"] = c.predicted["simulated_capacity_rps"]
         chosen = max(candidates, key=lambda c: c.predicted["simulated_capacity_rps"])
+        if chosen is not best:  # the full instance's bound and search, not the candidate's own (restricted) one
+            sv = chosen.solver
+            sv.update(bound=best.solver["bound"], time_limit_hit=best.solver["time_limit_hit"],
+                      seconds=best.solver["seconds"])
+            objective, bound = sv["objective"], sv["bound"]
+            sv["gap"] = (abs(bound - objective) / max(abs(objective), 1e-12) if math.isfinite(bound)
+                         else (0.0 if bound == objective else float("inf")))
+            sv["status"] = "optimal" if sv["gap"] <= params["gap_limit"] + 1e-9 else "feasible"
         chosen.solver["ranked_by_simulation"] = ranked
         return chosen
 

@@ -56,8 +56,8 @@ CONCURRENCY = 6
 TOLL_WORKLOAD = {"kind": "gamma", "rate": 5.0, "cv": 1.5, "seed": 7,
                  "prompt_tokens": {"dist": "uniform", "low": 8, "high": 128},
                  "output_tokens": {"dist": "uniform", "low": 8, "high": 128}}
-"""The open-loop traffic the engine's loss is measured under: batches of one to a dozen sequences on the
-calibration bundle, mostly a few (its steps take a few ms). Not the fidelity benchmark's workload."""
+"""The open-loop traffic the engine's loss is measured under: batches of one to a dozen sequences on the tiny
+example, mostly a few (its steps take a few ms). Not the fidelity benchmark's workload."""
 TOLL_REQUESTS, TOLL_REQUESTS_QUICK = 160, 40
 WARMUP = 4
 """Untimed requests the load generator sends first (their steps are left out of the fit)."""
@@ -187,13 +187,12 @@ def measure_toll(bundle_dir: Path, quick: bool = False,
         server.should_exit = True  # its lifespan stops and joins the engine thread
         thread.join(15)
         sock.close()
-    submitted, first = 0, len(timer.steps)
-    for i, step in enumerate(timer.steps):  # the warm-up requests' steps pay first calls: left out
-        submitted += step.submitted
-        if submitted > WARMUP:
-            first = i + 1
-            break
-    return fit_step_toll(timer.steps[first:])
+    # the warm-up requests' steps pay first calls: left out (they come one at a time, before the timed ones)
+    timed_from = timer.submit_times[WARMUP] if len(timer.submit_times) > WARMUP else 0.0
+    steps = [step for step in timer.steps if step.start >= timed_from]
+    if len(steps) < 20:
+        raise RuntimeError(f"the engine's loss to planc serve: only {len(steps)} timed steps to fit")
+    return fit_step_toll(steps)
 
 
 def _send_load(url: str, num_requests: int) -> None:
@@ -254,6 +253,7 @@ class _StepTimer:
 
     def __init__(self, engine):
         self.steps: list[TimedStep] = []
+        self.submit_times: list[float] = []
         self._sampled, self._submitted = 0, 0
         step, sample, submit = engine.step, engine._sample, engine.submit
 
@@ -267,11 +267,14 @@ class _StepTimer:
             return busy
 
         def counted_sample(work, logits):
-            self._sampled += len(logits)
-            return sample(work, logits)
+            before = sum(len(seq.output_ids) for seq in work)  # a prompt chunk in `logits` samples nothing
+            out = sample(work, logits)
+            self._sampled += sum(len(seq.output_ids) for seq in work) - before
+            return out
 
         def counted_submit(*args, **kwargs):
             self._submitted += 1
+            self.submit_times.append(time.perf_counter())
             return submit(*args, **kwargs)
 
         engine.step, engine._sample, engine.submit = timed_step, counted_sample, counted_submit

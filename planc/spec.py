@@ -146,8 +146,8 @@ class PlanSettings(_Strict):
     seed: int = Field(0, ge=0)
     solver: Literal["scip", "highs"] = "scip"
     simulate: bool = False
-    """Also simulate the search's best candidates (the plan chosen by engine capacity, the next best
-    placements it scored, up to 3, and the greedy packer's) on planc's runtime, with the workload file
+    """Also simulate the search's best candidates (the plan chosen by engine capacity and the next best
+    placements it scored, 3 in all at most, and the greedy packer's) on planc's runtime, with the workload file
     replayed when there is one, and keep the one that sustains the highest rate within the SLO (slower:
     a capacity search per candidate, seconds to minutes)."""
 

@@ -177,3 +177,24 @@ def test_step_timer_sees_every_sampling_step_and_the_requests_submitted(tmp_path
             assert done.wait(30)
     assert len(timer.steps) == 15 and all(s.sampled == 1 for s in timer.steps)
     assert sum(s.submitted for s in timer.steps) <= 3 and all(s.wall_s >= s.cpu_s * 0.99 for s in timer.steps)
+    assert len(timer.submit_times) == 3
+
+
+def test_step_timer_skips_prompt_chunks_that_sample_nothing(tmp_path):
+    """A 20-token prompt prefilled 8 tokens a step: its first two steps stream nothing and are not timed."""
+    import threading
+
+    from planc.bundle import Bundle
+    from planc.profile_calibrate import calibration_bundles
+    from planc.profile_server import _StepTimer
+    from planc.runtime.engine import Engine, EngineConfig
+    from planc.runtime.sampling import SamplingParams
+
+    engine = Engine(Bundle.open(calibration_bundles(tmp_path)[0]), EngineConfig(max_batch_tokens=8))
+    timer = _StepTimer(engine)
+    done = threading.Event()
+    with engine.in_thread():
+        engine.submit("base", list(range(5, 25)), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+                      lambda ev: ev.finished and done.set())
+        assert done.wait(30)
+    assert [s.sampled for s in timer.steps] == [1, 1, 1, 1]
