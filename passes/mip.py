@@ -93,9 +93,14 @@ class Solution:
 
     @property
     def gap(self) -> float:
-        if not math.isfinite(self.bound) or self.objective == 0:
-            return 0.0 if self.bound == self.objective else float("inf")
-        return abs(self.bound - self.objective) / max(abs(self.objective), 1e-12)
+        return relative_gap(self.objective, self.bound)
+
+
+def relative_gap(objective: float, bound: float) -> float:
+    """|bound - objective| / |objective|; 0 when they are equal, inf for an infinite bound or a zero objective."""
+    if not math.isfinite(bound) or objective == 0:
+        return 0.0 if bound == objective else float("inf")
+    return abs(bound - objective) / max(abs(objective), 1e-12)
 
 
 def slots(cluster: Cluster, tp: int) -> list[tuple[int, tuple[int, ...]]]:

@@ -18,8 +18,8 @@ from typing import Callable, Mapping, Optional
 from planc.errors import PlancError
 from planc.pass_manager import Pass, PassContext
 from planc.passes.greedy import assign_variants, greedy_copies, node_instances, pack_replicas, union_copies
-from planc.passes.mip import (MIN_NODES, ROOT_NODES, Instance, Solution, group_shares, node_level_limit, relaxation_bound,
-                              slots, solve as solve_exact, solve_nodes)
+from planc.passes.mip import (MIN_NODES, ROOT_NODES, Instance, Solution, group_shares, node_level_limit, relative_gap,
+                              relaxation_bound, slots, solve as solve_exact, solve_nodes)
 from planc.lane_model import settle
 from planc.plan import BlockGroup, Plan, StagePlacement
 from planc.program import Program
@@ -513,9 +513,7 @@ class ParallelizePass(Pass):
             sv = chosen.solver
             sv.update(bound=best.solver["bound"], time_limit_hit=best.solver["time_limit_hit"],
                       seconds=best.solver["seconds"])
-            objective, bound = sv["objective"], sv["bound"]
-            sv["gap"] = (abs(bound - objective) / max(abs(objective), 1e-12) if math.isfinite(bound)
-                         else (0.0 if bound == objective else float("inf")))
+            sv["gap"] = relative_gap(sv["objective"], sv["bound"])
             sv["status"] = "optimal" if sv["gap"] <= params["gap_limit"] + 1e-9 else "feasible"
         chosen.solver["ranked_by_simulation"] = ranked
         return chosen

@@ -43,7 +43,7 @@ from planc.runtime.engine import EngineConfig, plan_lanes
 from planc.runtime.router import NodeRouter
 from planc.sim_model import SimModel
 from planc.sim_report import summarize_records
-from planc.sim_stages import CopySpec, StagedRun, simulate_staged
+from planc.sim_stages import CopySpec, StagedRun, copy_specs, simulate_staged
 from planc.workload import Fixed, GammaWorkload, Request
 
 KV_HEADROOM = 1.25
@@ -114,7 +114,7 @@ def simulate_plan(program: Program, plan: Plan, cost_model: CostModel, rate: flo
         if run.requests:
             result = simulate_staged(run, cost_model)
             records += result.requests
-            for spec, (busy_s, _, _) in zip(_copy_specs(run), result.replicas):
+            for (_, spec), (busy_s, _, _) in zip(copy_specs(run), result.replicas):
                 for (_, device), share in spec.devices.items():
                     busy[device] = busy.get(device, 0.0) + busy_s * share
     slo = plan.settings["slo"]
@@ -124,16 +124,6 @@ def simulate_plan(program: Program, plan: Plan, cost_model: CostModel, rate: flo
     out["utilization"] = {"mean": sum(per_device.values()) / len(per_device) if per_device else 0.0,
                           "per_device": per_device}
     return out
-
-
-def _copy_specs(run: StagedRun) -> list[CopySpec]:
-    """The run's copies in the order `simulate_staged` reports them (first met, stage by stage)."""
-    seen: dict[int, CopySpec] = {}
-    for actors in run.stages:
-        for specs in actors.values():
-            for spec in specs:
-                seen.setdefault(id(spec), spec)
-    return list(seen.values())
 
 
 def trial_span_s(plan: Plan) -> float:

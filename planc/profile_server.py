@@ -161,6 +161,7 @@ def measure_toll(bundle_dir: Path, quick: bool = False,
 
     import uvicorn
 
+    from planc.bench.server import wait_healthy
     from planc.bundle import Bundle
     from planc.runtime.server import ServeOptions, build_app, build_state
 
@@ -176,7 +177,8 @@ def measure_toll(bundle_dir: Path, quick: bool = False,
     thread.start()
     n = TOLL_REQUESTS_QUICK if quick else TOLL_REQUESTS
     try:
-        _wait_healthy(url)
+        if not wait_healthy(url, time.monotonic() + 60):
+            raise RuntimeError(f"the in-process planc serve at {url} did not answer /health")
         say(f"the engine's loss to planc serve: {n} requests")
         code = f"from planc.profile_server import _send_load; _send_load({url!r}, {n})"
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
@@ -199,18 +201,14 @@ def _send_load(url: str, num_requests: int) -> None:
     """`planc bench`'s open-loop load generator sending TOLL_WORKLOAD to `url` (run in a child process, so that
     the client is not a thread of the server's process), after WARMUP untimed requests; exits non-zero unless
     every request completed."""
-    import httpx
-
     from planc.bench.config import make_config
     from planc.bench.run import BenchPlan, run_bench
     from planc.workload import GammaWorkload
 
-    variants = [m["id"] for m in httpx.get(url + "/v1/models", timeout=10).json()["data"]]
-    requests = GammaWorkload(**TOLL_WORKLOAD, num_requests=num_requests).requests(variants)
     config = make_config(url=url, mode="open", max_requests=num_requests, duration_s=600, request_timeout_s=120,
                          prompt="ids", token_id_range=(3, 250), ignore_eos=True, warmup=WARMUP,
                          label="planc profile", scrape_metrics=False)
-    result = run_bench(BenchPlan(config, requests=requests, variants=variants))
+    result = run_bench(BenchPlan(config, workload=GammaWorkload(**TOLL_WORKLOAD, num_requests=num_requests)))
     if result["counts"]["completed"] != num_requests:
         errors = sorted({r.get("error") for r in result["requests"] if r.get("error")})
         raise SystemExit(f"{result['counts']['completed']} of {num_requests} requests completed: {errors[:2]}")
@@ -278,21 +276,6 @@ class _StepTimer:
             return submit(*args, **kwargs)
 
         engine.step, engine._sample, engine.submit = timed_step, counted_sample, counted_submit
-
-
-def _wait_healthy(url: str, timeout_s: float = 60.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the in-process planc serve at {url} did not answer /health")
-        time.sleep(0.1)
 
 
 def _prompt(i: int) -> list[int]:

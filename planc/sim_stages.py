@@ -99,22 +99,14 @@ class _StagedEngine(Scheduler):
         self.requests = run.requests
         request_s = ov.server_request_us * 1e-6 if server else 0.0
         steps: dict[tuple, StepModel] = {}
-        self.stages: list[dict[str, list[_Copy]]] = []
         made: dict[int, _Copy] = {}
-        for i, actors in enumerate(run.stages):
-            by_variant = {}
-            for variant, specs in actors.items():
-                copies = []
-                for spec in specs:
-                    if id(spec) not in made:
-                        key = (id(spec.model), spec.block_batch_cap)
-                        if key not in steps:
-                            steps[key] = StepModel(spec.model, cost_model,
-                                                   EngineConfig(block_batch_cap=spec.block_batch_cap))
-                        made[id(spec)] = _Copy((i, len(made)), spec, steps[key], self.cfg.page_size)
-                    copies.append(made[id(spec)])
-                by_variant[variant] = copies
-            self.stages.append(by_variant)
+        for stage, spec in copy_specs(run):
+            key = (id(spec.model), spec.block_batch_cap)
+            if key not in steps:
+                steps[key] = StepModel(spec.model, cost_model, EngineConfig(block_batch_cap=spec.block_batch_cap))
+            made[id(spec)] = _Copy((stage, len(made)), spec, steps[key], self.cfg.page_size)
+        self.stages: list[dict[str, list[_Copy]]] = [
+            {variant: [made[id(spec)] for spec in specs] for variant, specs in actors.items()} for actors in run.stages]
         self.copies = list(made.values())
         self.by_key = {c.key: c for c in self.copies}
         self.clock = DeviceClock({c.key: c.spec.devices for c in self.copies})
@@ -244,6 +236,17 @@ class _StagedEngine(Scheduler):
             if c.num_pages is not None:
                 c.free += seq.pages
         seq.pages, seq.copies = 0, None
+
+
+def copy_specs(run: StagedRun) -> list[tuple[int, CopySpec]]:
+    """(stage, spec) of each of the run's copies once, in the order they are first met stage by stage: the
+    order of `simulate_staged`'s `replicas`."""
+    seen: dict[int, tuple[int, CopySpec]] = {}
+    for stage, actors in enumerate(run.stages):
+        for specs in actors.values():
+            for spec in specs:
+                seen.setdefault(id(spec), (stage, spec))
+    return list(seen.values())
 
 
 def simulate_staged(run: StagedRun, cost_model: CostModel, server: bool = True) -> SimResult:

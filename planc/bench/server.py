@@ -66,15 +66,9 @@ class LocalServer:
         return lines[-1] if lines else "no output"
 
     def _wait_healthy(self, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise PlancError(f"planc serve {self.bundle} never answered /health")
+        if not wait_healthy(self.url, deadline):
+            self.stop()
+            raise PlancError(f"planc serve {self.bundle} never answered /health")
 
     def stop(self, timeout_s: float = 30) -> Optional[int]:
         if self.proc is None:
@@ -90,3 +84,15 @@ class LocalServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def wait_healthy(url: str, deadline: float) -> bool:
+    """Poll `url`/health until it answers 200 (True) or time.monotonic() passes `deadline` (False)."""
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    return False
