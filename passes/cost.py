@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -25,6 +25,7 @@ from planc.workload import Request, load_workload
 
 _LAYER_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 _BATCHES = tuple(2 ** i for i in range(11))  # 1 .. 1024
+PIPELINE_DEPTHS = (1, 2, 4, 8, 16)
 
 
 @dataclass(frozen=True)
@@ -148,19 +149,49 @@ def _declared_lora(entry) -> LoraUse:
                         "describe it with `lora: {r: 16, target_modules: [q_proj, v_proj]}`)") from None
 
 
-def _split_stages(blocks: tuple[str, ...], weights: list[float], pp: int) -> Optional[list[tuple[str, ...]]]:
-    """Contiguous split into `pp` stages with balanced weight bytes (None if too few blocks)."""
-    if pp > len(blocks):
+def segment_sums(values: np.ndarray) -> np.ndarray:
+    """(n+1, n+1): [a, b] is the sum of values[a:b] (meaningful for a < b)."""
+    total = np.concatenate([[0.0], np.cumsum(values, dtype=float)])
+    return total[None, :] - total[:, None]
+
+
+def segment_max(values: np.ndarray) -> np.ndarray:
+    """(n+1, n+1): [a, b] is the largest of values[a:b] (meaningful for a < b)."""
+    n = len(values)
+    out = np.zeros((n + 1, n + 1))
+    for a in range(n):
+        out[a, a + 1:] = np.maximum.accumulate(values[a:])
+    return out
+
+
+def min_max_split(cost: tuple[np.ndarray, np.ndarray], pp: int,
+                  allowed: Optional[tuple[np.ndarray, np.ndarray]] = None) -> Optional[tuple[tuple[int, ...], float]]:
+    """The contiguous split of n blocks into `pp` non-empty stages whose costliest stage costs least, and
+    that cost: exact (dynamic programming over cut points, O(pp n^2)). `cost` = (any stage but the last,
+    the last): (n+1, n+1) matrices, [a, b] the cost of a stage of blocks a..b-1 (a pipeline hop costs the
+    stages that send one). `allowed`: the same shapes, which stages may exist at all (e.g. fit a device's
+    memory). Returns (cut points 0 = c0 < c1 < ... < c_pp = n, the costliest stage's cost), or None when no
+    split is allowed. Ties go to the earliest cuts."""
+    n = cost[0].shape[0] - 1
+    if pp > n:
         return None
-    cumulative = np.cumsum(weights)
-    cuts = [0]
-    for k in range(1, pp):
-        target = cumulative[-1] * k / pp
-        cut = int(np.searchsorted(cumulative, target)) + 1
-        cut = min(max(cut, cuts[-1] + 1), len(blocks) - (pp - k))
-        cuts.append(cut)
-    cuts.append(len(blocks))
-    return [tuple(blocks[a:b]) for a, b in zip(cuts, cuts[1:])]
+    order = np.triu(np.ones((n + 1, n + 1), dtype=bool), 1)
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    choices = []
+    for k in range(pp):
+        last = k == pp - 1
+        ok = order & allowed[last] if allowed is not None else order
+        worst = np.where(ok, np.maximum(best[:, None], cost[last]), np.inf)
+        arg = worst.argmin(axis=0)
+        best = worst[arg, np.arange(n + 1)]
+        choices.append(arg)
+    if not np.isfinite(best[n]):
+        return None
+    cuts = [n]
+    for arg in reversed(choices):
+        cuts.append(int(arg[cuts[-1]]))
+    return tuple(reversed(cuts)), float(best[n])
 
 
 def pareto(options: list[GroupOption]) -> list[GroupOption]:
@@ -188,6 +219,7 @@ class OptionBuilder:
         self.costs, self.cm, self.cluster, self.traffic = costs, cm, cluster, traffic
         self.tpot_budget_s, self.ttft_budget_s, self.chain_length = tpot_budget_s, ttft_budget_s, chain_length
         self.lora_in_out = lora_in_out
+        self._evaluated: dict[tuple, list[GroupOption]] = {}
 
     @classmethod
     def for_program(cls, program: Program, costs: dict[str, BlockCost], cluster: Cluster,
@@ -198,33 +230,40 @@ class OptionBuilder:
                    slo.ttft_ms / 1e3, len(chain_block_names(arch.num_layers)), lora_in_out=2.0 * arch.hidden_size)
 
     def options(self, group: BlockGroup) -> list[GroupOption]:
-        out = []
-        weights = [self.costs[b].weight_bytes for b in group.blocks]
-        for tp in self.cluster.tp_degrees():
-            for pp in (1, 2, 4, 8, 16):
-                if pp * tp > self.cluster.devices_per_node:
-                    continue
-                stages = _split_stages(group.blocks, weights, pp)
-                if stages is not None:
-                    out.extend(self._options_at(group, stages, tp))
-        return pareto(out)
+        """Every layout of one replica of `group` that meets the SLO and fits a device, less those another
+        beats (`pareto`). Groups with the same blocks and adapters (the private tops of many fine-tunes)
+        share one evaluation."""
+        key = (group.blocks, tuple((u.rank, u.modules) for u in group.lora))
+        if key not in self._evaluated:
+            blocks = _GroupBlocks(self, group)
+            every = [o for tp, pp in self._shapes() for o in self.layouts(group, tp, pp, blocks)]
+            # Only unpipelined layouts prune unpipelined ones: engines run a pipelined copy below the
+            # figures compared here, and the planner's unpipelined candidate needs them (`restricted`).
+            kept = {id(o) for o in pareto(every) + pareto([o for o in every if o.pp == 1])}
+            self._evaluated[key] = [o for o in every if id(o) in kept]
+        return [replace(o, group=group.id) for o in self._evaluated[key]]
+
+    def _shapes(self) -> list[tuple[int, int]]:
+        """(TP, PP) of every layout inside one node."""
+        return [(tp, pp) for tp in self.cluster.tp_degrees() for pp in PIPELINE_DEPTHS
+                if pp * tp <= self.cluster.devices_per_node]
 
     def no_layout(self, group: BlockGroup) -> str:
         """Why `options(group)` is empty, with the figures of the layout that came closest: memory first (one
         sequence, the widest layouts), then the TTFT, then the TPOT at a decode batch of one, each against
         the group's share of the SLO, and what would make it fit."""
         lo, share = self.traffic.output_tokens, group.num_positions / self.chain_length
-        weights = [self.costs[b].weight_bytes for b in group.blocks]
-        rows = []  # (max memory per device, TTFT s, TPOT s, tp, pp) at batch 1
-        for tp in self.cluster.tp_degrees():
-            for pp in (1, 2, 4, 8, 16):
-                stages = _split_stages(group.blocks, weights, pp) if pp * tp <= self.cluster.devices_per_node else None
-                if stages is None:
-                    continue
-                prefill = [self._stage_prefill(st, tp, i == pp - 1) for i, st in enumerate(stages)]
-                decode = [self._stage_decode(st, tp, 1, i == pp - 1) for i, st in enumerate(stages)]
-                memory = max(self._memory(group, st, tp, pp, 1) for st in stages)
-                rows.append((memory, sum(prefill), sum(_loaded_steps(decode, prefill, 1, lo)), tp, pp))
+        blocks = _GroupBlocks(self, group)
+        rows = []  # (max memory per device, TTFT s, TPOT s, tp, pp) at batch 1, stages split for least memory
+        for tp, pp in self._shapes():
+            memory = blocks.memory(tp, pp, 1)
+            found = min_max_split((memory, memory), pp)
+            if found is None:
+                continue
+            cuts, fullest = found
+            prefill = blocks.stage_sums(blocks.prefill(tp), blocks.hop_prefill, cuts)
+            decode = blocks.stage_sums(blocks.decode(tp, 1), blocks.hop(1), cuts)
+            rows.append((fullest, sum(prefill), sum(_loaded_steps(decode, prefill, 1, lo)), tp, pp))
         dev = self.cluster.device
         usable = dev.usable_bytes
         fits = [r for r in rows if r[0] <= usable]
@@ -246,49 +285,52 @@ class OptionBuilder:
                 f"its share of plan.slo.tpot_ms ({tpot_budget * 1e3:.3g} of {self.tpot_budget_s * 1e3:g} ms): raise "
                 f"plan.slo.tpot_ms to at least {math.ceil(tpot / share * 1e3)}, or use faster devices")
 
-    def _stage_decode(self, stage, tp, batch, last) -> float:
-        ctx = batch * (self.traffic.prompt_tokens + self.traffic.output_tokens / 2)
-        t = sum(self.cm.block_time(self.costs[b], tp, decode_seqs=batch, context_tokens=ctx) for b in stage)
-        return t if last else t + self.cm.transfer_time(batch, self.costs[stage[-1]].hidden_size)
-
-    def _stage_prefill(self, stage, tp, last) -> float:
-        """One prompt through the stage. The head computes logits for the prompt's last token only
-        (as the runtime and the simulator do), not for every prompt token."""
-        n = int(round(self.traffic.prompt_tokens))
-        t = sum(self.cm.block_time(self.costs[b], tp, decode_seqs=1) if self.costs[b].kind == "head"
-                else self.cm.block_time(self.costs[b], tp, prefill_tokens=n) for b in stage)
-        return t if last else t + self.cm.transfer_time(n, self.costs[stage[-1]].hidden_size)
-
-    def _memory(self, group, stage, tp, pp, batch) -> float:
-        lp, lo = self.traffic.prompt_tokens, self.traffic.output_tokens
-        weights = sum(self.costs[b].weight_bytes for b in stage)
-        kv = pp * batch * (lp + lo) * sum(self.costs[b].kv_bytes_per_token for b in stage)
-        act = max(lp, step_tokens(batch, lp, lo)) * max(self.costs[b].act_bytes_per_token for b in stage)
-        layers = sum(b.startswith("layer.") for b in stage)
-        adapters = sum(u.rank * self.lora_in_out * len(u.modules) * layers * self.cm.dtype_bytes for u in group.lora)
-        return (weights + kv + act + adapters) / tp
-
-    def _options_at(self, group: BlockGroup, stages: list[tuple[str, ...]], tp: int) -> list[GroupOption]:
-        pp = len(stages)
-        share = group.num_positions / self.chain_length
-        prefill = [self._stage_prefill(s, tp, i == pp - 1) for i, s in enumerate(stages)]
-        if sum(prefill) > self.ttft_budget_s * share:
+    def layouts(self, group: BlockGroup, tp: int, pp: int, blocks: Optional["_GroupBlocks"] = None) -> list[GroupOption]:
+        """The layouts of `group` at one (TP, PP), before `pareto`: per decode batch, the stage boundaries that give the
+        most capacity (least per-request device time on the busiest stage) among the splits that fit a
+        device, and of those the one with the least memory on its fullest device (`min_max_split`); up
+        to the largest batch that meets the SLO and fits."""
+        if pp > group.num_positions:
             return []
+        blocks = blocks or _GroupBlocks(self, group)
+        share = group.num_positions / self.chain_length
+        lp, lo = self.traffic.prompt_tokens, self.traffic.output_tokens
+        usable = self.cluster.device.usable_bytes
+        prefill = blocks.prefill(tp)
         feasible = []
-        lo = self.traffic.output_tokens
         for batch in _BATCHES:
-            decode = [self._stage_decode(s, tp, batch, i == pp - 1) for i, s in enumerate(stages)]
-            if sum(_loaded_steps(decode, prefill, batch, lo)) > self.tpot_budget_s * share:
+            decode = blocks.decode(tp, batch)
+            per_request = segment_sums(decode / batch * lo + prefill)
+            hop = blocks.hop(batch) / batch * lo + blocks.hop_prefill
+            time = (per_request + hop[None, :], per_request)  # (a stage that sends a hop, the last stage)
+            memory = blocks.memory(tp, pp, batch)
+            fits = memory <= usable
+            fastest = min_max_split(time, pp, (fits, fits))
+            if fastest is None:
                 break
-            memory = tuple(self._memory(group, s, tp, pp, batch) for s in stages)
-            if max(memory) > self.cluster.device.usable_bytes:
+            # TTFT, TPOT and the time a request spends in the copy do not depend on where the stages are cut
+            stage_prefill = blocks.stage_sums(prefill, blocks.hop_prefill, fastest[0])
+            if sum(stage_prefill) > self.ttft_budget_s * share:
+                return []
+            stage_decode = blocks.stage_sums(decode, blocks.hop(batch), fastest[0])
+            tpot = sum(_loaded_steps(stage_decode, stage_prefill, batch, lo))
+            if tpot > self.tpot_budget_s * share:
                 break
-            feasible.append((batch, decode, memory))
+            # Capacity is min(1 / the busiest stage's time per request, pp * batch / that time): every split
+            # whose busiest stage stays within both limits gives the same; of those, the least memory.
+            residence = (sum(stage_prefill) + lo * tpot) / share
+            limit = max(fastest[1], residence / (pp * batch)) * (1 + 1e-9)
+            cuts, _ = min_max_split((memory, memory), pp, (fits & (time[0] <= limit), fits & (time[1] <= limit)))
+            stage_prefill = blocks.stage_sums(prefill, blocks.hop_prefill, cuts)
+            stage_decode = blocks.stage_sums(decode, blocks.hop(batch), cuts)
+            stage_memory = tuple(float(memory[a, b]) for a, b in zip(cuts, cuts[1:]))
+            feasible.append((batch, cuts, stage_decode, stage_prefill, stage_memory))
         # the largest SLO-feasible batch, and a quarter of it for when memory is tight
         chosen = feasible[-1:] + ([feasible[-3]] if len(feasible) >= 3 else [])
         out = []
-        single = feasible[0][1] if feasible else []
-        for batch, decode, memory in chosen:
+        for batch, cuts, decode, prefill, memory in chosen:
+            stages = tuple(tuple(group.blocks[a:b]) for a, b in zip(cuts, cuts[1:]))
+            single = blocks.stage_sums(blocks.decode(tp, 1), blocks.hop(1), cuts)
             full = [d / batch * lo + p for d, p in zip(decode, prefill)]
             tpot = sum(_loaded_steps(decode, prefill, batch, lo))
             # A request stays for the whole chain's latency, which the group's part of it is `share` of.
@@ -301,9 +343,66 @@ class OptionBuilder:
                 busy = tuple(max(f - t, 0.0) * cap for f, t in zip(full, tau))
             else:
                 tau, busy = tuple(full), ()
-            out.append(GroupOption(group.id, pp, tp, batch, tuple(stages), memory, tau, cap,
+            out.append(GroupOption(group.id, pp, tp, batch, stages, memory, tau, cap,
                                    tpot_s=tpot, ttft_s=sum(prefill), copy_busy=busy, fixed_s=tuple(single)))
         return out
+
+
+class _GroupBlocks:
+    """One group's blocks as the option builder costs them: per-block times on the target (cached per
+    TP and batch) and the per-stage memory of any contiguous range of them."""
+
+    def __init__(self, builder: OptionBuilder, group: BlockGroup):
+        self.builder, self.costs = builder, [builder.costs[b] for b in group.blocks]
+        cm, traffic = builder.cm, builder.traffic
+        self.prompt = int(round(traffic.prompt_tokens))
+        self._times: dict[tuple, np.ndarray] = {}
+        adapter = sum(u.rank * builder.lora_in_out * len(u.modules) * cm.dtype_bytes for u in group.lora)
+        self.weights = segment_sums(np.array([c.weight_bytes + (adapter if b.startswith("layer.") else 0.0)
+                                              for b, c in zip(group.blocks, self.costs)]))
+        self.kv = segment_sums(np.array([c.kv_bytes_per_token for c in self.costs]))
+        self.act = segment_max(np.array([c.act_bytes_per_token for c in self.costs]))
+        self.hop_prefill = self.hop(self.prompt)
+
+    def prefill(self, tp: int) -> np.ndarray:
+        """Per block, one prompt's prefill; the head computes logits for the prompt's last token only (as
+        the runtime and the simulator do), not for every prompt token."""
+        if ("prefill", tp) not in self._times:
+            cm = self.builder.cm
+            self._times[("prefill", tp)] = np.array([
+                cm.block_time(c, tp, decode_seqs=1) if c.kind == "head" else cm.block_time(c, tp, prefill_tokens=self.prompt)
+                for c in self.costs])
+        return self._times[("prefill", tp)]
+
+    def decode(self, tp: int, batch: int) -> np.ndarray:
+        """Per block, a decode step of `batch` sequences at the mean context."""
+        if ("decode", tp, batch) not in self._times:
+            traffic, cm = self.builder.traffic, self.builder.cm
+            ctx = batch * (traffic.prompt_tokens + traffic.output_tokens / 2)
+            self._times[("decode", tp, batch)] = np.array([
+                cm.block_time(c, tp, decode_seqs=batch, context_tokens=ctx) for c in self.costs])
+        return self._times[("decode", tp, batch)]
+
+    def hop(self, tokens: int) -> np.ndarray:
+        """(n+1,): [b] is the pipeline hop of `tokens` activations that a stage ending at block b-1 sends."""
+        return np.array([0.0] + [self.builder.cm.transfer_time(tokens, c.hidden_size) for c in self.costs])
+
+    def memory(self, tp: int, pp: int, batch: int) -> np.ndarray:
+        """(n+1, n+1): [a, b] the bytes per device of a stage of blocks a..b-1: weights and adapters, the KV
+        of the `pp` batches a pipelined copy holds, and the largest block's activations for a step."""
+        traffic = self.builder.traffic
+        lp, lo = traffic.prompt_tokens, traffic.output_tokens
+        kv = pp * batch * (lp + lo) * self.kv
+        act = max(lp, step_tokens(batch, lp, lo)) * self.act
+        return (self.weights + kv + act) / tp
+
+    @staticmethod
+    def stage_sums(values: np.ndarray, hop: np.ndarray, cuts: tuple[int, ...]) -> list[float]:
+        """Per stage of the split at `cuts`, the sum of `values` over its blocks, plus the hop it sends (all
+        but the last)."""
+        last = len(cuts) - 2
+        return [float(values[a:b].sum()) + (float(hop[b]) if i < last else 0.0)
+                for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
 
 
 def _loaded_steps(decode: list[float], prefill: list[float], batch: int, output_tokens: float) -> list[float]:

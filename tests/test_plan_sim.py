@@ -154,7 +154,9 @@ def _placed(program, copies: dict[str, list[tuple[int, ...]]], batch: int = 64) 
         blocks = tuple(names[g["first_position"]:g["first_position"] + g["num_blocks"]])
         placements += [StagePlacement(g["id"], i, 0, blocks, devs, 0, len(devs), batch, 1.0, 1.0)
                        for i, devs in enumerate(devices)]
-    return dataclasses.replace(program.plan, groups=groups, placements=placements)
+    # the planner's lane count was chosen for its own layouts: the new ones set their own (their deepest pipeline)
+    settings = {k: v for k, v in program.plan.settings.items() if k not in ("lanes", "lanes_per_node")}
+    return dataclasses.replace(program.plan, groups=groups, placements=placements, settings=settings)
 
 
 def _prefill_s(program, cm: CostModel, positions: range, tp: int, prompt: int, num_seqs: int = 1) -> float:
