@@ -47,7 +47,7 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def render(manifest: dict[str, Any], plan: Optional[Plan], usable_gb: Optional[float] = None) -> str:
-    from planc.plan_report import placement_svg
+    from planc.plan_report import layout_label, placement_svg
 
     t = manifest["totals"]
     parts = ["<!doctype html><meta charset='utf-8'><title>planc bundle</title>",
@@ -66,9 +66,9 @@ def render(manifest: dict[str, Any], plan: Optional[Plan], usable_gb: Optional[f
                   f"<p>objective {plan.objective}: predicted {p['throughput_rps']:.3g} req/s on {p['devices']} "
                   f"devices; solver {plan.solver['status']}, gap {plan.solver['gap']:.1%}.</p>",
                   placement_svg(plan, usable_gb or max([m for m in _memory(plan)] + [1.0])),
-                  _table(["group", "blocks", "users", "layouts (pp x tp @ batch x replicas)"],
+                  _table(["group", "blocks", "users", "layouts (pp x tp @ batch x replicas [blocks per stage])"],
                          [[g["id"], f"{g['blocks'][0]}..{g['blocks'][1]}", ", ".join(g["users"]),
-                           ", ".join(f"{x['pp']}x{x['tp']} @{x['batch']} x{x['replicas']}" for x in g["layouts"])]
+                           ", ".join(layout_label(x) for x in g["layouts"])]
                           for g in plan.groups]),
                   "<h3>Predicted latency per variant</h3>",
                   _table(["variant", "TPOT ms", "TTFT ms"],

@@ -14,12 +14,28 @@ def _users(users: list[str], limit: int = 4) -> str:
     return ", ".join(users[:limit]) + (f" +{len(users) - limit}" if len(users) > limit else "")
 
 
+def layout_label(layout: dict) -> str:
+    """One layout of a group as `pp x tp @batch xreplicas`, with a pipeline's blocks per stage (where its
+    stages are cut).
+
+    >>> layout_label({"pp": 2, "tp": 4, "batch": 64, "replicas": 3, "stage_blocks": [4, 5]})
+    '2x4 @64 x3 [4|5]'
+    >>> layout_label({"pp": 1, "tp": 8, "batch": 128, "replicas": 1, "stage_blocks": [9]})
+    '1x8 @128 x1'
+    """
+    sizes = layout.get("stage_blocks") or []
+    cuts = f" [{'|'.join(str(n) for n in sizes)}]" if len(sizes) > 1 else ""
+    return f"{layout['pp']}x{layout['tp']} @{layout['batch']} x{layout['replicas']}{cuts}"
+
+
 def group_table(plan: Plan) -> Table:
-    t = Table(title="Block groups: layout (TP x PP), decode batch, replicas", title_justify="left")
-    for col in ("group", "blocks", "users", "share", "layouts (pp x tp @ batch x replicas)", "TPOT ms", "TTFT ms"):
+    t = Table(title="Block groups: layout (PP x TP), decode batch, replicas; a pipeline's blocks per stage",
+              title_justify="left")
+    for col in ("group", "blocks", "users", "share", "layouts (pp x tp @ batch x replicas [blocks per stage])",
+                "TPOT ms", "TTFT ms"):
         t.add_column(col, justify="right" if col in ("share", "TPOT ms", "TTFT ms") else "left")
     for g in plan.groups:
-        layouts = ", ".join(f"{x['pp']}x{x['tp']} @{x['batch']} x{x['replicas']}" for x in g["layouts"])
+        layouts = ", ".join(layout_label(x) for x in g["layouts"])
         tpot = max((x["tpot_ms"] for x in g["layouts"]), default=0.0)
         ttft = max((x["ttft_ms"] for x in g["layouts"]), default=0.0)
         t.add_row(g["id"], f"{g['blocks'][0]}..{g['blocks'][1]} ({g['num_blocks']})", _users(g["users"]),
