@@ -128,6 +128,11 @@ class Bundle:
             modules.append(block)
         return ChainModel(modules)
 
+    def forget_loaded(self) -> None:
+        """Drop the loaded blocks and files (a tensor-parallel rank keeps only its shards of them)."""
+        self._modules.clear()
+        self._files.clear()
+
     @property
     def num_loaded_blocks(self) -> int:
         return len(self._modules)

@@ -9,7 +9,7 @@ use it (SGMV-style grouping: one pair of small matmuls per adapter, not per sequ
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from torch import nn
 from planc import kernels
 from planc.models.llama import DecoderLayer, EmbeddingBlock, HeadBlock
 from planc.runtime.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from planc.runtime.tensor_parallel import TensorParallel
 
 
 @dataclass
@@ -90,10 +93,13 @@ def run_embedding(block: EmbeddingBlock, token_ids: torch.Tensor) -> torch.Tenso
     return block.embed_tokens(token_ids)
 
 
-def run_head(block: HeadBlock, hidden: torch.Tensor, batch: RaggedBatch) -> torch.Tensor:
-    """Logits (sequences, vocab) of each sequence's last token."""
+def run_head(block: HeadBlock, hidden: torch.Tensor, batch: RaggedBatch, tp: Optional["TensorParallel"] = None
+             ) -> torch.Tensor:
+    """Logits (sequences, vocab) of each sequence's last token (under tensor parallelism each rank computes
+    its part of the vocabulary, and every rank gets them all)."""
     last = hidden[batch.last_rows()]
-    return block.lm_head(block.norm(last))
+    logits = block.lm_head(block.norm(last))
+    return tp.gather_columns(logits, block.vocab_size) if tp is not None else logits
 
 
 def _decode_attention(attn, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -108,17 +114,24 @@ def _decode_attention(attn, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v:
 
 
 def run_layer(layer: DecoderLayer, layer_idx: int, x: torch.Tensor, batch: RaggedBatch, cache: KVCache,
-              adapters: dict[str, AdapterTensors]) -> torch.Tensor:
+              adapters: dict[str, AdapterTensors], tp: Optional["TensorParallel"] = None) -> torch.Tensor:
     """x: (tokens, hidden) -> (tokens, hidden), writing this layer's K/V for every segment.
 
     The attention and the MLP are functions of their own so that each one's intermediates are freed
     when it returns: at a 512-token prefill chunk an MLP intermediate is 4 MiB, and the peak memory of
-    the server is set by the intermediates alive at once."""
+    the server is set by the intermediates alive at once. Under tensor parallelism (`tp`: this rank,
+    `layer` its shard) each output projection gives a partial sum, completed by an all-reduce before
+    the residual add."""
     o = _self_attention(layer.self_attn, layer_idx, layer.input_layernorm(x), batch, cache, adapters)
+    if tp is not None:
+        tp.all_reduce(o)
     norm = layer.post_attention_layernorm
     h, x = kernels.add_rms_norm(o, x, norm.weight, norm.eps)  # residual add fused with the norm after it
     del o
-    return x + _mlp(layer.mlp, h, batch, adapters)
+    m = _mlp(layer.mlp, h, batch, adapters)
+    if tp is not None:
+        tp.all_reduce(m)
+    return x + m
 
 
 def _self_attention(attn, layer_idx: int, h: torch.Tensor, batch: RaggedBatch, cache: KVCache,

@@ -17,6 +17,7 @@ from planc.kernels import KernelSelection, use_kernels
 from planc.runtime import executor as ex
 from planc.runtime.file_rows import FileRows
 from planc.runtime.kv_cache import KVCache
+from planc.runtime.tensor_parallel import TensorParallel
 
 
 class StageFailed(RuntimeError):
@@ -52,9 +53,16 @@ class Stage:
     The engine pipelines steps through stages only when every stage is concurrent."""
 
     def __init__(self, bundle: Bundle, positions: range, kv_cache_bytes: int, page_size: int,
-                 kernels: Optional[KernelSelection] = None, variants: Optional[list[str]] = None):
-        """`variants`: load only these variants' blocks (a copy of one plan group); default: all."""
+                 kernels: Optional[KernelSelection] = None, variants: Optional[list[str]] = None,
+                 tensor_parallel: Optional[TensorParallel] = None):
+        """`variants`: load only these variants' blocks (a copy of one plan group); default: all.
+        `tensor_parallel`: this stage is one rank of a tensor-parallel copy: it keeps its shard of every
+        layer and of the head, its KV heads' share of the cache (and of `kv_cache_bytes`), and drops the
+        bundle's whole tensors once sharded. Its calls must run on every rank of the copy at once."""
         self.positions = positions
+        self.tp = tensor_parallel
+        if tensor_parallel is not None:
+            tensor_parallel.check(bundle.arch, str(bundle.root))
         self.kinds: dict[int, str] = {}
         self.modules: dict[str, torch.nn.Module] = {}
         self.adapters: dict[str, ex.AdapterTensors] = {}
@@ -68,8 +76,11 @@ class Stage:
         # The stage, not the engine, holds the kernel selection: a stage may run in another process.
         self.kernels = _kernel_selection(kernels, param.device)
         arch = bundle.arch
-        self.cache = KVCache.for_budget(kv_cache_bytes, page_size, arch.num_kv_heads, arch.head_dim, dtype) \
-            if self.layers else None
+        share = self.tp.size if self.tp is not None else 1
+        self.cache = KVCache.for_budget(kv_cache_bytes // share, page_size, arch.num_kv_heads // share, arch.head_dim,
+                                        dtype) if self.layers else None
+        if self.tp is not None:
+            bundle.forget_loaded()  # this rank keeps its shards; the whole blocks are freed
 
     def _load(self, bundle: Bundle, variant: str) -> None:
         loaded: dict[str, torch.nn.Module] = {}
@@ -84,13 +95,21 @@ class Stage:
             if not in_stage:
                 continue
             self.kinds[position] = entry["kind"]
-            self.modules[link["block"]] = module
+            if link["block"] not in self.modules:
+                self.modules[link["block"]] = self._shard(entry["kind"], module)
             if entry["kind"] == "embedding" and link["block"] not in self.file_rows:
                 rows = _file_rows(bundle, link["block"], module)
                 if rows is not None:
                     self.file_rows[link["block"]] = rows
             if link["adapter"] and link["adapter"] not in self.adapters:
-                self.adapters[link["adapter"]] = bundle.adapter_deltas(link["adapter"])
+                deltas = bundle.adapter_deltas(link["adapter"])
+                self.adapters[link["adapter"]] = self.tp.shard_adapter(deltas, module) if self.tp else deltas
+
+    def _shard(self, kind: str, module: torch.nn.Module) -> torch.nn.Module:
+        """The module this stage runs for a block: the block itself, or this rank's shard of it."""
+        if self.tp is None or kind == "embedding":
+            return module
+        return self.tp.shard_layer(module) if kind == "layer" else self.tp.shard_head(module)
 
     def _tie_targets(self, bundle: Bundle, variant: str) -> list[tuple[str, str]]:
         """(block name, tensor) that blocks of this stage tie to (e.g. the head to the embedding)."""
@@ -138,8 +157,8 @@ class Stage:
                 rows = self.file_rows.get(key)
                 return rows(x) if rows is not None else ex.run_embedding(module, x)
             if kind == "layer":
-                return ex.run_layer(module, position - 1, x, batch, self.cache, self.adapters)
-            return ex.run_head(module, x, batch)
+                return ex.run_layer(module, position - 1, x, batch, self.cache, self.adapters, self.tp)
+            return ex.run_head(module, x, batch, self.tp)
 
     def run_calls(self, calls: list[BlockCall], inputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Run this stage's block calls of one step in order, each sequence's output feeding its next call.
