@@ -129,10 +129,11 @@ def _node_demand(program: Program, layout: RayLayout) -> tuple[dict[int, float],
     for a in layout.actors:
         weights = _actor_weight_bytes(program, a.variants, range(*a.positions))
         layers = sum(1 for p in range(*a.positions) if 0 < p <= num_layers)
-        gib = (weights + kv_bytes * layers / num_layers) / 2**30 + PROCESS_GB
-        for node in a.nodes or (0,) * a.copies:
-            cpus[node] = cpus.get(node, 0.0) + a.num_cpus
-            memory[node] = memory.get(node, 0.0) + gib
+        gib = (weights + kv_bytes * layers / num_layers) / 2**30
+        for c, node in enumerate(a.nodes or (0,) * a.copies):
+            # the ranks of a tensor-parallel copy hold its weights between them, each in its own process
+            cpus[node] = cpus.get(node, 0.0) + a.num_cpus * a.ranks(c)
+            memory[node] = memory.get(node, 0.0) + gib + PROCESS_GB * a.ranks(c)
     return cpus, memory
 
 

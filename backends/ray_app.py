@@ -52,15 +52,16 @@ def start_stages(bundle: Bundle, layout: RayLayout, config: EngineConfig, option
         for spec in layout.actors_of(i, engine):
             copies = []
             for c in range(spec.copies):
-                label = f"{spec.name}.{c}"
-                handle = worker.options(
+                labels, size = spec.labels(c), spec.ranks(c)
+                handles = [worker.options(
                     name=prefix + label, num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
                     scheduling_strategy=placement.get(label),  # None: Ray's default
                     max_restarts=-1,  # a restart costs only the KV of its sequences, which the engine recomputes
                     max_task_retries=0,  # a call that was in flight fails; the engine decides what to redo
-                ).remote(str(bundle.root), (lo, hi), list(spec.variants), kv_bytes, config.page_size, asdict(options))
-                copies.append(StageCopy(handle, label))
-                needs[label] = f"{spec.num_cpus} CPU, {spec.num_gpus} GPU"
+                ).remote(str(bundle.root), (lo, hi), list(spec.variants), kv_bytes, config.page_size, asdict(options),
+                         (rank, size) if size > 1 else None) for rank, label in enumerate(labels)]
+                copies.append(StageCopy(handles[0], labels[0], tuple(handles[1:])))
+                needs[labels[0]] = f"{size} x ({spec.num_cpus} CPU, {spec.num_gpus} GPU)"
             by_variant.update({v: copies for v in spec.variants})
             everyone += copies
         plans.append((range(lo, hi), by_variant))

@@ -108,8 +108,8 @@ def deploy(bundle: Bundle, options, host: str, port: int, address: Optional[str]
     args["bundle"] = str(bundle.root.resolve())
     args["options"] = {**(args.get("options") or {}), **asdict(options), "shutdown_timeout_s": shutdown_timeout}
     layout = RayLayout.from_json(args["layout"])
-    started = start_ray(address, sum(a.num_gpus * a.copies for a in layout.actors),
-                        sum(a.num_cpus * a.copies for a in layout.actors) + layout.ingress_num_cpus)
+    started = start_ray(address, sum(a.num_gpus * a.num_actors for a in layout.actors),
+                        sum(a.num_cpus * a.num_actors for a in layout.actors) + layout.ingress_num_cpus)
     if after_start is not None:
         after_start()
     import ray
@@ -185,7 +185,7 @@ def _placed_nodes() -> dict[int, str]:
 
 def _banner(bundle: Bundle, layout: RayLayout, host: str, deployment: Deployment) -> None:
     variants = ", ".join(f"{n} ({v['kind']})" for n, v in bundle.variants.items())
-    actors = sum(a.copies for a in layout.actors)
+    actors = sum(a.num_actors for a in layout.actors)
     where = "a private Ray cluster" if deployment.started else "the Ray cluster"
     print(f"planc serving {len(bundle.variants)} variants: {variants}", flush=True)
     if layout.engines:

@@ -48,6 +48,21 @@ class ActorSpec:
     """The plan's block group it serves (None without a plan)."""
     engine: Optional[int] = None
     """The node whose engine calls it, on a plan with one engine per node (`stage` is that engine's)."""
+    tp: tuple[int, ...] = ()
+    """The plan's tensor-parallel degree of each copy (empty: 1 each). A copy of degree t runs as t actors
+    (its ranks), each with `num_cpus` and `num_gpus`."""
+
+    def ranks(self, copy: int) -> int:
+        return self.tp[copy] if self.tp else 1
+
+    @property
+    def num_actors(self) -> int:
+        """Actors of all copies: one per rank."""
+        return sum(self.ranks(c) for c in range(self.copies))
+
+    def labels(self, copy: int) -> list[str]:
+        """The actors of one copy, rank 0 first: `name.c`, then `name.c.r1`, ... for a tensor-parallel copy."""
+        return [f"{self.name}.{copy}"] + [f"{self.name}.{copy}.r{k}" for k in range(1, self.ranks(copy))]
 
 
 @dataclass(frozen=True)
@@ -83,7 +98,8 @@ class RayLayout:
         data = dict(data)
         data["stages"] = [tuple(s) for s in data["stages"]]
         data["actors"] = [ActorSpec(**{**a, "positions": tuple(a["positions"]), "variants": tuple(a["variants"]),
-                                       "nodes": tuple(a["nodes"])}) for a in data["actors"]]
+                                       "nodes": tuple(a["nodes"]), "tp": tuple(a.get("tp", ()))})
+                          for a in data["actors"]]
         data["engines"] = [EngineSpec(e["node"], [tuple(s) for s in e["stages"]]) for e in data.get("engines", [])]
         return cls(**data)
 
@@ -95,8 +111,8 @@ class RayLayout:
         """GPU demand of the stage copies on each node (what a worker group must offer)."""
         demand: Counter = Counter()
         for a in self.actors:
-            for node in a.nodes or (0,) * a.copies:
-                demand[node] += a.num_gpus
+            for c, node in enumerate(a.nodes or (0,) * a.copies):
+                demand[node] += a.num_gpus * a.ranks(c)
         return dict(demand)
 
 
@@ -124,16 +140,18 @@ def layout_for(variants: list[str], chain_length: int, plan: Optional[Plan], dev
             for g in groups:
                 copies = part.copies(g["id"])
                 names = {_block_name(p, chain_length) for p in r}
-                copy_shares, nodes = [], []
+                rank_shares, nodes, tps = [], [], []
                 for copy in copies:
                     hit = [p for p in copy if names & set(p.blocks)] or copy[:1]
-                    copy_shares.append(max(shares[_key(p)] / _stages_in(p, ranges, chain_length) for p in hit))
+                    # a tensor-parallel copy runs as one actor per rank, each with its share of one device
+                    rank_shares.append(max(shares[_key(p)] / p.tp / _stages_in(p, ranges, chain_length) for p in hit))
                     nodes.append(hit[0].node)
-                # One amount for every copy: the smallest, so that copies the plan packs onto one device fit there.
-                amount = _ray_amount(min(copy_shares))
+                    tps.append(hit[0].tp)
+                # One amount for every rank: the smallest, so that copies the plan packs onto one device fit there.
+                amount = _ray_amount(min(rank_shares))
                 actors.append(ActorSpec(f"{prefix}stage{i}-{g['id']}", i, (r.start, r.stop), tuple(g["users"]),
                                         len(copies), amount if not gpu else CPU_SHARE, amount if gpu else 0.0,
-                                        tuple(nodes), g["id"], node))
+                                        tuple(nodes), g["id"], node, tuple(tps) if any(t > 1 for t in tps) else ()))
     nodes_used = len({p.node for p in plan.placements}) or 1
     stages = [(r.start, r.stop) for r in plan.stage_ranges(chain_length)] if not engines else []
     return RayLayout("gpu" if gpu else "cpu", stages, actors, nodes=nodes_used,

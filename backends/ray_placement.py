@@ -36,7 +36,7 @@ def node_bundles(layout: RayLayout) -> dict[int, list[tuple[str, dict[str, float
     for a in layout.actors:
         resources = {"CPU": a.num_cpus, **({"GPU": a.num_gpus} if a.num_gpus else {})}
         for c, node in enumerate(a.nodes):
-            out.setdefault(node, []).append((f"{a.name}.{c}", resources))
+            out.setdefault(node, []).extend((label, resources) for label in a.labels(c))  # a bundle per rank
     return dict(sorted(out.items()))
 
 

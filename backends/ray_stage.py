@@ -29,7 +29,12 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from planc.bundle import Bundle
 from planc.runtime.executor import Segment
 from planc.runtime.stage import BlockCall, Stage, StageFailed
+from planc.runtime.tensor_parallel import GroupBroken, TensorParallel, free_port
 from planc.store import verify_file
+
+
+GROUP_JOIN_S = 30.0
+"""How long the ranks of a tensor-parallel copy may take to meet (each waits for the others)."""
 
 
 class StageRestarted(RuntimeError):
@@ -62,17 +67,32 @@ class StageWorker:
     """One copy of one stage, in its own process (wrapped by ray.remote when started)."""
 
     def __init__(self, bundle_dir: str, positions: tuple[int, int], variants: list[str], kv_cache_bytes: int,
-                 page_size: int, options: dict):
+                 page_size: int, options: dict, tensor_parallel: Optional[tuple[int, int]] = None):
+        """`tensor_parallel`: (rank, size) when this actor is one rank of a tensor-parallel copy (it holds its
+        shard; `join_group` then joins it to the copy's other ranks)."""
         from planc.runtime.server import ServeOptions, kernel_selection
 
         opts = ServeOptions(**options)
         torch.set_num_threads(opts.threads)
         bundle = Bundle.open(bundle_dir, verify=False)
         _verify_own_files(bundle, range(*positions), variants)  # this node's copy of what this stage loads
+        self.rank = tensor_parallel[0] if tensor_parallel else 0
+        tp = TensorParallel(*tensor_parallel) if tensor_parallel and tensor_parallel[1] > 1 else None
         self.stage = Stage(bundle, range(*positions), kv_cache_bytes, page_size, kernel_selection(bundle, opts),
-                           variants)
+                           variants, tensor_parallel=tp)
         self.incarnation = uuid.uuid4().hex
         self.seqs: set[int] = set()
+
+    def group_address(self) -> tuple[str, int]:
+        """Where this copy's ranks meet (asked of rank 0): its node's address and a port free there."""
+        address = ray.util.get_node_ip_address()
+        return address, free_port(address)
+
+    def join_group(self, address: str, port: int) -> str:
+        """Join (or join again, after a rank restarted) the process group of this copy's ranks; every rank
+        is called at once. Returns this rank's incarnation."""
+        self.stage.tp.join(address, port)
+        return self.incarnation
 
     def attach(self) -> dict:
         """Forget every sequence (the proxy's mirror starts empty) and describe this copy."""
@@ -85,17 +105,22 @@ class StageWorker:
 
     def info(self) -> dict:
         """Who this is (for tests and operators); changes nothing."""
+        tp = self.stage.tp
         return {"incarnation": self.incarnation, "pid": os.getpid(), "positions": list(self.stage.positions),
-                "num_sequences": len(self.seqs), "node_id": ray.get_runtime_context().get_node_id()}
+                "num_sequences": len(self.seqs), "node_id": ray.get_runtime_context().get_node_id(),
+                "tensor_parallel": [tp.rank, tp.size] if tp else None,
+                "parameters": sum(p.numel() for m in self.stage.modules.values() for p in m.parameters())}
 
     def run(self, request: bytes) -> bytes:
-        """One step on this copy. In: pickled (incarnation, KV ops, block calls, packed inputs); out: pickled
-        (packed outputs, seconds spent here). One bytes argument: Ray charges ~0.3 ms per argument it
-        serializes itself, and this call is made once per stage and step."""
+        """One step on this copy. In: pickled (incarnations of the copy's ranks, KV ops, block calls, packed
+        inputs); out: pickled (packed outputs, seconds spent here). One bytes argument: Ray charges ~0.3 ms
+        per argument it serializes itself, and this call is made once per stage and step. Every rank of a
+        tensor-parallel copy gets the same request; rank 0 answers with the outputs, the others with none."""
         start = time.perf_counter()
-        incarnation, ops, calls, inputs = pickle.loads(request)
-        if incarnation != self.incarnation:
-            raise StageRestarted(f"incarnation {self.incarnation[:8]}, the proxy knows {incarnation[:8]}")
+        incarnations, ops, calls, inputs = pickle.loads(request)
+        known = incarnations[self.rank]
+        if known != self.incarnation:
+            raise StageRestarted(f"incarnation {self.incarnation[:8]}, the proxy knows {known[:8]}")
         for op in ops:  # reservations the proxy's mirror already granted, in its order
             if op[0] == "reserve":
                 assert self.stage.reserve(op[1], op[2]), "KV mirror out of step with the stage"
@@ -103,7 +128,8 @@ class StageWorker:
             else:
                 self.stage.free(op[1])
                 self.seqs.discard(op[1])
-        out = pack(self.stage.run_calls(calls, unpack(inputs)))
+        outputs = self.stage.run_calls(calls, unpack(inputs))
+        out = pack(outputs if self.rank == 0 else {})
         return pickle.dumps((out, time.perf_counter() - start), protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -123,11 +149,16 @@ def _verify_own_files(bundle: Bundle, positions: range, variants: list[str]) -> 
 
 
 class StageCopy:
-    """The proxy's view of one actor: its handle, and a mirror of its KV pages kept in step with it."""
+    """The proxy's view of one copy: its actor (the actors of its ranks, rank 0 first, when it is tensor
+    parallel), and a mirror of its KV pages kept in step with it (every rank holds the same pages, each
+    for its own KV heads)."""
 
-    def __init__(self, handle, label: str):
+    def __init__(self, handle, label: str, ranks: tuple = ()):
+        """`ranks`: the actors of ranks 1.. of a tensor-parallel copy (`handle` is rank 0's)."""
         self.handle, self.label = handle, label
+        self.handles = [handle, *ranks]
         self.incarnation = ""
+        self.incarnations: tuple[str, ...] = ()
         self.broken = True  # until attached
         self.num_layers = self.num_pages = self.free = 0
         self.page_size = 1
@@ -135,7 +166,18 @@ class StageCopy:
         """sequence -> pages it holds in each layer (every layer of the stage alike)."""
         self.ops: list[tuple] = []
 
-    def attached(self, info: dict) -> None:
+    def attach(self, timeout_s: float) -> None:
+        """Attach to every rank (and, on a tensor-parallel copy, join them in a new process group), or raise
+        what `ray.get` raises."""
+        infos = ray.get([h.attach.remote() for h in self.handles], timeout=timeout_s)
+        if len(self.handles) > 1:
+            address = ray.get(self.handle.group_address.remote(), timeout=timeout_s)
+            ray.get([h.join_group.remote(*address) for h in self.handles], timeout=max(timeout_s, GROUP_JOIN_S))
+        self.attached(*infos)
+
+    def attached(self, info: dict, *ranks: dict) -> None:
+        """The copy as its ranks describe themselves (`StageWorker.attach`; rank 0's figures)."""
+        self.incarnations = (info["incarnation"], *(r["incarnation"] for r in ranks))
         self.incarnation, self.num_layers = info["incarnation"], info["num_layers"]
         self.num_pages, self.page_size = info["num_pages"], info["page_size"]
         self.free, self.held, self.ops, self.broken = self.num_pages, {}, [], False
@@ -228,7 +270,7 @@ class RemoteStage:
 
     def _reattach(self, copy: StageCopy) -> bool:
         try:
-            copy.attached(ray.get(copy.handle.attach.remote(), timeout=self.attach_timeout_s))
+            copy.attach(self.attach_timeout_s)
         except (RayActorError, GetTimeoutError, RayTaskError):
             return False
         self.seq_copy = {s: c for s, c in self.seq_copy.items() if c is not copy}
@@ -260,24 +302,32 @@ class RemoteStage:
             seqs = {seg.seq for call in sub for seg in call.segments}
             ops, copy.ops = copy.ops, []
             packing = time.perf_counter()
-            request = pickle.dumps((copy.incarnation, ops, sub, pack({s: inputs[s] for s in seqs})),
+            request = pickle.dumps((copy.incarnations, ops, sub, pack({s: inputs[s] for s in seqs})),
                                    protocol=pickle.HIGHEST_PROTOCOL)
             t.pack_s += time.perf_counter() - packing
-            refs.append((copy, copy.handle.run.remote(request)))
+            refs.append((copy, [h.run.remote(request) for h in copy.handles]))
         t.total_s += time.perf_counter() - start
         return _RemoteCalls(self, refs)
 
-    def _get(self, copy: StageCopy, ref):
-        try:
-            return ray.get(ref, timeout=self.call_timeout_s)
-        except (RayActorError, GetTimeoutError) as exc:
-            copy.broken = True
-            raise StageFailed(f"stage actor {copy.label} failed ({type(exc).__name__})") from None
-        except RayTaskError as exc:
-            if isinstance(exc.cause, StageRestarted):
-                copy.broken = True
-                raise StageFailed(f"stage actor {copy.label} was restarted by Ray") from None
-            raise RuntimeError(f"stage actor {copy.label}: {exc.cause!r}") from None
+    def _get(self, copy: StageCopy, refs: list):
+        """Rank 0's reply to one call of a copy. Every rank's is awaited: on a tensor-parallel copy a rank that
+        died or restarted leaves the others' collectives failing, and the whole copy fails (`StageFailed`)."""
+        replies, errors = [], []
+        for ref in refs:
+            try:
+                replies.append(ray.get(ref, timeout=self.call_timeout_s))
+            except (RayActorError, GetTimeoutError, RayTaskError) as exc:
+                errors.append(exc)
+        if not errors:
+            return replies[0]
+        lost = [e for e in errors if not isinstance(e, RayTaskError) or isinstance(e.cause, (StageRestarted, GroupBroken))]
+        if not lost:
+            raise RuntimeError(f"stage actor {copy.label}: {errors[0].cause!r}") from None
+        copy.broken = True
+        first = lost[0]
+        what = f"failed ({type(first).__name__})" if not isinstance(first, RayTaskError) else (
+            "was restarted by Ray" if isinstance(first.cause, StageRestarted) else str(first.cause))
+        raise StageFailed(f"stage actor {copy.label} {what}") from None
 
 
 class _RemoteCalls:
@@ -327,10 +377,11 @@ class _PagesView:
 def wait_attached(copies: list[StageCopy], timeout_s: float, describe) -> None:
     """Attach to every actor, or fail with what could not be placed (`describe(label)` says what it needs)."""
     deadline = time.monotonic() + timeout_s
-    refs = {c.label: (c, c.handle.attach.remote()) for c in copies}
+    refs = {c.label: (c, [h.attach.remote() for h in c.handles]) for c in copies}  # every actor loads at once
     for label, (copy, ref) in refs.items():
         try:
-            copy.attached(ray.get(ref, timeout=max(0.1, deadline - time.monotonic())))
+            ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
+            copy.attach(max(0.1, deadline - time.monotonic()))
         except GetTimeoutError:
             raise StageFailed(f"stage actor {label} did not start within {timeout_s:.0f} s; it needs "
                               f"{describe(label)} (cluster has {ray.available_resources()})") from None

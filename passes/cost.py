@@ -194,6 +194,16 @@ def min_max_split(cost: tuple[np.ndarray, np.ndarray], pp: int,
     return tuple(reversed(cuts)), float(best[n])
 
 
+def gb(size: float) -> str:
+    """Bytes as GB for a message: one decimal from 1 GB up, three significant digits below (a small device's
+    figures would read 0 otherwise).
+
+    >>> gb(72e9), gb(12.3e6)
+    ('72.0', '0.0123')
+    """
+    return f"{size / 1e9:.1f}" if size >= 1e9 else f"{size / 1e9:.3g}"
+
+
 def pareto(options: list[GroupOption]) -> list[GroupOption]:
     """Drop layouts that another beats or ties on every count: devices per replica, memory on its
     fullest device, capacity, TPOT and TTFT. The MIP has fewer choices and loses no optimum that
@@ -269,8 +279,8 @@ class OptionBuilder:
         fits = [r for r in rows if r[0] <= usable]
         if not fits:
             memory, _, _, tp, pp = min(rows)
-            return (f"one sequence needs {memory / 1e9:.1f} GB per device even at TP {tp} x PP {pp} (the most one node "
-                    f"of {self.cluster.devices_per_node} allows); each {dev.name} holds {usable / 1e9:.1f} GB usable: "
+            return (f"one sequence needs {gb(memory)} GB per device even at TP {tp} x PP {pp} (the most one node "
+                    f"of {self.cluster.devices_per_node} allows); each {dev.name} holds {gb(usable)} GB usable: "
                     f"use devices with more memory, or more devices per node")
         ttft_budget = self.ttft_budget_s * share
         prompt = int(round(self.traffic.prompt_tokens))

@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Optional
 
 from planc.errors import PlancError
 from planc.pass_manager import Pass, PassContext
+from planc.passes.cost import gb
 from planc.passes.greedy import assign_variants, greedy_copies, node_instances, pack_replicas, union_copies
 from planc.passes.mip import (MIN_NODES, ROOT_NODES, Instance, Solution, group_shares, node_level_limit, relative_gap,
                               relaxation_bound, slots, solve as solve_exact, solve_nodes)
@@ -427,7 +428,7 @@ def explain_infeasible(inst: Instance, no_layout: Optional[Mapping[str, str]] = 
     devices = math.ceil(need / dev.usable_bytes)
     if devices > cluster.num_devices:
         widest = max(max(o.tp for o in inst.options[g.id]) for g in inst.groups)
-        return (f"one replica of every block group needs {need / 1e9:.0f} GB, at least {devices} {dev.name} "
+        return (f"one replica of every block group needs {gb(need)} GB, at least {devices} {dev.name} "
                 f"devices ({dev.memory_gb:g} GB at {dev.memory_utilization:.0%} usable); the cluster has "
                 f"{cluster.num_devices}: needs {devices - cluster.num_devices} more, or larger devices "
                 f"(widest layout that meets the SLO: TP {widest})")

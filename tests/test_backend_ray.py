@@ -75,6 +75,22 @@ def _stage_actors() -> dict[str, object]:
             for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("planc.")}
 
 
+def _join_cluster(srv: ServerProcess) -> None:
+    """Join the private Ray cluster of a `planc serve` process (to find its actors); stops it on failure."""
+    import ray
+
+    address = next(m.group(1) for line in srv.banner if (m := re.search(r"cluster at (\S+):", line)))
+    assert address.startswith("127.0.0.1:")
+    joining = threading.Thread(target=ray.init, daemon=True, kwargs=dict(  # ray.init may retry for minutes
+        address=address, namespace="planc-tests", log_to_driver=False, logging_level="ERROR",
+        _node_ip_address="127.0.0.1"))
+    joining.start()
+    joining.join(60)
+    if not ray.is_initialized():
+        srv.stop()
+        pytest.fail(f"could not join the server's Ray cluster at {address}")
+
+
 @needs_ray
 class TestPlancServeOnRay:
     """One `planc serve` process (its own private Ray cluster); this test process joins the cluster only
@@ -85,16 +101,7 @@ class TestPlancServeOnRay:
         import ray
 
         srv = ServerProcess(ray_bundle, "--stage-timeout", str(STAGE_TIMEOUT_S), "--shutdown-timeout", "5")
-        address = next(m.group(1) for line in srv.banner if (m := re.search(r"cluster at (\S+):", line)))
-        assert address.startswith("127.0.0.1:")
-        joining = threading.Thread(target=ray.init, daemon=True, kwargs=dict(  # ray.init may retry for minutes
-            address=address, namespace="planc-tests", log_to_driver=False, logging_level="ERROR",
-            _node_ip_address="127.0.0.1"))
-        joining.start()
-        joining.join(60)
-        if not ray.is_initialized():
-            srv.stop()
-            pytest.fail(f"could not join the server's Ray cluster at {address}")
+        _join_cluster(srv)
         yield srv
         ray.shutdown()
         srv.stop()
@@ -349,6 +356,121 @@ def _assert_serves_local_tokens(url: str, expected) -> None:
     assert len(results) == 8
     for (variant, _, _), (status, text, tokens) in results:
         assert status == 200 and (text, tokens) == expected[(variant, SHORT)], variant
+
+
+# ------------------------------------------------------------------------------ tensor parallelism
+TP_CLUSTER = ("nodes: 1\ndevices_per_node: 2\n"
+              "device: {name: cpu-test, kind: cpu, memory_gb: 0.04, peak_tflops: {fp32: 0.2}, mem_bw_gbps: 10}\n")
+
+
+@pytest.fixture(scope="module")
+def tp_bundle(tiny_example, tmp_path_factory) -> Path:
+    """The tiny example planned for one node of two small devices: the trunk that base, legal and chat (the
+    LoRA) share runs at TP 2, the tops at TP 1."""
+    root = tmp_path_factory.mktemp("ray-tp")
+    (root / "cluster.yaml").write_text(TP_CLUSTER)
+    ctx = PassContext()
+    ctx.options["cost"] = {"cluster": str(root / "cluster.yaml")}
+    return planc.emit(planc.compile(planc.load(tiny_example), ctx=ctx), backend="ray", out=root / "tiny")
+
+
+def test_a_tensor_parallel_copy_runs_as_one_actor_per_rank(tp_bundle):
+    from planc.backends.ray_layout import RayLayout
+    from planc.backends.ray_placement import node_bundles
+
+    plan = Bundle.open(tp_bundle).plan
+    users = {g["id"]: set(g["users"]) for g in plan.groups}
+    assert {"chat", "base"} <= set.union(*[users[p.group] for p in plan.placements if p.tp == 2])
+    assert any(p.tp == 1 for p in plan.placements)
+    layout = RayLayout.from_json(_read(tp_bundle)[0]["applications"][0]["args"]["layout"])
+    tp = [a for a in layout.actors if a.tp]
+    assert tp and all(set(a.tp) == {2} and "chat" in a.variants for a in tp)
+    labels = [label for items in node_bundles(layout).values() for label, _ in items]
+    for a in tp:  # a placement-group bundle per rank, each with a rank's share
+        assert [f"{a.name}.0", f"{a.name}.0.r1"] == a.labels(0) and set(a.labels(0)) <= set(labels)
+    assert len(labels) == sum(a.num_actors for a in layout.actors)
+    readme = (tp_bundle / "README.md").read_text()
+    assert "| 2 |" in readme and "torch.distributed" in readme
+
+
+@needs_ray
+class TestTensorParallelOnRay:
+    """The TP plan served by `planc serve` (its own private Ray cluster, which this test process joins to
+    find the ranks' actors)."""
+
+    @pytest.fixture(scope="class")
+    def server(self, tp_bundle):
+        import ray
+
+        srv = ServerProcess(tp_bundle, "--stage-timeout", str(STAGE_TIMEOUT_S), "--shutdown-timeout", "5",
+                            startup_s=180)
+        _join_cluster(srv)
+        yield srv
+        ray.shutdown()
+        assert srv.stop() == 0
+
+    @pytest.fixture(scope="class")
+    def layout(self, tp_bundle):
+        from planc.backends.ray_layout import RayLayout
+
+        return RayLayout.from_json(_read(tp_bundle)[0]["applications"][0]["args"]["layout"])
+
+    def _ranks(self, layout) -> list[tuple[object, list]]:
+        """Per TP actor spec of the layout: (spec, [(rank's actor handle, its info)] for copy 0)."""
+        import ray
+
+        actors = _stage_actors()
+        out = []
+        for a in (a for a in layout.actors if a.tp):
+            handles = [next(h for n, h in actors.items() if n.endswith("." + label)) for label in a.labels(0)]
+            out.append((a, [(h, ray.get(h.info.remote(), timeout=30)) for h in handles]))
+        return out
+
+    def test_each_rank_is_an_actor_holding_its_shard_and_the_tokens_are_the_local_backends(
+            self, server, layout, tp_bundle, expected):
+        """Each rank of the TP copy in its own actor, joined by gloo on 127.0.0.1: the local backend's greedy
+        tokens for every variant, the LoRA one (whose adapter runs on the TP copy) included."""
+        from planc.runtime.stage import Stage
+
+        assert any(f"in {sum(a.num_actors for a in layout.actors)} stage actors" in line for line in server.banner), \
+            server.banner
+        _assert_serves_local_tokens(server.url, expected)
+        for a, ranks in self._ranks(layout):
+            infos = [info for _, info in ranks]
+            assert [i["tensor_parallel"] for i in infos] == [[0, 2], [1, 2]]
+            assert len({i["pid"] for i in infos}) == 2 and infos[0]["positions"] == infos[1]["positions"]
+            whole = Stage(Bundle.open(tp_bundle), range(*a.positions), 1 << 20, 4, variants=list(a.variants))
+            unsharded = sum(p.numel() for m in whole.modules.values() for p in m.parameters())
+            # each rank holds half of every projection (the embedding and the norms whole)
+            assert all(i["parameters"] < 0.8 * unsharded for i in infos), (infos, unsharded)
+
+    def test_a_killed_rank_restarts_the_copy_rejoins_and_no_request_hangs(self, server, layout, expected):
+        """Rank 1 of the TP copy killed under load: rank 0's collectives fail, the copy fails as a whole, its
+        sequences are recomputed (or get 503), and once Ray has restarted the rank the copy forms a new group
+        and serves the exact greedy tokens again."""
+        import ray
+
+        (_, ranks), = self._ranks(layout)
+        victim, before = ranks[1]
+        work = [(v, LONG, i % 2 == 0) for i in range(2) for v in PROMPTS]
+        results: list = []
+        runner = threading.Thread(target=lambda: results.extend(_concurrently(server.url, work)))
+        runner.start()
+        _wait_running(server.url, len(work) // 2)
+        killed = time.monotonic()
+        ray.kill(victim, no_restart=False)
+        recovered = _first_success_after(server.url, killed)
+        runner.join(DEADLINE_S)
+        assert not runner.is_alive() and len(results) == len(work), "a request hung past the deadline"
+        for (variant, n, _), (status, text, tokens) in results:
+            assert status in (200, 503), (variant, status, text)
+            if status == 200:
+                assert (text, tokens) == expected[(variant, n)], variant
+        after = ray.get(victim.info.remote(), timeout=DEADLINE_S)
+        assert after["pid"] != before["pid"] and after["tensor_parallel"] == [1, 2]
+        _assert_serves_local_tokens(server.url, expected)  # the re-formed group computes the same
+        print(f"\nTP rank killed under load: a new request succeeded {recovered:.2f} s later; in-flight: "
+              f"{sum(r[0] == 200 for _, r in results)} completed, {sum(r[0] == 503 for _, r in results)} got 503")
 
 
 # ------------------------------------------------------------------------------ several Ray nodes

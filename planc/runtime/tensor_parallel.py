@@ -42,6 +42,10 @@ GROUP_TIMEOUT_S = 60.0
 """How long a collective waits for a rank that does not come (a dead rank fails its copy's calls then)."""
 
 
+class GroupBroken(RuntimeError):
+    """A collective failed: a rank of the copy died or restarted, and the group must be formed again."""
+
+
 class TensorParallel:
     """One rank of a tensor-parallel group of `size`: how to shard blocks, and the collectives (once `join`ed)."""
 
@@ -55,10 +59,17 @@ class TensorParallel:
     def join(self, address: str, port: int, backend: str = "gloo") -> None:
         """Join the group of this copy's ranks (every rank calls it; it returns when all have). Joining
         again (after a rank restarted) leaves the old group first."""
+        import os
+
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
+        if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
+            # gloo connects over the interface of this host's name unless told: the rendezvous' is the one
+            interface = interface_of(address)
+            if interface:
+                os.environ["GLOO_SOCKET_IFNAME"] = interface
         dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
                                 world_size=self.size, timeout=timedelta(seconds=GROUP_TIMEOUT_S))
         self.group = dist.group.WORLD
@@ -67,7 +78,10 @@ class TensorParallel:
         """The sum over ranks of each rank's partial `x` (in place)."""
         import torch.distributed as dist
 
-        dist.all_reduce(x, group=self.group)
+        try:
+            dist.all_reduce(x, group=self.group)
+        except RuntimeError as exc:  # torch.distributed's errors derive from it
+            raise GroupBroken(f"tensor-parallel rank {self.rank} of {self.size}: all-reduce failed: {exc}") from None
         return x
 
     def gather_columns(self, x: torch.Tensor, total: int) -> torch.Tensor:
@@ -76,7 +90,10 @@ class TensorParallel:
         import torch.distributed as dist
 
         parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
+        try:
+            dist.all_gather(parts, x.contiguous(), group=self.group)
+        except RuntimeError as exc:
+            raise GroupBroken(f"tensor-parallel rank {self.rank} of {self.size}: all-gather failed: {exc}") from None
         return torch.cat(parts, dim=-1)[..., :total]
 
     # ------------------------------------------------------------------ shards
@@ -171,6 +188,18 @@ def _split_rows(linear: nn.Linear, part: slice) -> nn.Linear:
 def _split_columns(linear: nn.Linear, part: slice, keep_bias: bool) -> nn.Linear:
     bias = linear.bias.detach().clone() if linear.bias is not None and keep_bias else None
     return _linear(linear.weight.detach()[:, part].clone(), bias)
+
+
+def interface_of(address: str) -> Optional[str]:
+    """The name of this host's network interface that has `address` (None if none has, or psutil is absent)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address == address for a in addresses):
+            return name
+    return None
 
 
 def free_port(address: str = "127.0.0.1") -> int:
