@@ -7,14 +7,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
 from planc.bundle_write import FORMAT_VERSION, MANIFEST
-from planc.chain import ChainModel, build_block
+from planc.chain import ChainModel, block_skeleton, build_block
 from planc.models.lora import with_lora
 from planc.errors import BundleError
 from planc.jsonfile import read_json_object
@@ -23,6 +23,9 @@ from planc.models.config import ArchConfig
 from planc.models.safetensors_index import TensorRef, read_header
 from planc.plan import Plan
 from planc.store import verify_file
+
+if TYPE_CHECKING:
+    from planc.runtime.tensor_parallel import TensorParallel
 
 
 class Bundle:
@@ -86,6 +89,34 @@ class Bundle:
                 tied[rel] = chain_modules[other].get_parameter(other_rel)
             self._modules[key] = build_block(entry["kind"], entry["index"], self.arch, tensors, tied)
         return self._modules[key]
+
+    def block_shard(self, key: str, tp: "TensorParallel", chain_keys: dict[str, str]) -> nn.Module:
+        """One tensor-parallel rank's shard of a layer or head block (`TensorParallel.shard`), reading only its
+        part of each tensor from the files: a rank never holds the whole block. A tied tensor is read where
+        the block it ties to stores it (`chain_keys`: block name -> key, in the chain being loaded)."""
+        from contextlib import ExitStack
+
+        from safetensors import safe_open
+
+        entry = self.blocks[key]
+        locations = dict(entry["tensors"])
+        for rel, (other, other_rel) in entry["ties"].items():
+            locations[rel] = self.blocks[chain_keys[other]]["tensors"][other_rel]
+        with ExitStack() as files:
+            opened: dict[str, Any] = {}
+
+            def read(name: str, part: Optional[tuple[int, slice]]) -> torch.Tensor:
+                loc = locations[name]
+                if loc["file"] not in opened:
+                    opened[loc["file"]] = files.enter_context(safe_open(str(self.root / loc["file"]), framework="pt"))
+                f = opened[loc["file"]]
+                if part is None:
+                    return f.get_tensor(loc["name"])
+                dim, rows = part
+                view = f.get_slice(loc["name"])
+                return view[rows] if dim == 0 else view[:, rows]
+
+            return tp.shard(entry["kind"], block_skeleton(entry["kind"], entry["index"], self.arch), read, self.arch)
 
     def _file(self, relpath: str) -> dict[str, torch.Tensor]:
         if relpath not in self._files:

@@ -14,12 +14,17 @@ from planc.models.config import ArchConfig
 from planc.models.llama import DecoderLayer, EmbeddingBlock, HeadBlock
 
 
+def block_skeleton(kind: str, index: int, arch: ArchConfig) -> nn.Module:
+    """A block module of `kind` with its parameters on the meta device (its buffers, config-derived, real)."""
+    with torch.device("meta"):
+        return {"embedding": lambda: EmbeddingBlock(arch), "layer": lambda: DecoderLayer(arch, index),
+                "head": lambda: HeadBlock(arch)}[kind]()
+
+
 def build_block(kind: str, index: int, arch: ArchConfig, tensors: dict[str, torch.Tensor],
                 tied: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
     """A block module of `kind` with exactly `tensors` (+ `tied` tensors shared with other blocks)."""
-    with torch.device("meta"):
-        module = {"embedding": lambda: EmbeddingBlock(arch), "layer": lambda: DecoderLayer(arch, index),
-                  "head": lambda: HeadBlock(arch)}[kind]()
+    module = block_skeleton(kind, index, arch)
     state = dict(tensors)
     state.update(tied or {})
     missing, unexpected = module.load_state_dict(state, strict=False, assign=True)

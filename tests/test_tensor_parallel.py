@@ -90,7 +90,8 @@ def _layer_output(layer, head, deltas, x, segments, cfg, tp=None):
 
 def _sharded_layer(tp: TensorParallel, port: int):
     cfg, layer, head, deltas, x, segments = _layer_and_inputs()
-    shard, head_shard, delta_shard = tp.shard_layer(layer), tp.shard_head(head), tp.shard_adapter(deltas, layer)
+    shard, head_shard = tp.shard_module("layer", layer, cfg), tp.shard_module("head", head, cfg)
+    delta_shard = tp.shard_adapter(deltas, cfg)
     held = sum(p.numel() for p in shard.parameters())
     tp.join("127.0.0.1", port)
     with torch.no_grad():
@@ -156,40 +157,67 @@ def ex_call(position, key, segments):
     return BlockCall(position, key, segments)
 
 
-PROMPTS = {0: ("base", [5, 9, 2, 7]), 1: ("legal", [3, 3, 8]), 2: ("chat", [11, 4, 6, 6, 2]), 3: ("support", [7, 1])}
+TINY_PROMPTS = {0: ("base", [5, 9, 2, 7]), 1: ("legal", [3, 3, 8]), 2: ("chat", [11, 4, 6, 6, 2]),
+                3: ("support", [7, 1])}
 
 
-def _sharded_stage(tp: TensorParallel, port: int, bundle_dir: str, feed):
+@pytest.fixture(scope="module")
+def qwen2_bundle(tmp_path_factory, tokenizer_dir):
+    """A Qwen2-family base (head tied to the embedding, q/k/v biases) and a fine-tune of its attention's q and v
+    in every layer: its layer blocks keep their MLP tensors in the base's files."""
+    import planc
+    from planc.example.checkpoints import hf_config, perturb, random_state
+    from tests.helpers import write_project
+
+    root = tmp_path_factory.mktemp("tp-qwen2")
+    cfg = hf_config("qwen2")
+    base = random_state(cfg)
+    models = {"base": base, "attn": perturb(base, lambda k: "q_proj" in k or "v_proj" in k, seed=1)}
+    program = planc.compile(planc.load(write_project(root, tokenizer_dir, models, config=cfg)))
+    return planc.emit(program, out=root / "bundle"), {0: ("base", [5, 9, 2, 7]), 1: ("attn", [3, 3, 8, 1, 1])}
+
+
+def _sharded_stage(tp: TensorParallel, port: int, bundle_dir: str, prompts, feed):
     from planc.bundle import Bundle
     from planc.runtime.stage import Stage
 
     bundle = Bundle.open(bundle_dir, verify=False)
+    whole_blocks = []  # what the rank loads whole: only embeddings (it reads its parts of the rest)
+    load = bundle.block_module
+    bundle.block_module = lambda key, *a: whole_blocks.append(bundle.blocks[key]["kind"]) or load(key, *a)
     stage = Stage(bundle, range(len(bundle.variant("base")["chain"])), 1 << 20, 4, tensor_parallel=tp)
+    assert whole_blocks and set(whole_blocks) == {"embedding"}, whole_blocks
     tp.join("127.0.0.1", port)
     held = sum(p.numel() for key, m in stage.modules.items() if stage.kinds.get(_position(bundle, key)) == "layer"
                for p in m.parameters())
-    return _steps(stage, bundle, PROMPTS, 4, feed), held, stage.cache.k.shape
+    return _steps(stage, bundle, prompts, 4, feed), held, stage.cache.k.shape
 
 
 def _position(bundle, key):
     return next(p for v in bundle.variants for p, link in enumerate(bundle.variant(v)["chain"]) if link["block"] == key)
 
 
-def test_the_tiny_example_at_tp_2_gives_the_unsharded_stages_logits_and_tokens(tiny_bundle):
+@pytest.mark.parametrize("which", ["tiny", "qwen2"])
+def test_a_bundle_at_tp_2_gives_the_unsharded_stages_logits_and_tokens(which, request):
+    """The tiny example (a partial fine-tune, a full one, a LoRA adapter) and a Qwen2 bundle (tied head, q/k/v
+    biases, tensors of one block in several files), every position in one stage: each rank reads only its
+    parts of the layers and the head from the files, and gives the unsharded stage's logits."""
     from planc.bundle import Bundle
     from planc.runtime.stage import Stage
 
-    bundle = Bundle.open(tiny_bundle)
+    bundle_dir, prompts = (request.getfixturevalue("tiny_bundle"), TINY_PROMPTS) if which == "tiny" else \
+        request.getfixturevalue("qwen2_bundle")
+    bundle = Bundle.open(bundle_dir)
     chain_length = len(bundle.variant("base")["chain"])
     whole = Stage(bundle, range(chain_length), 1 << 20, 4)
-    expected = _steps(whole, bundle, PROMPTS, 4)
+    expected = _steps(whole, bundle, prompts, 4)
     feed = [{seq: int(logits.argmax()) for seq, logits in step.items()} for step in expected]
     held_whole = sum(p.numel() for key, m in whole.modules.items() if whole.kinds.get(_position(bundle, key)) == "layer"
                      for p in m.parameters())
-    for steps, held, kv_shape in run_ranks(_sharded_stage, 2, str(tiny_bundle), feed):
+    for steps, held, kv_shape in run_ranks(_sharded_stage, 2, str(bundle_dir), prompts, feed):
         assert kv_shape[2] == bundle.arch.num_kv_heads // 2
         assert held < 0.6 * held_whole  # half of every projection (the norms stay whole)
         for got, want in zip(steps, expected):
-            for seq in PROMPTS:
+            for seq in prompts:
                 torch.testing.assert_close(got[seq], want[seq], rtol=1e-4, atol=1e-4)
                 assert int(got[seq].argmax()) == int(want[seq].argmax())

@@ -56,9 +56,9 @@ class Stage:
                  kernels: Optional[KernelSelection] = None, variants: Optional[list[str]] = None,
                  tensor_parallel: Optional[TensorParallel] = None):
         """`variants`: load only these variants' blocks (a copy of one plan group); default: all.
-        `tensor_parallel`: this stage is one rank of a tensor-parallel copy: it keeps its shard of every
-        layer and of the head, its KV heads' share of the cache (and of `kv_cache_bytes`), and drops the
-        bundle's whole tensors once sharded. Its calls must run on every rank of the copy at once."""
+        `tensor_parallel`: this stage is one rank of a tensor-parallel copy: it reads its shard of every
+        layer and of the head from the files (`Bundle.block_shard`; the embedding whole), and keeps its KV
+        heads' share of the cache (and of `kv_cache_bytes`). Its calls must run on every rank at once."""
         self.positions = positions
         self.tp = tensor_parallel
         if tensor_parallel is not None:
@@ -80,36 +80,39 @@ class Stage:
         self.cache = KVCache.for_budget(kv_cache_bytes // share, page_size, arch.num_kv_heads // share, arch.head_dim,
                                         dtype) if self.layers else None
         if self.tp is not None:
-            bundle.forget_loaded()  # this rank keeps its shards; the whole blocks are freed
+            bundle.forget_loaded()  # the adapters' files, read whole; this rank keeps its parts
 
     def _load(self, bundle: Bundle, variant: str) -> None:
         loaded: dict[str, torch.nn.Module] = {}
-        tie_targets = {name for name, _ in self._tie_targets(bundle, variant)}
-        for position, link in enumerate(bundle.variant(variant)["chain"]):
+        chain = bundle.variant(variant)["chain"]
+        # a tensor-parallel rank reads its shard of a tied tensor from the file; it loads no other block
+        tie_targets = {name for name, _ in self._tie_targets(bundle, variant)} if self.tp is None else set()
+        for position, link in enumerate(chain):
             entry = bundle.blocks[link["block"]]
             in_stage = position in self.positions
             if not in_stage and entry["name"] not in tie_targets:
                 continue  # neither ours nor tied to one of ours
+            if self.tp is not None and entry["kind"] != "embedding":
+                self.kinds[position] = entry["kind"]
+                if link["block"] not in self.modules:  # this rank's part, read from the files
+                    names = {bundle.blocks[other["block"]]["name"]: other["block"] for other in chain}
+                    self.modules[link["block"]] = bundle.block_shard(link["block"], self.tp, names)
+                if link["adapter"] and link["adapter"] not in self.adapters:
+                    self.adapters[link["adapter"]] = self.tp.shard_adapter(bundle.adapter_deltas(link["adapter"]),
+                                                                           bundle.arch)
+                continue
             module = bundle.block_module(link["block"], loaded)  # loaded once per bundle, shared
             loaded[entry["name"]] = module
             if not in_stage:
                 continue
             self.kinds[position] = entry["kind"]
-            if link["block"] not in self.modules:
-                self.modules[link["block"]] = self._shard(entry["kind"], module)
+            self.modules[link["block"]] = module
             if entry["kind"] == "embedding" and link["block"] not in self.file_rows:
                 rows = _file_rows(bundle, link["block"], module)
                 if rows is not None:
                     self.file_rows[link["block"]] = rows
             if link["adapter"] and link["adapter"] not in self.adapters:
-                deltas = bundle.adapter_deltas(link["adapter"])
-                self.adapters[link["adapter"]] = self.tp.shard_adapter(deltas, module) if self.tp else deltas
-
-    def _shard(self, kind: str, module: torch.nn.Module) -> torch.nn.Module:
-        """The module this stage runs for a block: the block itself, or this rank's shard of it."""
-        if self.tp is None or kind == "embedding":
-            return module
-        return self.tp.shard_layer(module) if kind == "layer" else self.tp.shard_head(module)
+                self.adapters[link["adapter"]] = bundle.adapter_deltas(link["adapter"])
 
     def _tie_targets(self, bundle: Bundle, variant: str) -> list[tuple[str, str]]:
         """(block name, tensor) that blocks of this stage tie to (e.g. the head to the embedding)."""

@@ -110,84 +110,92 @@ class TensorParallel:
                 raise PlancError(f"{where}: tensor parallelism {self.size} needs config.json's {name} ({value}) "
                                  f"to be a multiple of {self.size}")
 
-    def shard_layer(self, layer: nn.Module) -> nn.Module:
-        """This rank's part of a decoder layer (a new module; `layer` is left as it is)."""
-        out = copy.copy(layer)  # shallow: submodules are replaced below, never modified
-        out._modules = dict(layer._modules)
-        attn = copy.copy(layer.self_attn)
-        attn._modules = dict(attn._modules)
-        heads, kv_heads, hd = attn.num_heads // self.size, attn.num_kv_heads // self.size, attn.head_dim
-        attn.num_heads, attn.num_kv_heads = heads, kv_heads
-        attn.q_proj = _split_rows(attn.q_proj, slice(self.rank * heads * hd, (self.rank + 1) * heads * hd))
-        for name in ("k_proj", "v_proj"):
-            setattr(attn, name, _split_rows(getattr(attn, name),
-                                            slice(self.rank * kv_heads * hd, (self.rank + 1) * kv_heads * hd)))
-        attn.o_proj = _split_columns(attn.o_proj, slice(self.rank * heads * hd, (self.rank + 1) * heads * hd),
-                                     keep_bias=self.rank == 0)
-        mlp = copy.copy(layer.mlp)
-        mlp._modules = dict(mlp._modules)
-        part = self.rows(mlp.gate_proj.out_features)
-        mlp.gate_proj, mlp.up_proj = _split_rows(mlp.gate_proj, part), _split_rows(mlp.up_proj, part)
-        mlp.down_proj = _split_columns(mlp.down_proj, part, keep_bias=self.rank == 0)
-        out.self_attn, out.mlp = attn, mlp
+    def projection_parts(self, arch: ArchConfig) -> dict[str, tuple[int, slice]]:
+        """Per projection of a decoder layer (`self_attn.q_proj`, ...), the dimension of its weight this rank
+        splits (0: output rows, 1: input columns) and its part: its attention heads, its KV heads, its
+        share of the MLP's intermediate."""
+        hd, heads, kv_heads = arch.head_dim, arch.num_heads // self.size, arch.num_kv_heads // self.size
+        q = slice(self.rank * heads * hd, (self.rank + 1) * heads * hd)
+        kv = slice(self.rank * kv_heads * hd, (self.rank + 1) * kv_heads * hd)
+        mlp = self.rows(arch.intermediate_size)
+        return {"self_attn.q_proj": (0, q), "self_attn.k_proj": (0, kv), "self_attn.v_proj": (0, kv),
+                "self_attn.o_proj": (1, q), "mlp.gate_proj": (0, mlp), "mlp.up_proj": (0, mlp),
+                "mlp.down_proj": (1, mlp)}
+
+    def tensor_parts(self, kind: str, names: list[str], arch: ArchConfig) -> dict[str, Optional[tuple[int, slice]]]:
+        """Per tensor of a layer or head block (its names in the block, e.g. `self_attn.q_proj.weight`), what
+        this rank keeps: (dim, part), or None for the whole tensor; a tensor it drops is left out (the bias
+        of a row-split projection, on ranks other than 0)."""
+        projections = self.projection_parts(arch) if kind == "layer" else {"lm_head": (0, self.rows(arch.vocab_size))}
+        out: dict[str, Optional[tuple[int, slice]]] = {}
+        for name in names:
+            module, leaf = name.rsplit(".", 1)
+            if module not in projections:
+                out[name] = None  # norms
+            elif leaf == "weight" or projections[module][0] == 0:
+                out[name] = projections[module]  # a column-split projection's bias goes with its rows
+            elif self.rank == 0:
+                out[name] = None  # a row-split projection's bias: added once, to the completed sum
         return out
 
-    def shard_head(self, head: nn.Module) -> nn.Module:
-        """This rank's vocabulary rows of the head (padded with zero rows to ceil(vocab/size), so that
-        every rank's logits have one width for the gather); the norm is kept whole."""
-        out = copy.copy(head)
-        out._modules = dict(head._modules)
-        vocab = head.lm_head.out_features
-        part = self.rows(vocab)
-        weight = head.lm_head.weight.detach()[part]
-        pad = math.ceil(vocab / self.size) - weight.shape[0]
-        if pad:
-            weight = torch.cat([weight, weight.new_zeros(pad, weight.shape[1])])
-        out.lm_head = _linear(weight.clone(), None)
-        out.vocab_size = vocab
+    def shard(self, kind: str, skeleton: nn.Module, read, arch: ArchConfig) -> nn.Module:
+        """This rank's part of a layer or head block: a copy of `skeleton`'s structure (the block, whole or on
+        the meta device; it is left as it is) whose tensors are `read(name, part)` (`tensor_parts`). The
+        head's rows are padded with zeros to ceil(vocab/size), so that every rank's logits have one width."""
+        out = _structure(skeleton)
+        names = [n for n, _ in skeleton.named_parameters()]
+        parts = self.tensor_parts(kind, names, arch)
+        for name in names:
+            module_path, leaf = name.rsplit(".", 1)
+            module = out.get_submodule(module_path)
+            if name not in parts:
+                setattr(module, leaf, None)
+                continue
+            tensor = read(name, parts[name])
+            if kind == "head" and module_path == "lm_head":
+                pad = math.ceil(arch.vocab_size / self.size) - tensor.shape[0]
+                tensor = torch.cat([tensor, tensor.new_zeros(pad, tensor.shape[1])]) if pad else tensor
+            setattr(module, leaf, nn.Parameter(tensor, requires_grad=False))
+        if kind == "layer":
+            out.self_attn.num_heads = arch.num_heads // self.size
+            out.self_attn.num_kv_heads = arch.num_kv_heads // self.size
+        else:
+            out.vocab_size = arch.vocab_size
         return out
 
-    def shard_adapter(self, deltas: dict[str, tuple[torch.Tensor, torch.Tensor, float]], layer: nn.Module
+    def shard_module(self, kind: str, block: nn.Module, arch: ArchConfig) -> nn.Module:
+        """`shard` of a block held in memory (copies of its tensors' parts: the block can then be freed)."""
+        tensors = dict(block.named_parameters())
+
+        def read(name: str, part: Optional[tuple[int, slice]]) -> torch.Tensor:
+            t = tensors[name].detach()
+            if part is None:
+                return t
+            dim, sl = part
+            return t.narrow(dim, sl.start, sl.stop - sl.start).clone()
+
+        return self.shard(kind, block, read, arch)
+
+    def shard_adapter(self, deltas: dict[str, tuple[torch.Tensor, torch.Tensor, float]], arch: ArchConfig
                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         """This rank's part of one block's LoRA deltas (path -> (A (r, in), B (out, r), scaling)), split as
-        the projections of `layer` (the whole layer, before `shard_layer`) are."""
-        attn = layer.self_attn
-        hd = attn.head_dim
-        q_part = slice(self.rank * attn.num_heads // self.size * hd, (self.rank + 1) * attn.num_heads // self.size * hd)
-        kv_part = slice(self.rank * attn.num_kv_heads // self.size * hd,
-                        (self.rank + 1) * attn.num_kv_heads // self.size * hd)
-        mlp_part = self.rows(layer.mlp.gate_proj.out_features)
-        out_rows = {"self_attn.q_proj": q_part, "self_attn.k_proj": kv_part, "self_attn.v_proj": kv_part,
-                    "mlp.gate_proj": mlp_part, "mlp.up_proj": mlp_part}
-        in_columns = {"self_attn.o_proj": q_part, "mlp.down_proj": mlp_part}
+        their projections are: B by rows on a column-split projection, A by columns on a row-split one."""
+        parts = self.projection_parts(arch)
         out = {}
         for path, (a, b, scaling) in deltas.items():
-            if path in out_rows:
-                out[path] = (a, b[out_rows[path]].contiguous(), scaling)
-            elif path in in_columns:
-                out[path] = (a[:, in_columns[path]].contiguous(), b, scaling)
-            else:
+            if path not in parts:
                 raise PlancError(f"tensor parallelism: a LoRA delta on {path} is not supported "
                                  f"(only {', '.join(COLUMN_SPLIT + ROW_SPLIT)})")
+            dim, part = parts[path]
+            out[path] = (a, b[part].contiguous(), scaling) if dim == 0 else (a[:, part].contiguous(), b, scaling)
         return out
 
 
-def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
-    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    out.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        out.bias = nn.Parameter(bias, requires_grad=False)
-    return out
-
-
-def _split_rows(linear: nn.Linear, part: slice) -> nn.Linear:
-    bias = linear.bias.detach()[part].clone() if linear.bias is not None else None
-    return _linear(linear.weight.detach()[part].clone(), bias)
-
-
-def _split_columns(linear: nn.Linear, part: slice, keep_bias: bool) -> nn.Linear:
-    bias = linear.bias.detach().clone() if linear.bias is not None and keep_bias else None
-    return _linear(linear.weight.detach()[:, part].clone(), bias)
+def _structure(block: nn.Module) -> nn.Module:
+    """A copy of `block` that shares no tensor with it: its parameters on the meta device, to be replaced."""
+    memo = {id(p): nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
+            for p in block.parameters()}
+    return copy.deepcopy(block, memo)
 
 
 def interface_of(address: str) -> Optional[str]:
