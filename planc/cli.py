@@ -194,6 +194,11 @@ def serve(
     out.print(f"  {state.engine.num_unique_blocks} unique blocks loaded; KV cache {state.engine.kv_pages()} pages x "
               f"{cfg.page_size} tokens ({cfg.kv_cache_bytes / 2**20:.0f} MiB); max_model_len {cfg.max_model_len}",
               markup=False)
+    plan = state.bundle.plan
+    widest = max((p.tp for p in plan.placements), default=1) if plan is not None else 1
+    if widest > 1:
+        out.print(f"  note: the plan lays copies out at TP up to {widest}; this backend runs every copy whole in one "
+                  "process (the ray backend runs each rank in its own actor)", markup=False)
     if state.keys is None:
         out.print("  tenants: none configured; the server is open to every client (no API keys)", markup=False)
     else:

@@ -316,11 +316,15 @@ TWO_CPU_NODES = ("nodes: 2\ndevices_per_node: 1\n"
 @pytest.fixture(scope="module")
 def two_node_bundle(tiny_example, tmp_path_factory) -> Path:
     """The tiny example planned for two CPU nodes of one device each: the plan uses both nodes."""
-    root = tmp_path_factory.mktemp("ray-two-nodes")
-    (root / "cluster.yaml").write_text(TWO_CPU_NODES)
+    return _planned_ray_bundle(tiny_example, tmp_path_factory.mktemp("ray-two-nodes"), TWO_CPU_NODES)
+
+
+def _planned_ray_bundle(example: Path, root: Path, cluster: str, backend: str = "ray") -> Path:
+    """The example compiled with a plan for the cluster file `cluster`, for `backend`, under `root`."""
+    (root / "cluster.yaml").write_text(cluster)
     ctx = PassContext()
     ctx.options["cost"] = {"cluster": str(root / "cluster.yaml")}
-    return planc.emit(planc.compile(planc.load(tiny_example), ctx=ctx), backend="ray", out=root / "tiny")
+    return planc.emit(planc.compile(planc.load(example), ctx=ctx), backend=backend, out=root / "tiny")
 
 
 def test_a_two_node_plan_gets_one_engine_per_node_over_that_nodes_actors(two_node_bundle):
@@ -367,11 +371,7 @@ TP_CLUSTER = ("nodes: 1\ndevices_per_node: 2\n"
 def tp_bundle(tiny_example, tmp_path_factory) -> Path:
     """The tiny example planned for one node of two small devices: the trunk that base, legal and chat (the
     LoRA) share runs at TP 2, the tops at TP 1."""
-    root = tmp_path_factory.mktemp("ray-tp")
-    (root / "cluster.yaml").write_text(TP_CLUSTER)
-    ctx = PassContext()
-    ctx.options["cost"] = {"cluster": str(root / "cluster.yaml")}
-    return planc.emit(planc.compile(planc.load(tiny_example), ctx=ctx), backend="ray", out=root / "tiny")
+    return _planned_ray_bundle(tiny_example, tmp_path_factory.mktemp("ray-tp"), TP_CLUSTER)
 
 
 def test_a_tensor_parallel_copy_runs_as_one_actor_per_rank(tp_bundle):
@@ -391,6 +391,17 @@ def test_a_tensor_parallel_copy_runs_as_one_actor_per_rank(tp_bundle):
     assert len(labels) == sum(a.num_actors for a in layout.actors)
     readme = (tp_bundle / "README.md").read_text()
     assert "| 2 |" in readme and "torch.distributed" in readme
+
+
+def test_the_local_backend_says_it_runs_a_tensor_parallel_plans_copies_whole(tiny_example, tmp_path, expected):
+    bundle = _planned_ray_bundle(tiny_example, tmp_path, TP_CLUSTER, backend="local")
+    srv = ServerProcess(bundle, "--shutdown-timeout", "5")
+    try:
+        assert any("TP up to 2; this backend runs every copy whole" in line for line in srv.banner), srv.banner
+        r = httpx.post(srv.url + "/v1/completions", json=_request("chat", SHORT), timeout=DEADLINE_S).json()
+        assert (r["choices"][0]["text"], r["usage"]["completion_tokens"]) == expected[("chat", SHORT)]
+    finally:
+        assert srv.stop() == 0
 
 
 @needs_ray
