@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import sys
 import threading
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ from planc.backends.ray_layout import RayLayout
 from planc.backends.ray_placement import placed_nodes, unplaceable
 from planc.bundle import Bundle
 from planc.errors import PlancError
+from planc.net import free_port
 
 OBJECT_STORE_BYTES = 200 * 2**20
 """Small: stages exchange hidden states of one step, never weights."""
@@ -81,12 +81,6 @@ def _local_gpus() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -29,12 +29,9 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from planc.bundle import Bundle
 from planc.runtime.executor import Segment
 from planc.runtime.stage import BlockCall, Stage, StageFailed
-from planc.runtime.tensor_parallel import GroupBroken, TensorParallel, free_port
+from planc.net import free_port
+from planc.runtime.tensor_parallel import GroupBroken, TensorParallel
 from planc.store import verify_file
-
-
-GROUP_JOIN_S = 30.0
-"""How long the ranks of a tensor-parallel copy may take to meet (each waits for the others)."""
 
 
 class StageRestarted(RuntimeError):
@@ -159,6 +156,8 @@ class StageCopy:
         self.handles = [handle, *ranks]
         self.incarnation = ""
         self.incarnations: tuple[str, ...] = ()
+        self._joining: Optional[tuple[list[dict], list]] = None
+        """The ranks' attach answers and their group joins in flight (a tensor-parallel copy attaching)."""
         self.broken = True  # until attached
         self.num_layers = self.num_pages = self.free = 0
         self.page_size = 1
@@ -167,16 +166,30 @@ class StageCopy:
         self.ops: list[tuple] = []
 
     def attach(self, timeout_s: float) -> None:
-        """Attach to every rank (and, on a tensor-parallel copy, join them in a new process group), or raise
-        what `ray.get` raises."""
-        infos = ray.get([h.attach.remote() for h in self.handles], timeout=timeout_s)
-        if len(self.handles) > 1:
+        """Attach to every rank, or raise what `ray.get` raises. The ranks of a tensor-parallel copy also meet
+        in a new process group: the join is started once and awaited at most `timeout_s` per call (a later
+        call picks it up), so that no caller waits on it longer than it asked."""
+        if self._joining is None:
+            infos = ray.get([h.attach.remote() for h in self.handles], timeout=timeout_s)
+            if len(self.handles) == 1:
+                self.attached(*infos)
+                return
             address = ray.get(self.handle.group_address.remote(), timeout=timeout_s)
-            ray.get([h.join_group.remote(*address) for h in self.handles], timeout=max(timeout_s, GROUP_JOIN_S))
+            self._joining = (infos, [h.join_group.remote(*address) for h in self.handles])
+        infos, joins = self._joining
+        ready, _ = ray.wait(joins, num_returns=len(joins), timeout=timeout_s)
+        if len(ready) < len(joins):
+            raise GetTimeoutError(f"the ranks of stage actor {self.label} have not met yet")
+        self._joining = None
+        ray.get(joins)  # a rank that could not join fails the attach; the next one starts over
         self.attached(*infos)
 
     def attached(self, info: dict, *ranks: dict) -> None:
-        """The copy as its ranks describe themselves (`StageWorker.attach`; rank 0's figures)."""
+        """The copy as its ranks describe themselves (`StageWorker.attach`; rank 0's figures, which every
+        rank shares: the same pages, each for its own KV heads)."""
+        if any((r["num_layers"], r["num_pages"], r["page_size"]) != (info["num_layers"], info["num_pages"],
+                                                                     info["page_size"]) for r in ranks):
+            raise RuntimeError(f"stage actor {self.label}: its ranks hold different KV caches ({info}, {ranks})")
         self.incarnations = (info["incarnation"], *(r["incarnation"] for r in ranks))
         self.incarnation, self.num_layers = info["incarnation"], info["num_layers"]
         self.num_pages, self.page_size = info["num_pages"], info["page_size"]
@@ -310,24 +323,35 @@ class RemoteStage:
         return _RemoteCalls(self, refs)
 
     def _get(self, copy: StageCopy, refs: list):
-        """Rank 0's reply to one call of a copy. Every rank's is awaited: on a tensor-parallel copy a rank that
-        died or restarted leaves the others' collectives failing, and the whole copy fails (`StageFailed`)."""
-        replies, errors = [], []
+        """Rank 0's reply to one call of a copy; every rank's is awaited, within one deadline. A rank that
+        died, restarted or did not answer fails the copy (`StageFailed`; its sequences are recomputed once
+        it is back). On a tensor-parallel copy the others' collectives then fail too (`GroupBroken`), and
+        the copy forms its group again when it is re-attached; an error of the code itself is raised as it is
+        (and still breaks the copy's group)."""
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=self.call_timeout_s)
+        replies, lost, broken, failed = [], [], [], []
         for ref in refs:
+            if ref in pending:
+                lost.append("did not answer within the call timeout")
+                continue
             try:
-                replies.append(ray.get(ref, timeout=self.call_timeout_s))
-            except (RayActorError, GetTimeoutError, RayTaskError) as exc:
-                errors.append(exc)
-        if not errors:
+                replies.append(ray.get(ref))
+            except RayActorError as exc:
+                lost.append(f"failed ({type(exc).__name__})")
+            except RayTaskError as exc:
+                if isinstance(exc.cause, StageRestarted):
+                    lost.append("was restarted by Ray")
+                elif isinstance(exc.cause, GroupBroken):
+                    broken.append(str(exc.cause))
+                else:
+                    failed.append(exc.cause)
+        if not (lost or broken or failed):
             return replies[0]
-        lost = [e for e in errors if not isinstance(e, RayTaskError) or isinstance(e.cause, (StageRestarted, GroupBroken))]
-        if not lost:
-            raise RuntimeError(f"stage actor {copy.label}: {errors[0].cause!r}") from None
-        copy.broken = True
-        first = lost[0]
-        what = f"failed ({type(first).__name__})" if not isinstance(first, RayTaskError) else (
-            "was restarted by Ray" if isinstance(first.cause, StageRestarted) else str(first.cause))
-        raise StageFailed(f"stage actor {copy.label} {what}") from None
+        if lost or broken or len(refs) > 1:
+            copy.broken = True
+        if failed and not lost:
+            raise RuntimeError(f"stage actor {copy.label}: {failed[0]!r}") from None
+        raise StageFailed(f"stage actor {copy.label} {(lost or broken)[0]}") from None
 
 
 class _RemoteCalls:
@@ -377,10 +401,10 @@ class _PagesView:
 def wait_attached(copies: list[StageCopy], timeout_s: float, describe) -> None:
     """Attach to every actor, or fail with what could not be placed (`describe(label)` says what it needs)."""
     deadline = time.monotonic() + timeout_s
-    refs = {c.label: (c, [h.attach.remote() for h in c.handles]) for c in copies}  # every actor loads at once
-    for label, (copy, ref) in refs.items():
+    loading = {c.label: (c, [h.info.remote() for h in c.handles]) for c in copies}  # every actor loads at once
+    for label, (copy, loaded) in loading.items():
         try:
-            ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
+            ray.get(loaded, timeout=max(0.1, deadline - time.monotonic()))
             copy.attach(max(0.1, deadline - time.monotonic()))
         except GetTimeoutError:
             raise StageFailed(f"stage actor {label} did not start within {timeout_s:.0f} s; it needs "

@@ -18,6 +18,7 @@ import numpy as np
 from planc.cluster import Cluster, load_cluster
 from planc.cost import BlockCost, CostModel, arch_block_costs
 from planc.errors import SpecError
+from planc.models.config import ArchConfig
 from planc.pass_manager import Pass, PassContext
 from planc.plan import BlockGroup, LoraUse, groups_from_instances, parse_changes, step_tokens
 from planc.program import Program
@@ -225,8 +226,11 @@ class OptionBuilder:
     swap this object to change how options are costed)."""
 
     def __init__(self, costs: dict[str, BlockCost], cm: CostModel, cluster: Cluster, traffic: Traffic,
-                 tpot_budget_s: float, ttft_budget_s: float, chain_length: int, lora_in_out: float):
+                 tpot_budget_s: float, ttft_budget_s: float, chain_length: int, lora_in_out: float,
+                 arch: Optional[ArchConfig] = None):
+        """`arch`: the architecture, to leave out TP degrees it cannot be split at (None: keep all)."""
         self.costs, self.cm, self.cluster, self.traffic = costs, cm, cluster, traffic
+        self.arch = arch
         self.tpot_budget_s, self.ttft_budget_s, self.chain_length = tpot_budget_s, ttft_budget_s, chain_length
         self.lora_in_out = lora_in_out
         self._evaluated: dict[tuple, list[GroupOption]] = {}
@@ -237,7 +241,8 @@ class OptionBuilder:
         """The builder for a program's architecture and SLO on `cluster`."""
         arch, slo = program.base.checkpoint.arch, program.spec.plan.slo
         return cls(costs, CostModel.for_cluster(cluster, arch.dtype_bytes), cluster, traffic, slo.tpot_ms / 1e3,
-                   slo.ttft_ms / 1e3, len(chain_block_names(arch.num_layers)), lora_in_out=2.0 * arch.hidden_size)
+                   slo.ttft_ms / 1e3, len(chain_block_names(arch.num_layers)), lora_in_out=2.0 * arch.hidden_size,
+                   arch=arch)
 
     def options(self, group: BlockGroup) -> list[GroupOption]:
         """Every layout of one replica of `group` that meets the SLO and fits a device, less those another
@@ -254,9 +259,10 @@ class OptionBuilder:
         return [replace(o, group=group.id) for o in self._evaluated[key]]
 
     def _shapes(self) -> list[tuple[int, int]]:
-        """(TP, PP) of every layout inside one node."""
+        """(TP, PP) of every layout inside one node, at the TP degrees that split the architecture (whole
+        attention and KV heads per rank, `ArchConfig.tensor_parallel_misfit`)."""
         return [(tp, pp) for tp in self.cluster.tp_degrees() for pp in PIPELINE_DEPTHS
-                if pp * tp <= self.cluster.devices_per_node]
+                if pp * tp <= self.cluster.devices_per_node and (self.arch is None or not self.arch.tensor_parallel_misfit(tp))]
 
     def no_layout(self, group: BlockGroup) -> str:
         """Why `options(group)` is empty, with the figures of the layout that came closest: memory first (one
@@ -296,10 +302,10 @@ class OptionBuilder:
                 f"plan.slo.tpot_ms to at least {math.ceil(tpot / share * 1e3)}, or use faster devices")
 
     def layouts(self, group: BlockGroup, tp: int, pp: int, blocks: Optional["_GroupBlocks"] = None) -> list[GroupOption]:
-        """The layouts of `group` at one (TP, PP), before `pareto`: per decode batch, the stage boundaries that give the
-        most capacity (least per-request device time on the busiest stage) among the splits that fit a
-        device, and of those the one with the least memory on its fullest device (`min_max_split`); up
-        to the largest batch that meets the SLO and fits."""
+        """The layouts of `group` at one (TP, PP), before `pareto`: the largest decode batch at which some
+        split into stages fits a device and meets the SLO, cut where that batch gives the most capacity
+        (least per-request device time on the busiest stage) and, of the cuts that give as much, where
+        its fullest device holds least (`min_max_split`); and a quarter of that batch, cut alike."""
         if pp > group.num_positions:
             return []
         blocks = blocks or _GroupBlocks(self, group)
@@ -307,7 +313,7 @@ class OptionBuilder:
         lp, lo = self.traffic.prompt_tokens, self.traffic.output_tokens
         usable = self.cluster.device.usable_bytes
         prefill = blocks.prefill(tp)
-        feasible = []
+        feasible, cuts = [], ()  # (batch, decode time per block, memory per stage) at each feasible batch
         for batch in _BATCHES:
             decode = blocks.decode(tp, batch)
             per_request = segment_sums(decode / batch * lo + prefill)
@@ -319,6 +325,7 @@ class OptionBuilder:
             if fastest is None:
                 break
             # TTFT, TPOT and the time a request spends in the copy do not depend on where the stages are cut
+            # (every block sends the same hidden size to the next)
             stage_prefill = blocks.stage_sums(prefill, blocks.hop_prefill, fastest[0])
             if sum(stage_prefill) > self.ttft_budget_s * share:
                 return []
@@ -331,16 +338,18 @@ class OptionBuilder:
             residence = (sum(stage_prefill) + lo * tpot) / share
             limit = max(fastest[1], residence / (pp * batch)) * (1 + 1e-9)
             cuts, _ = min_max_split((memory, memory), pp, (fits & (time[0] <= limit), fits & (time[1] <= limit)))
-            stage_prefill = blocks.stage_sums(prefill, blocks.hop_prefill, cuts)
-            stage_decode = blocks.stage_sums(decode, blocks.hop(batch), cuts)
-            stage_memory = tuple(float(memory[a, b]) for a, b in zip(cuts, cuts[1:]))
-            feasible.append((batch, cuts, stage_decode, stage_prefill, stage_memory))
-        # the largest SLO-feasible batch, and a quarter of it for when memory is tight
+            feasible.append((batch, decode, memory))
+        # the largest SLO-feasible batch, and a quarter of it for when memory is tight; both cut where the
+        # largest batch is best cut (a copy at a smaller batch holds less on every stage, so it fits too):
+        # one set of cuts per group, depth and degree, which the engine's stages follow
         chosen = feasible[-1:] + ([feasible[-3]] if len(feasible) >= 3 else [])
         out = []
-        for batch, cuts, decode, prefill, memory in chosen:
-            stages = tuple(tuple(group.blocks[a:b]) for a, b in zip(cuts, cuts[1:]))
-            single = blocks.stage_sums(blocks.decode(tp, 1), blocks.hop(1), cuts)
+        stages = tuple(tuple(group.blocks[a:b]) for a, b in zip(cuts, cuts[1:]))
+        single = blocks.stage_sums(blocks.decode(tp, 1), blocks.hop(1), cuts)
+        prefill = blocks.stage_sums(prefill, blocks.hop_prefill, cuts)
+        for batch, decode_blocks, memory_matrix in chosen:
+            decode = blocks.stage_sums(decode_blocks, blocks.hop(batch), cuts)
+            memory = tuple(float(memory_matrix[a, b]) for a, b in zip(cuts, cuts[1:]))
             full = [d / batch * lo + p for d, p in zip(decode, prefill)]
             tpot = sum(_loaded_steps(decode, prefill, batch, lo))
             # A request stays for the whole chain's latency, which the group's part of it is `share` of.

@@ -276,16 +276,20 @@ class Plan:
                     {v: {str(node): 1.0} for v in traffic})
 
     def stage_ranges(self, chain_length: int) -> list[range]:
-        """Chain positions cut where groups end and where the busiest layout of a group cuts its pipeline:
-        the stages an in-process runtime builds (a distributed backend places each on its devices)."""
+        """Chain positions cut where groups end and wherever a layout of a group that has copies cuts its
+        pipeline: the stages an in-process runtime builds (a distributed backend places each on its
+        devices). Every copy's pipeline stages are then whole engine stages or runs of them, so each copy
+        runs the blocks the plan put on its devices (a group whose layouts cut differently gets the cuts
+        of all of them)."""
         cuts = {0, chain_length}
         for g in self.groups:
             cuts.add(g["first_position"])
             cuts.add(g["first_position"] + g["num_blocks"])
-            if g["layouts"]:
-                main = max(g["layouts"], key=lambda lay: lay["replicas"] * lay["cap_rps"])
+            for lay in g["layouts"]:
+                if not lay.get("replicas", 1):
+                    continue
                 position = g["first_position"]
-                for n in main["stage_blocks"][:-1]:
+                for n in lay["stage_blocks"][:-1]:
                     position += n
                     cuts.add(position)
         bounds = sorted(c for c in cuts if 0 <= c <= chain_length)

@@ -7,7 +7,7 @@ What is modelled (`planc.sim_stages` has the engine's side):
   their devices are disjoint each engine is simulated on its own. One engine for the whole plan
   otherwise (one node, or a plan made before routes).
 - An engine's stages are its plan's `stage_ranges` (cut at every group boundary and at the pipeline
-  cuts of each group's busiest layout), as the runtime builds them; it schedules every sequence
+  cuts of each layout of a group that has copies), as the runtime builds them; it schedules every sequence
   sent to it and pipelines as many lanes as `planc serve` gives it (`planc.runtime.engine.plan_lanes`:
   the planner's choice, `planc.lane_model`), at most one per stage.
 - At each stage every group that covers it has one actor with as many copies as the plan gives the

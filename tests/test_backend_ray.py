@@ -390,7 +390,8 @@ def test_a_tensor_parallel_copy_runs_as_one_actor_per_rank(tp_bundle):
         assert [f"{a.name}.0", f"{a.name}.0.r1"] == a.labels(0) and set(a.labels(0)) <= set(labels)
     assert len(labels) == sum(a.num_actors for a in layout.actors)
     readme = (tp_bundle / "README.md").read_text()
-    assert "| 2 |" in readme and "torch.distributed" in readme
+    assert all(f"| {a.name} | {a.positions[0]}-{a.positions[1] - 1} | {', '.join(a.variants)} | {a.copies} | 2 |"
+               in readme for a in tp) and "torch.distributed" in readme
 
 
 def test_the_local_backend_says_it_runs_a_tensor_parallel_plans_copies_whole(tiny_example, tmp_path, expected):
@@ -455,14 +456,15 @@ class TestTensorParallelOnRay:
             # each rank holds half of every projection (the embedding and the norms whole)
             assert all(i["parameters"] < 0.8 * unsharded for i in infos), (infos, unsharded)
 
-    def test_a_killed_rank_restarts_the_copy_rejoins_and_no_request_hangs(self, server, layout, expected):
-        """Rank 1 of the TP copy killed under load: rank 0's collectives fail, the copy fails as a whole, its
-        sequences are recomputed (or get 503), and once Ray has restarted the rank the copy forms a new group
-        and serves the exact greedy tokens again."""
+    @pytest.mark.parametrize("rank", [1, 0])
+    def test_a_killed_rank_restarts_the_copy_rejoins_and_no_request_hangs(self, server, layout, expected, rank):
+        """A rank of the TP copy killed under load (rank 0 too, whose node and port the group meets at): the
+        other's collectives fail, the copy fails as a whole, its sequences are recomputed (or get 503), and
+        once Ray has restarted the rank the copy forms a new group and serves the exact greedy tokens again."""
         import ray
 
         (_, ranks), = self._ranks(layout)
-        victim, before = ranks[1]
+        victim, before = ranks[rank]
         work = [(v, LONG, i % 2 == 0) for i in range(2) for v in PROMPTS]
         results: list = []
         runner = threading.Thread(target=lambda: results.extend(_concurrently(server.url, work)))
@@ -478,9 +480,9 @@ class TestTensorParallelOnRay:
             if status == 200:
                 assert (text, tokens) == expected[(variant, n)], variant
         after = ray.get(victim.info.remote(), timeout=DEADLINE_S)
-        assert after["pid"] != before["pid"] and after["tensor_parallel"] == [1, 2]
+        assert after["pid"] != before["pid"] and after["tensor_parallel"] == [rank, 2]
         _assert_serves_local_tokens(server.url, expected)  # the re-formed group computes the same
-        print(f"\nTP rank killed under load: a new request succeeded {recovered:.2f} s later; in-flight: "
+        print(f"\nTP rank {rank} killed under load: a new request succeeded {recovered:.2f} s later; in-flight: "
               f"{sum(r[0] == 200 for _, r in results)} completed, {sum(r[0] == 503 for _, r in results)} got 503")
 
 

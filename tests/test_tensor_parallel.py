@@ -18,7 +18,8 @@ from planc.errors import PlancError
 from planc.models.config import parse_arch
 from planc.runtime import executor as ex
 from planc.runtime.kv_cache import KVCache
-from planc.runtime.tensor_parallel import TensorParallel, free_port
+from planc.net import free_port
+from planc.runtime.tensor_parallel import TensorParallel
 
 TIMEOUT_S = 120
 
@@ -36,7 +37,7 @@ def _rank_main(fn, rank: int, size: int, port: int, args: tuple, results) -> Non
 def run_ranks(fn, size: int, *args):
     """`fn(tp, port, *args)` in `size` fresh processes (one per rank); each rank's return value."""
     ctx = mp.get_context("spawn")
-    results, port = ctx.Queue(), free_port()
+    results, port = ctx.Queue(), free_port("127.0.0.1")
     procs = [ctx.Process(target=_rank_main, args=(fn, r, size, port, args, results), daemon=True) for r in range(size)]
     for p in procs:
         p.start()
@@ -54,72 +55,78 @@ def run_ranks(fn, size: int, *args):
 
 
 ARCH = {"model_type": "llama", "vocab_size": 33, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "attention_bias": True, "mlp_bias": True,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 16, "attention_bias": True, "mlp_bias": True,
         "rms_norm_eps": 1e-5}
+"""head_dim 16 is not hidden / heads (4): a split that assumed so would fail."""
 PATHS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
          "mlp.up_proj", "mlp.down_proj")
 
 
 def _layer_and_inputs():
-    """A random layer with every bias, a head, a LoRA delta on every projection, and a ragged batch:
+    """A random embedding, layer with every bias, head, a LoRA delta on every projection, and a ragged batch:
     one 5-token prompt with the adapter, one 3-token prompt without (the same on every process)."""
-    from planc.models.llama import DecoderLayer, HeadBlock
+    from planc.models.llama import DecoderLayer, EmbeddingBlock, HeadBlock
 
     torch.manual_seed(0)
     cfg = parse_arch(ARCH, "config.json")
-    layer, head = DecoderLayer(cfg, 0), HeadBlock(cfg)
-    for p in list(layer.parameters()) + list(head.parameters()):
+    embedding, layer, head = EmbeddingBlock(cfg), DecoderLayer(cfg, 0), HeadBlock(cfg)
+    for p in list(embedding.parameters()) + list(layer.parameters()) + list(head.parameters()):
         torch.nn.init.normal_(p, std=0.2)
     deltas = {}
     for path in PATHS:
         lin = layer.get_submodule(path)
         deltas[path] = (torch.randn(4, lin.in_features) * 0.1, torch.randn(lin.out_features, 4) * 0.1, 0.5)
-    x = torch.randn(8, 32)
+    ids = torch.tensor([0, 32, 5, 17, 16, 9, 31, 1])  # first and last rows of the vocabulary, and across ranks
     segments = [ex.Segment(0, 0, 5, 0, adapter="a"), ex.Segment(1, 5, 3, 0)]
-    return cfg, layer, head, deltas, x, segments
+    return cfg, embedding, layer, head, deltas, ids, segments
 
 
-def _layer_output(layer, head, deltas, x, segments, cfg, tp=None):
+def _outputs(embedding, layer, head, deltas, ids, segments, cfg, tp=None):
     cache = KVCache(8, 4, cfg.num_kv_heads // (tp.size if tp else 1), cfg.head_dim, torch.float32)
     for seg in segments:
         assert cache.reserve(seg.seq, [0], seg.length)
     batch = ex.RaggedBatch(segments)
+    x = ex.run_embedding(embedding, ids, tp)
     hidden = ex.run_layer(layer, 0, x, batch, cache, {"a": deltas}, tp)
-    return hidden, ex.run_head(head, hidden, batch, tp)
+    return x, hidden, ex.run_head(head, hidden, batch, tp)
 
 
-def _sharded_layer(tp: TensorParallel, port: int):
-    cfg, layer, head, deltas, x, segments = _layer_and_inputs()
-    shard, head_shard = tp.shard_module("layer", layer, cfg), tp.shard_module("head", head, cfg)
-    delta_shard = tp.shard_adapter(deltas, cfg)
-    held = sum(p.numel() for p in shard.parameters())
+def _sharded_blocks(tp: TensorParallel, port: int):
+    cfg, embedding, layer, head, deltas, ids, segments = _layer_and_inputs()
+    shards = [tp.shard_module(kind, block, cfg) for kind, block in
+              (("embedding", embedding), ("layer", layer), ("head", head))]
+    held = sum(p.numel() for p in shards[1].parameters())
     tp.join("127.0.0.1", port)
     with torch.no_grad():
-        hidden, logits = _layer_output(shard, head_shard, delta_shard, x, segments, cfg, tp)
-    return hidden, logits, held, head_shard.lm_head.weight.shape
+        outputs = _outputs(*shards, tp.shard_adapter(deltas, cfg), ids, segments, cfg, tp)
+    return outputs, held, shards[0].embed_tokens.weight.shape, shards[2].lm_head.weight.shape
 
 
-def test_a_sharded_layer_with_biases_and_lora_on_every_projection_equals_the_whole_layer():
-    cfg, layer, head, deltas, x, segments = _layer_and_inputs()
+@pytest.mark.parametrize("size", [2, 4])
+def test_sharded_blocks_with_biases_and_lora_on_every_projection_equal_the_whole_ones(size):
+    """TP 2 and 4 (8 heads, 4 KV heads: one KV head per rank at 4) over an embedding, a layer and a head
+    whose vocabulary (33) neither degree divides."""
+    cfg, embedding, layer, head, deltas, ids, segments = _layer_and_inputs()
     with torch.no_grad():
-        hidden, logits = _layer_output(layer, head, deltas, x, segments, cfg)
+        expected = _outputs(embedding, layer, head, deltas, ids, segments, cfg)
     whole = sum(p.numel() for p in layer.parameters())
     norms = sum(p.numel() for n, p in layer.named_parameters() if "layernorm" in n)
     biases = layer.self_attn.o_proj.bias.numel() + layer.mlp.down_proj.bias.numel()
-    ranks = run_ranks(_sharded_layer, 2)
-    for rank, (h, lg, held, head_shape) in enumerate(ranks):
-        torch.testing.assert_close(h, hidden, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(lg, logits, rtol=1e-5, atol=1e-5)
-        assert lg.shape == (2, 33) and head_shape == (17, 32)  # 33 rows over 2 ranks: 17 each (one zero row)
-        # each rank holds half of every projection; the norms whole; the row-split biases on rank 0 only
-        assert held == (whole - norms - biases) // 2 + norms + (biases if rank == 0 else 0)
+    rows = -(-33 // size)
+    for rank, (outputs, held, embedding_shape, head_shape) in enumerate(run_ranks(_sharded_blocks, size)):
+        for got, want in zip(outputs, expected):  # the embedding's rows, the layer's, the logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # vocabulary rows: ceil(33 / size) each, the last rank fewer; the head pads its part with zero rows
+        assert embedding_shape == (min(rows, 33 - rank * rows), 32) and head_shape == (rows, 32)
+        # each rank holds its part of every projection; the norms whole; the row-split biases on rank 0 only
+        assert held == (whole - norms - biases) // size + norms + (biases if rank == 0 else 0)
 
 
 def test_a_degree_that_does_not_divide_the_heads_is_refused_in_one_line():
     cfg = parse_arch(ARCH, "config.json")
-    with pytest.raises(PlancError, match=r"bundle: tensor parallelism 4 needs config.json's num_key_value_heads \(2\) "
-                                         r"to be a multiple of 4"):
-        TensorParallel(0, 4).check(cfg, "bundle")
+    with pytest.raises(PlancError, match=r"bundle: tensor parallelism 8: config.json's num_key_value_heads \(4\) "
+                                         r"is not a multiple of 8"):
+        TensorParallel(0, 8).check(cfg, "bundle")
 
 
 def _steps(stage, bundle, prompts: dict[int, tuple[str, list[int]]], decode_steps: int, feed=None):
@@ -182,11 +189,11 @@ def _sharded_stage(tp: TensorParallel, port: int, bundle_dir: str, prompts, feed
     from planc.runtime.stage import Stage
 
     bundle = Bundle.open(bundle_dir, verify=False)
-    whole_blocks = []  # what the rank loads whole: only embeddings (it reads its parts of the rest)
+    whole_blocks = []  # what the rank loads whole: nothing (it reads its part of every block)
     load = bundle.block_module
     bundle.block_module = lambda key, *a: whole_blocks.append(bundle.blocks[key]["kind"]) or load(key, *a)
     stage = Stage(bundle, range(len(bundle.variant("base")["chain"])), 1 << 20, 4, tensor_parallel=tp)
-    assert whole_blocks and set(whole_blocks) == {"embedding"}, whole_blocks
+    assert whole_blocks == [], whole_blocks
     tp.join("127.0.0.1", port)
     held = sum(p.numel() for key, m in stage.modules.items() if stage.kinds.get(_position(bundle, key)) == "layer"
                for p in m.parameters())

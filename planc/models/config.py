@@ -134,6 +134,22 @@ class ArchConfig:
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
 
+    def tensor_parallel_misfit(self, size: int) -> Optional[str]:
+        """Why tensor parallelism of degree `size` cannot split this architecture (the config.json field it
+        does not divide), or None when it can: each rank takes whole attention heads and KV heads, and an
+        equal part of the MLP.
+
+        >>> arch = parse_arch({"model_type": "llama", "vocab_size": 8, "hidden_size": 56, "intermediate_size": 64,
+        ...                    "num_hidden_layers": 1, "num_attention_heads": 28, "num_key_value_heads": 4}, "c")
+        >>> arch.tensor_parallel_misfit(4), arch.tensor_parallel_misfit(8)
+        (None, "config.json's num_attention_heads (28) is not a multiple of 8")
+        """
+        for name, value in (("num_attention_heads", self.num_heads), ("num_key_value_heads", self.num_kv_heads),
+                            ("intermediate_size", self.intermediate_size)):
+            if value % size:
+                return f"config.json's {name} ({value}) is not a multiple of {size}"
+        return None
+
     @property
     def dtype_bytes(self) -> int:
         return self.torch_dtype.itemsize

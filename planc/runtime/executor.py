@@ -89,8 +89,17 @@ def linear(module: nn.Linear, x: torch.Tensor, path: str, batch: RaggedBatch | B
     return kernels.lora_delta(y, x, groups) if groups else y
 
 
-def run_embedding(block: EmbeddingBlock, token_ids: torch.Tensor) -> torch.Tensor:
-    return block.embed_tokens(token_ids)
+def run_embedding(block: EmbeddingBlock, token_ids: torch.Tensor, tp: Optional["TensorParallel"] = None
+                  ) -> torch.Tensor:
+    """Hidden states of `token_ids`. Under tensor parallelism `block` holds this rank's vocabulary rows: it
+    looks up the tokens there (zeros for the others), and an all-reduce completes every row."""
+    if tp is None:
+        return block.embed_tokens(token_ids)
+    weight = block.embed_tokens.weight
+    local = token_ids - block.vocab_start
+    outside = (local < 0) | (local >= weight.shape[0])
+    hidden = torch.nn.functional.embedding(local.masked_fill(outside, 0), weight)
+    return tp.all_reduce(hidden.masked_fill_(outside[:, None], 0.0))
 
 
 def run_head(block: HeadBlock, hidden: torch.Tensor, batch: RaggedBatch, tp: Optional["TensorParallel"] = None

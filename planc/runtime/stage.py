@@ -56,9 +56,9 @@ class Stage:
                  kernels: Optional[KernelSelection] = None, variants: Optional[list[str]] = None,
                  tensor_parallel: Optional[TensorParallel] = None):
         """`variants`: load only these variants' blocks (a copy of one plan group); default: all.
-        `tensor_parallel`: this stage is one rank of a tensor-parallel copy: it reads its shard of every
-        layer and of the head from the files (`Bundle.block_shard`; the embedding whole), and keeps its KV
-        heads' share of the cache (and of `kv_cache_bytes`). Its calls must run on every rank at once."""
+        `tensor_parallel`: this stage is one rank of a tensor-parallel copy: it reads its part of every block
+        from the files (`Bundle.block_shard`) and keeps its KV heads' share of the cache (and of
+        `kv_cache_bytes`). Its calls must run on every rank at once."""
         self.positions = positions
         self.tp = tensor_parallel
         if tensor_parallel is not None:
@@ -85,14 +85,14 @@ class Stage:
     def _load(self, bundle: Bundle, variant: str) -> None:
         loaded: dict[str, torch.nn.Module] = {}
         chain = bundle.variant(variant)["chain"]
-        # a tensor-parallel rank reads its shard of a tied tensor from the file; it loads no other block
+        # a tensor-parallel rank reads its part of every tensor (a tied one too) from the files
         tie_targets = {name for name, _ in self._tie_targets(bundle, variant)} if self.tp is None else set()
         for position, link in enumerate(chain):
             entry = bundle.blocks[link["block"]]
             in_stage = position in self.positions
             if not in_stage and entry["name"] not in tie_targets:
                 continue  # neither ours nor tied to one of ours
-            if self.tp is not None and entry["kind"] != "embedding":
+            if self.tp is not None:
                 self.kinds[position] = entry["kind"]
                 if link["block"] not in self.modules:  # this rank's part, read from the files
                     names = {bundle.blocks[other["block"]]["name"]: other["block"] for other in chain}
@@ -158,7 +158,7 @@ class Stage:
         with use_kernels(self.kernels):
             if kind == "embedding":
                 rows = self.file_rows.get(key)
-                return rows(x) if rows is not None else ex.run_embedding(module, x)
+                return rows(x) if rows is not None else ex.run_embedding(module, x, self.tp)
             if kind == "layer":
                 return ex.run_layer(module, position - 1, x, batch, self.cache, self.adapters, self.tp)
             return ex.run_head(module, x, batch, self.tp)

@@ -7,15 +7,16 @@ decoder layer and of the head, and its KV heads' share of the KV cache:
 - o_proj and down_proj are split by input columns: each rank's output is a partial sum, which one
   all-reduce per projection completes (two per layer), before the residual add;
 - the head's lm_head is split by vocabulary rows; the logits are gathered from every rank;
-- norms and the embedding are kept whole on every rank (an embedding lookup is cheap and each rank
-  needs the whole hidden state).
+- the embedding is split by vocabulary rows too: each rank looks up the tokens in its rows (zeros for
+  the others) and one all-reduce completes the hidden states;
+- norms are kept whole on every rank.
 A LoRA delta follows its projection: B split by rows on a column-split projection, A by columns on a
 row-split one (its partial sum joins the base's in the all-reduce). A bias of a row-split projection
 is added by rank 0 only. Every rank runs the same block calls on the same inputs and ends a layer
 with the same hidden state, so the engine talks to rank 0 and sends the others the same calls.
 
-The collectives run over `torch.distributed` (gloo on CPUs, NCCL on GPUs) in a process group of the
-copy's ranks (`join`).
+The collectives run over `torch.distributed` in a process group of the copy's ranks (`join`); the
+runtime runs on CPUs, so the group is gloo's.
 
 >>> tp = TensorParallel(rank=1, size=2)
 >>> tp.rows(10), tp.rows(7)
@@ -33,6 +34,7 @@ from torch import nn
 
 from planc.errors import PlancError
 from planc.models.config import ArchConfig
+from planc.net import tcp_url
 
 COLUMN_SPLIT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 """Projections split by output rows (their outputs stay split until the row-split projection after them)."""
@@ -70,7 +72,7 @@ class TensorParallel:
             interface = interface_of(address)
             if interface:
                 os.environ["GLOO_SOCKET_IFNAME"] = interface
-        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
+        dist.init_process_group(backend, init_method=tcp_url(address, port), rank=self.rank,
                                 world_size=self.size, timeout=timedelta(seconds=GROUP_TIMEOUT_S))
         self.group = dist.group.WORLD
 
@@ -80,7 +82,7 @@ class TensorParallel:
 
         try:
             dist.all_reduce(x, group=self.group)
-        except RuntimeError as exc:  # torch.distributed's errors derive from it
+        except (RuntimeError, ValueError) as exc:  # torch.distributed's errors; ValueError: no group joined
             raise GroupBroken(f"tensor-parallel rank {self.rank} of {self.size}: all-reduce failed: {exc}") from None
         return x
 
@@ -92,7 +94,7 @@ class TensorParallel:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         try:
             dist.all_gather(parts, x.contiguous(), group=self.group)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:
             raise GroupBroken(f"tensor-parallel rank {self.rank} of {self.size}: all-gather failed: {exc}") from None
         return torch.cat(parts, dim=-1)[..., :total]
 
@@ -103,12 +105,10 @@ class TensorParallel:
         return slice(min(self.rank * chunk, total), min((self.rank + 1) * chunk, total))
 
     def check(self, arch: ArchConfig, where: str) -> None:
-        """Refuse, in one line, an architecture this degree does not divide."""
-        for name, value in (("num_attention_heads", arch.num_heads), ("num_key_value_heads", arch.num_kv_heads),
-                            ("intermediate_size", arch.intermediate_size)):
-            if value % self.size:
-                raise PlancError(f"{where}: tensor parallelism {self.size} needs config.json's {name} ({value}) "
-                                 f"to be a multiple of {self.size}")
+        """Refuse, in one line, an architecture this degree does not divide (`ArchConfig.tensor_parallel_misfit`)."""
+        why = arch.tensor_parallel_misfit(self.size)
+        if why:
+            raise PlancError(f"{where}: tensor parallelism {self.size}: {why}")
 
     def projection_parts(self, arch: ArchConfig) -> dict[str, tuple[int, slice]]:
         """Per projection of a decoder layer (`self_attn.q_proj`, ...), the dimension of its weight this rank
@@ -123,10 +123,12 @@ class TensorParallel:
                 "mlp.down_proj": (1, mlp)}
 
     def tensor_parts(self, kind: str, names: list[str], arch: ArchConfig) -> dict[str, Optional[tuple[int, slice]]]:
-        """Per tensor of a layer or head block (its names in the block, e.g. `self_attn.q_proj.weight`), what
+        """Per tensor of a block of `kind` (its names in the block, e.g. `self_attn.q_proj.weight`), what
         this rank keeps: (dim, part), or None for the whole tensor; a tensor it drops is left out (the bias
         of a row-split projection, on ranks other than 0)."""
-        projections = self.projection_parts(arch) if kind == "layer" else {"lm_head": (0, self.rows(arch.vocab_size))}
+        vocab = self.rows(arch.vocab_size)
+        projections = {"layer": lambda: self.projection_parts(arch), "head": lambda: {"lm_head": (0, vocab)},
+                       "embedding": lambda: {"embed_tokens": (0, vocab)}}[kind]()
         out: dict[str, Optional[tuple[int, slice]]] = {}
         for name in names:
             module, leaf = name.rsplit(".", 1)
@@ -139,7 +141,7 @@ class TensorParallel:
         return out
 
     def shard(self, kind: str, skeleton: nn.Module, read, arch: ArchConfig) -> nn.Module:
-        """This rank's part of a layer or head block: a copy of `skeleton`'s structure (the block, whole or on
+        """This rank's part of a block: a copy of `skeleton`'s structure (the block, whole or on
         the meta device; it is left as it is) whose tensors are `read(name, part)` (`tensor_parts`). The
         head's rows are padded with zeros to ceil(vocab/size), so that every rank's logits have one width."""
         out = _structure(skeleton)
@@ -160,7 +162,7 @@ class TensorParallel:
             out.self_attn.num_heads = arch.num_heads // self.size
             out.self_attn.num_kv_heads = arch.num_kv_heads // self.size
         else:
-            out.vocab_size = arch.vocab_size
+            out.vocab_size, out.vocab_start = arch.vocab_size, self.rows(arch.vocab_size).start
         return out
 
     def shard_module(self, kind: str, block: nn.Module, arch: ArchConfig) -> nn.Module:
@@ -210,10 +212,3 @@ def interface_of(address: str) -> Optional[str]:
     return None
 
 
-def free_port(address: str = "127.0.0.1") -> int:
-    """A TCP port free on `address` now (for a group's rendezvous)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind((address, 0))
-        return s.getsockname()[1]
