@@ -497,3 +497,19 @@ def test_layouts_use_only_tp_degrees_that_split_the_heads(tmp_path):
     program = plan(tmp_path / "model.yaml")
     degrees = {o.tp for opts in program.plan_options.values() for o in opts}
     assert degrees and max(degrees) == 4 and {1, 2, 4} & degrees
+
+
+def test_engine_stages_follow_every_layouts_cuts():
+    """A group whose copies are laid out at two depths: the engine's stages are cut wherever either cuts its
+    pipeline (each copy then runs exactly the blocks the plan put on its devices); a layout without copies
+    cuts nothing."""
+    from planc.plan import Plan
+
+    def lay(pp, blocks, replicas):
+        return {"pp": pp, "tp": 1, "batch": 8, "replicas": replicas, "stage_blocks": blocks, "cap_rps": 1.0}
+
+    groups = [{"id": "g0", "first_position": 0, "num_blocks": 10, "users": ["a"],
+               "layouts": [lay(2, [5, 5], 1), lay(4, [2, 3, 3, 2], 2), lay(2, [4, 6], 0)]},
+              {"id": "g1", "first_position": 10, "num_blocks": 2, "users": ["a"], "layouts": [lay(1, [2], 1)]}]
+    plan = Plan("c", "throughput", groups, [], {}, {})
+    assert [(r.start, r.stop) for r in plan.stage_ranges(12)] == [(0, 2), (2, 5), (5, 8), (8, 10), (10, 12)]
