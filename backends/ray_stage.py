@@ -7,9 +7,13 @@ step's block calls, the hidden states in (one packed array) and the KV reservati
 call. KV accounting is mirrored in the proxy page for page (the same arithmetic as the cache), so
 admission and preemption cost no remote call.
 
+A copy laid out at tensor-parallel degree t is t actors, its ranks, each holding its part of the
+blocks (`planc.runtime.tensor_parallel`) and meeting the others in a process group; each step's call
+goes to all of them and rank 0 answers.
+
 If an actor dies, Ray restarts it (max_restarts) with an empty cache. The proxy notices (a failed
 call, or a new incarnation id) and raises `StageFailed`; the engine then recomputes the sequences,
-and the proxy re-attaches to the restarted actor.
+and the proxy re-attaches to the restarted actor (a tensor-parallel copy's ranks meet again).
 """
 from __future__ import annotations
 
