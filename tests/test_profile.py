@@ -176,7 +176,11 @@ def test_step_timer_sees_every_sampling_step_and_the_requests_submitted(tmp_path
                           lambda ev, done=done: ev.finished and done.set())
             assert done.wait(30)
     assert len(timer.steps) == 15 and all(s.sampled == 1 for s in timer.steps)
-    assert sum(s.submitted for s in timer.steps) <= 3 and all(s.wall_s >= s.cpu_s * 0.99 for s in timer.steps)
+    assert sum(s.submitted for s in timer.steps) <= 3
+    # the same interval on two clocks: the thread's CPU time never exceeds the wall time by more than the CPU
+    # clock's accounting jitter on this VM (one step in a CI run read 1% over), and not at all in sum
+    assert sum(s.wall_s for s in timer.steps) >= sum(s.cpu_s for s in timer.steps)
+    assert all(s.wall_s >= s.cpu_s - 1e-3 for s in timer.steps), [(s.wall_s, s.cpu_s) for s in timer.steps]
     assert len(timer.submit_times) == 3
 
 
