@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 
 from planc.bundle import Bundle
 from planc.runtime.executor import Segment
@@ -173,19 +173,28 @@ class StageCopy:
         """Attach to every rank, or raise what `ray.get` raises. The ranks of a tensor-parallel copy also meet
         in a new process group: the join is started once and awaited at most `timeout_s` per call (a later
         call picks it up), so that no caller waits on it longer than it asked."""
+        deadline = time.monotonic() + timeout_s
+
+        def left() -> float:
+            return max(deadline - time.monotonic(), 0.0)
+
         if self._joining is None:
-            infos = ray.get([h.attach.remote() for h in self.handles], timeout=timeout_s)
+            infos = ray.get([h.attach.remote() for h in self.handles], timeout=left())
             if len(self.handles) == 1:
                 self.attached(*infos)
                 return
-            address = ray.get(self.handle.group_address.remote(), timeout=timeout_s)
+            address = ray.get(self.handle.group_address.remote(), timeout=left())
             self._joining = (infos, [h.join_group.remote(*address) for h in self.handles])
         infos, joins = self._joining
-        ready, _ = ray.wait(joins, num_returns=len(joins), timeout=timeout_s)
+        ready, _ = ray.wait(joins, num_returns=len(joins), timeout=left())
+        try:
+            ray.get(ready)  # a rank that could not join fails the attach at once; the next one starts over
+        except Exception:
+            self._joining = None
+            raise
         if len(ready) < len(joins):
             raise GetTimeoutError(f"the ranks of stage actor {self.label} have not met yet")
         self._joining = None
-        ray.get(joins)  # a rank that could not join fails the attach; the next one starts over
         self.attached(*infos)
 
     def attached(self, info: dict, *ranks: dict) -> None:
@@ -288,7 +297,7 @@ class RemoteStage:
     def _reattach(self, copy: StageCopy) -> bool:
         try:
             copy.attach(self.attach_timeout_s)
-        except (RayActorError, GetTimeoutError, RayTaskError):
+        except RayError:  # not back yet (dead, restarting, timed out, or its ranks have not met)
             return False
         self.seq_copy = {s: c for s, c in self.seq_copy.items() if c is not copy}
         return True
@@ -332,29 +341,29 @@ class RemoteStage:
         it is back). On a tensor-parallel copy the others' collectives then fail too (`GroupBroken`), and
         the copy forms its group again when it is re-attached; an error of the code itself is raised as it is
         (and still breaks the copy's group)."""
-        _, pending = ray.wait(refs, num_returns=len(refs), timeout=self.call_timeout_s)
-        replies, lost, broken, failed = [], [], [], []
-        for ref in refs:
-            if ref in pending:
+        deadline = time.monotonic() + self.call_timeout_s
+        replies, lost, broken, pending = {}, [], [], list(refs)
+        while pending:  # as they finish: a code error is raised at once, not after the others' collectives time out
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0.0))
+            if not done:
                 lost.append("did not answer within the call timeout")
-                continue
+                break
             try:
-                replies.append(ray.get(ref))
-            except RayActorError as exc:
-                lost.append(f"failed ({type(exc).__name__})")
+                replies[done[0]] = ray.get(done[0])
             except RayTaskError as exc:
                 if isinstance(exc.cause, StageRestarted):
                     lost.append("was restarted by Ray")
                 elif isinstance(exc.cause, GroupBroken):
                     broken.append(str(exc.cause))
                 else:
-                    failed.append(exc.cause)
-        if not (lost or broken or failed):
-            return replies[0]
-        if lost or broken or len(refs) > 1:
-            copy.broken = True
-        if failed and not lost:
-            raise RuntimeError(f"stage actor {copy.label}: {failed[0]!r}") from None
+                    if len(refs) > 1:
+                        copy.broken = True  # the other ranks' collectives are left waiting: the group must re-form
+                    raise RuntimeError(f"stage actor {copy.label}: {exc.cause!r}") from None
+            except RayError as exc:  # the actor died, or the reply was lost with its owner
+                lost.append(f"failed ({type(exc).__name__})")
+        if not (lost or broken):
+            return replies[refs[0]]
+        copy.broken = True
         raise StageFailed(f"stage actor {copy.label} {(lost or broken)[0]}") from None
 
 

@@ -286,7 +286,8 @@ class OptionBuilder:
         if not fits:
             memory, _, _, tp, pp = min(rows)
             return (f"one sequence needs {gb(memory)} GB per device even at TP {tp} x PP {pp} (the most one node "
-                    f"of {self.cluster.devices_per_node} allows); each {dev.name} holds {gb(usable)} GB usable: "
+                    f"of {self.cluster.devices_per_node} allows at TP degrees that split the model's heads); each "
+                    f"{dev.name} holds {gb(usable)} GB usable: "
                     f"use devices with more memory, or more devices per node")
         ttft_budget = self.ttft_budget_s * share
         prompt = int(round(self.traffic.prompt_tokens))

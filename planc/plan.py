@@ -289,7 +289,7 @@ class Plan:
                 if not lay.get("replicas", 1):
                     continue
                 position = g["first_position"]
-                for n in lay["stage_blocks"][:-1]:
+                for n in lay.get("stage_blocks", [])[:-1]:
                     position += n
                     cuts.add(position)
         bounds = sorted(c for c in cuts if 0 <= c <= chain_length)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -453,7 +454,7 @@ class TestTensorParallelOnRay:
             assert len({i["pid"] for i in infos}) == 2 and infos[0]["positions"] == infos[1]["positions"]
             whole = Stage(Bundle.open(tp_bundle), range(*a.positions), 1 << 20, 4, variants=list(a.variants))
             unsharded = sum(p.numel() for m in whole.modules.values() for p in m.parameters())
-            # each rank holds half of every projection (the embedding and the norms whole)
+            # each rank holds half of every projection, of the embedding and of the head (the norms whole)
             assert all(i["parameters"] < 0.8 * unsharded for i in infos), (infos, unsharded)
 
     @pytest.mark.parametrize("rank", [1, 0])
@@ -725,3 +726,112 @@ def test_serving_a_gpu_plan_on_a_cpu_machine_is_refused_in_one_line(planned_bund
     assert r.returncode == 1
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith("error: this bundle's stages need") and "--cluster local" in line
+
+
+# ------------------------------------------------------------------------------ a copy's ranks failing
+@pytest.fixture(scope="module")
+def private_ray():
+    """planc's own private Ray cluster (127.0.0.1), in this process."""
+    import ray
+
+    from planc.backends.ray_launch import start_ray
+
+    start_ray(None, 0.0)
+    yield ray
+    ray.shutdown()
+
+
+def _rank_actors(ray, behaviours: list[str]):
+    """Actors that answer a stage call as a rank would: `ok`, raise a code error (`bug`), report its group
+    broken (`broken`), or hang (`hang`); `name:s`: its group join takes s seconds (fails when s < 0)."""
+    import pickle as pk
+
+    from planc.runtime.tensor_parallel import GroupBroken
+
+    class Rank:
+        def __init__(self, behaviour: str, join_s: float = 0.0):
+            self.behaviour, self.join_s = behaviour, join_s
+
+        def run(self, request: bytes) -> bytes:
+            if self.behaviour == "bug":
+                raise ValueError("a bug in the block code")
+            if self.behaviour == "broken":
+                raise GroupBroken("all-reduce failed")
+            if self.behaviour == "hang":
+                time.sleep(30)
+            return pk.dumps(self.behaviour)
+
+        def attach(self) -> dict:
+            return {"incarnation": self.behaviour, "num_layers": 1, "num_pages": 4, "page_size": 2}
+
+        def group_address(self):
+            return "127.0.0.1", 1
+
+        def join_group(self, address: str, port: int) -> str:
+            if self.join_s < 0:
+                raise RuntimeError("the rendezvous failed")
+            time.sleep(self.join_s)
+            return self.behaviour
+
+    actor = ray.remote(num_cpus=0.01)(Rank)
+    return [actor.remote(b.split(":")[0], float(b.split(":")[1]) if ":" in b else 0.0) for b in behaviours]
+
+
+@needs_ray
+def test_a_copy_reports_a_code_error_at_once_and_fails_as_a_whole_when_a_rank_is_lost(private_ray):
+    """Rank 1 raises a code error while rank 0 hangs (as in a collective that waits for it): the error is
+    raised at once, as itself, and the copy's group is marked for re-forming. A rank whose group broke, or
+    that died, fails the copy (`StageFailed`, recomputed by the engine)."""
+    from planc.backends.ray_stage import RemoteStage, StageCopy
+    from planc.runtime.stage import StageFailed
+
+    ray = private_ray
+
+    def call(behaviours):
+        handles = _rank_actors(ray, behaviours)
+        copy = StageCopy(handles[0], "copy", tuple(handles[1:]))
+        copy.broken = False
+        stage = RemoteStage(range(0, 1), {"a": [copy]}, call_timeout_s=20)
+        return stage, copy, handles, [h.run.remote(b"") for h in handles]
+
+    stage, copy, _, refs = call(["hang", "bug"])
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="a bug in the block code"):
+        stage._get(copy, refs)
+    assert time.monotonic() - start < 10 and copy.broken
+    stage, copy, _, refs = call(["ok", "broken"])
+    with pytest.raises(StageFailed, match="all-reduce failed"):
+        stage._get(copy, refs)
+    assert copy.broken
+    stage, copy, handles, _ = call(["ok", "ok"])
+    ray.kill(handles[1], no_restart=True)
+    with pytest.raises(StageFailed, match="stage actor copy failed"):
+        stage._get(copy, [h.run.remote(b"") for h in handles])
+    stage, copy, _, refs = call(["ok", "ok"])
+    assert pickle.loads(stage._get(copy, refs)) == "ok" and not copy.broken
+
+
+@needs_ray
+def test_a_tensor_parallel_copy_attaches_within_each_callers_timeout(private_ray):
+    """The ranks' group join takes 3 s: an attach with 0.5 s returns within about that (the join goes on), a
+    later one with time to spare completes it; a join that fails is seen at once and the next attach starts
+    over."""
+    from ray.exceptions import GetTimeoutError
+
+    from planc.backends.ray_stage import StageCopy
+
+    ray = private_ray
+    handles = _rank_actors(ray, ["a:3", "b:3"])
+    ray.get([h.attach.remote() for h in handles])  # started
+    copy = StageCopy(handles[0], "copy", (handles[1],))
+    start = time.monotonic()
+    with pytest.raises(GetTimeoutError):
+        copy.attach(0.5)
+    assert time.monotonic() - start < 1.5 and copy.broken
+    copy.attach(10)
+    assert not copy.broken and copy.incarnations == ("a", "b") and copy.num_pages == 4
+    failing = _rank_actors(ray, ["a:0", "b:-1"])
+    copy = StageCopy(failing[0], "copy", (failing[1],))
+    with pytest.raises(Exception, match="the rendezvous failed"):
+        copy.attach(10)
+    assert copy._joining is None and copy.broken

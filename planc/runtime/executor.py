@@ -96,10 +96,12 @@ def run_embedding(block: EmbeddingBlock, token_ids: torch.Tensor, tp: Optional["
     if tp is None:
         return block.embed_tokens(token_ids)
     weight = block.embed_tokens.weight
+    if weight.shape[0] == 0:  # a vocabulary smaller than the degree leaves this rank no rows
+        return tp.all_reduce(weight.new_zeros(*token_ids.shape, weight.shape[1]))
     local = token_ids - block.vocab_start
     outside = (local < 0) | (local >= weight.shape[0])
     hidden = torch.nn.functional.embedding(local.masked_fill(outside, 0), weight)
-    return tp.all_reduce(hidden.masked_fill_(outside[:, None], 0.0))
+    return tp.all_reduce(hidden.masked_fill_(outside.unsqueeze(-1), 0.0))
 
 
 def run_head(block: HeadBlock, hidden: torch.Tensor, batch: RaggedBatch, tp: Optional["TensorParallel"] = None
