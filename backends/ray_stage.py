@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from planc.bundle import Bundle
 from planc.runtime.executor import Segment
@@ -422,3 +422,6 @@ def wait_attached(copies: list[StageCopy], timeout_s: float, describe) -> None:
         except GetTimeoutError:
             raise StageFailed(f"stage actor {label} did not start within {timeout_s:.0f} s; it needs "
                               f"{describe(label)} (cluster has {ray.available_resources()})") from None
+        except RayActorError as exc:  # its constructor raised: Ray's message ends with the error's own line
+            last = next((line for line in reversed(str(exc).splitlines()) if line.strip()), type(exc).__name__)
+            raise StageFailed(f"stage actor {label} could not start: {last.split(': ', 1)[-1]}") from None

@@ -835,3 +835,25 @@ def test_a_tensor_parallel_copy_attaches_within_each_callers_timeout(private_ray
     with pytest.raises(Exception, match="the rendezvous failed"):
         copy.attach(10)
     assert copy._joining is None and copy.broken
+
+
+@needs_ray
+def test_a_stage_actor_that_cannot_start_is_reported_in_one_line(private_ray):
+    """A rank refusing its bundle (here: a TP degree that does not divide the KV heads) fails the start-up with
+    that one line, not Ray's traceback."""
+    from planc.backends.ray_stage import StageCopy, wait_attached
+    from planc.errors import PlancError
+    from planc.runtime.stage import StageFailed
+
+    class Refusing:
+        def __init__(self):
+            raise PlancError("bundle: tensor parallelism 8: config.json's num_key_value_heads (4) is not a multiple of 8")
+
+        def info(self) -> dict:
+            return {}
+
+    handle = private_ray.remote(num_cpus=0.01)(Refusing).remote()
+    with pytest.raises(StageFailed) as err:
+        wait_attached([StageCopy(handle, "stage0-g0.0")], 30, lambda label: "")
+    assert str(err.value) == ("stage actor stage0-g0.0 could not start: bundle: tensor parallelism 8: config.json's "
+                              "num_key_value_heads (4) is not a multiple of 8")
