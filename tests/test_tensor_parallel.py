@@ -18,6 +18,7 @@ from planc.errors import PlancError
 from planc.models.config import parse_arch
 from planc.runtime import executor as ex
 from planc.runtime.kv_cache import KVCache
+from planc.runtime.stage import BlockCall
 from planc.net import free_port
 from planc.runtime.tensor_parallel import TensorParallel
 
@@ -150,18 +151,12 @@ def _steps(stage, bundle, prompts: dict[int, tuple[str, list[int]]], decode_step
                 for seq in seqs:
                     segments.append(ex.Segment(seq, start, len(new[seq]), done[seq], chains[seq][position]["adapter"]))
                     start += len(new[seq])
-                values.update(stage.run_calls([ex_call(position, key, segments)], values))
+                values.update(stage.run_calls([BlockCall(position, key, segments)], values))
         out.append({seq: values[seq].clone() for seq in prompts})
         for seq in prompts:
             done[seq] += len(new[seq])
             new[seq] = [int(feed[step][seq]) if feed else int(values[seq].argmax())]
     return out
-
-
-def ex_call(position, key, segments):
-    from planc.runtime.stage import BlockCall
-
-    return BlockCall(position, key, segments)
 
 
 TINY_PROMPTS = {0: ("base", [5, 9, 2, 7]), 1: ("legal", [3, 3, 8]), 2: ("chat", [11, 4, 6, 6, 2]),

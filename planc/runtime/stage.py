@@ -87,32 +87,30 @@ class Stage:
         chain = bundle.variant(variant)["chain"]
         # a tensor-parallel rank reads its part of every tensor (a tied one too) from the files
         tie_targets = {name for name, _ in self._tie_targets(bundle, variant)} if self.tp is None else set()
+        keys = {bundle.blocks[link["block"]]["name"]: link["block"] for link in chain}
         for position, link in enumerate(chain):
             entry = bundle.blocks[link["block"]]
             in_stage = position in self.positions
             if not in_stage and entry["name"] not in tie_targets:
                 continue  # neither ours nor tied to one of ours
-            if self.tp is not None:
-                self.kinds[position] = entry["kind"]
-                if link["block"] not in self.modules:  # this rank's part, read from the files
-                    names = {bundle.blocks[other["block"]]["name"]: other["block"] for other in chain}
-                    self.modules[link["block"]] = bundle.block_shard(link["block"], self.tp, names)
-                if link["adapter"] and link["adapter"] not in self.adapters:
-                    self.adapters[link["adapter"]] = self.tp.shard_adapter(bundle.adapter_deltas(link["adapter"]),
-                                                                           bundle.arch)
-                continue
-            module = bundle.block_module(link["block"], loaded)  # loaded once per bundle, shared
-            loaded[entry["name"]] = module
-            if not in_stage:
-                continue
+            if self.tp is None:
+                module = bundle.block_module(link["block"], loaded)  # loaded once per bundle, shared
+                loaded[entry["name"]] = module
+                if not in_stage:
+                    continue
+            elif link["block"] in self.modules:  # another variant's chain runs it too
+                module = self.modules[link["block"]]
+            else:  # this rank's part, read from the files
+                module = bundle.block_shard(link["block"], self.tp, keys)
             self.kinds[position] = entry["kind"]
             self.modules[link["block"]] = module
-            if entry["kind"] == "embedding" and link["block"] not in self.file_rows:
+            if self.tp is None and entry["kind"] == "embedding" and link["block"] not in self.file_rows:
                 rows = _file_rows(bundle, link["block"], module)
                 if rows is not None:
                     self.file_rows[link["block"]] = rows
             if link["adapter"] and link["adapter"] not in self.adapters:
-                self.adapters[link["adapter"]] = bundle.adapter_deltas(link["adapter"])
+                deltas = bundle.adapter_deltas(link["adapter"])
+                self.adapters[link["adapter"]] = self.tp.shard_adapter(deltas, bundle.arch) if self.tp else deltas
 
     def _tie_targets(self, bundle: Bundle, variant: str) -> list[tuple[str, str]]:
         """(block name, tensor) that blocks of this stage tie to (e.g. the head to the embedding)."""
